@@ -1,0 +1,374 @@
+"""The one run configuration: typed, validated, documented where declared.
+
+Every default of the project lives here. The class defaults *are* the
+``tiny-cpu`` preset (the embedded default the demo runs); the other presets
+(``src/dcgrpo/presets/*.yaml``) override some fields and show their arithmetic
+in comments. Loading order: defaults <- preset <- YAML file <- CLI overrides
+(``section.field=value``, values parsed as YAML).
+
+Invalid values fail with ``ConfigError`` naming the field, e.g.
+``method.budget: Input should be greater than or equal to 0 (got -0.1)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Precision = Literal["bf16", "fp16", "fp32", "fp8"]
+MethodName = Literal["grpo", "dual-grpo", "dc-grpo", "tis", "mis", "icepop"]
+DiscrepancyKind = Literal["prob_diff", "ratio", "log_ratio"]
+LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+PRESETS = ("tiny-cpu", "qwen3-8b", "qwen3-30b-a3b")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class _Section(BaseModel):
+    # Typos in YAML keys or overrides are errors, not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train_path: str | None = None
+    """Prepared training parquet (verl schema), local or s3://. None: synthetic arithmetic task."""
+    val_path: str | None = None
+    """Prepared validation parquet. None: the held-out split of the same source."""
+    prompt_template: Literal["boxed", "dapo"] = "boxed"
+    """How the problem is asked: ``boxed`` (\\boxed{} answer) or DAPO's "Answer:" line."""
+    val_fraction: float = Field(0.02, gt=0, lt=1)
+    """Fraction held out for validation when preparing a dataset."""
+    max_prompt_length: int = Field(128, gt=0)
+    """Prompts longer than this (tokens) are dropped at preparation."""
+    synthetic_train_size: int = Field(2048, gt=0)
+    synthetic_val_size: int = Field(256, gt=0)
+    synthetic_difficulty: int = Field(1, ge=1, le=5)
+    """1: a+b with small numbers ... 5: multi-step word problems."""
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    path: str | None = None
+    """HF-format model directory, local or s3://. None: build the tiny model below."""
+    arch: Literal["qwen3", "qwen3-moe"] = "qwen3"
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(384, gt=0)
+    vocab_size: int = Field(512, gt=0)
+    num_experts: int = Field(4, gt=0)
+    """MoE only."""
+    num_experts_per_tok: int = Field(2, gt=0)
+    """MoE only."""
+    tie_word_embeddings: bool = False
+    """Untied by default: tied heads are a weight-sync trap in vLLM (STACK-NOTES)."""
+    sft_steps: int = Field(300, ge=0)
+    """Supervised warm start of a freshly built tiny model (0 = none)."""
+    sft_lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must be <= num_experts")
+        return self
+
+
+class RolloutConfig(_Section):
+    engine: Literal["vllm"] = "vllm"
+    precision: Precision = "bf16"
+    """Deploy precision of the inference engine. fp8: vLLM FP8 on GPU; FP8-grid weights on CPU."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_response_length: int = Field(32, gt=0)
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    cpu_kv_cache_gib: int = Field(1, gt=0)
+    """VLLM_CPU_KVCACHE_SPACE for the CPU build."""
+    seed: int = 0
+    """Engine-level seed (per-request seeds crash chunked prefill on vLLM CPU)."""
+
+
+class TrainConfig(_Section):
+    train_precision: Literal["fp32", "bf16"] = "fp32"
+    """Training-engine dtype (fp32 on CPU, bf16 on GPU)."""
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    prompts_per_batch: int = Field(8, gt=0)
+    """Prompts sampled per step (the paper's "batch size")."""
+    group_size: int = Field(4, gt=0)
+    """Responses per prompt (GRPO's n)."""
+    ppo_mini_batch: int = Field(4, gt=0)
+    """Prompts per optimiser step; prompts_per_batch / ppo_mini_batch updates per epoch."""
+    ppo_epochs: int = Field(1, gt=0)
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.28, gt=0)
+    """DAPO clip-higher."""
+    clip_ratio_c: float = Field(3.0, gt=1)
+    """Dual-clip bound for negative advantages (verl's default)."""
+    loss_agg: LossAgg = "token-mean"
+    norm_adv_by_std: bool = True
+    kl_loss_coef: float = Field(0.0, ge=0)
+    """KL to a reference policy; the paper trains with it off."""
+    entropy_coef: float = Field(0.0, ge=0)
+    rounds: int = Field(2, gt=0)
+    """Pipeline rounds; a checkpoint is written at the end of each."""
+    steps_per_round: int = Field(4, gt=0)
+    seed: int = 0
+
+    @property
+    def responses_per_batch(self) -> int:
+        return self.prompts_per_batch * self.group_size
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.ppo_epochs * (self.prompts_per_batch // self.ppo_mini_batch)
+
+    @model_validator(mode="after")
+    def _mini_batch_divides(self) -> TrainConfig:
+        if self.ppo_mini_batch > self.prompts_per_batch or self.prompts_per_batch % self.ppo_mini_batch:
+            raise ValueError(
+                f"ppo_mini_batch ({self.ppo_mini_batch}) must divide prompts_per_batch ({self.prompts_per_batch})"
+            )
+        return self
+
+
+class MethodConfig(_Section):
+    name: MethodName = "dc-grpo"
+    lambda_init: float = Field(0.0, ge=0)
+    """lambda_0. For dual-grpo this is the fixed penalty weight."""
+    dual_lr: float = Field(1.0, ge=0)
+    """eta in Eq. 11."""
+    budget: float = Field(2e-3, ge=0)
+    """eps: tolerated batch-mean discrepancy. ~bf16-vs-fp32 noise level for prob_diff (STACK-NOTES: 1.5e-3)."""
+    lambda_max: float = Field(10.0, ge=0)
+    """Projection bound of lambda."""
+    discrepancy: DiscrepancyKind = "prob_diff"
+    margin: float = Field(0.0, ge=0)
+    """Token hinge max(d - margin, 0); 0 = the paper's final method."""
+    tis_threshold: float = Field(2.0, gt=0)
+    """TIS truncation C (verl decoupled_token_is default)."""
+    mis_threshold: float = Field(2.0, gt=0)
+    mis_low: float = Field(0.5, gt=0)
+    mis_high: float = Field(2.0, gt=0)
+    icepop_low: float = Field(0.5, gt=0)
+    icepop_high: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> MethodConfig:
+        if self.lambda_max < self.lambda_init:
+            raise ValueError(f"lambda_max ({self.lambda_max}) must be >= lambda_init ({self.lambda_init})")
+        if self.mis_low > self.mis_high:
+            raise ValueError(f"mis_low ({self.mis_low}) must be <= mis_high ({self.mis_high})")
+        if self.icepop_low > self.icepop_high:
+            raise ValueError(f"icepop_low ({self.icepop_low}) must be <= icepop_high ({self.icepop_high})")
+        return self
+
+
+class EvalConfig(_Section):
+    benchmarks: list[str] = Field(default_factory=lambda: ["synthetic", "math500", "amc23"])
+    benchmark_dir: str | None = None
+    """Directory of benchmark JSONL files. None: ../shared/data relative to the repo, if present."""
+    k: dict[str, int] = Field(default_factory=dict)
+    """Samples per problem for avg@k, per benchmark; missing ones use default_k."""
+    default_k: int = Field(1, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(32, gt=0)
+    greedy_pass1: bool = True
+    max_problems: int | None = Field(16, gt=0)
+    """Cap per benchmark (None = all); the tiny preset samples to stay fast."""
+    gate_metric: str = "eval/synthetic/avg@1"
+    """Metric the promotion gate and method selection compare."""
+
+    def k_for(self, benchmark: str) -> int:
+        return self.k.get(benchmark, self.default_k)
+
+
+class ExportConfig(_Section):
+    scheme: Literal["fp8_block", "fp8_channel"] = "fp8_block"
+    block_size: int = Field(128, gt=0)
+    """Block edge of the block-wise scheme (128x128 as verl's FP8 rollout)."""
+    keep_high_precision: list[str] = Field(default_factory=lambda: ["lm_head", "mlp.gate", "embed_tokens"])
+    """Module-name substrings left in high precision (head, MoE router, embeddings)."""
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = None
+    """MLflow tracking URI. None: $MLFLOW_TRACKING_URI, else a local store under storage.root."""
+    experiment: str = "dcgrpo"
+    run_name: str | None = None
+    log_every: int = Field(1, gt=0)
+
+
+class StorageConfig(_Section):
+    root: str = "outputs"
+    """Where artifacts go: a local directory or s3://bucket/prefix."""
+    s3_endpoint_url: str | None = None
+    """For MinIO / moto; None uses AWS's default resolution ($AWS_ENDPOINT_URL_S3 included)."""
+
+
+class RegistryConfig(_Section):
+    model_name: str = "dcgrpo-tiny"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+class RunConfig(_Section):
+    """A whole run: data -> model -> rollout -> training -> method -> eval -> export."""
+
+    preset: str = "tiny-cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunConfig:
+        # Every method here is GRPO-based: a group of one response has no baseline.
+        if self.train.group_size < 2:
+            raise ValueError(
+                f"train.group_size must be >= 2 for GRPO-based method {self.method.name!r} (got {self.train.group_size})"
+            )
+        return self
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"train.lr": 1e-4, ...}``: for MLflow params and logs."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        """Stable short hash of the full config (registry tag, cache key)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key != "k":
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The overrides a named preset applies on top of the defaults."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    text = resources.files("dcgrpo.presets").joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name}")
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"train.lr=1e-5"`` -> ``{"train": {"lr": 1e-5}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.field=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling against dcgrpo.config)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return f"invalid configuration from {source}:\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict into a RunConfig, raising ConfigError naming each bad field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
+) -> RunConfig:
+    """Defaults <- preset <- YAML file <- overrides, validated once at the end.
+
+    The preset is taken from ``preset``, else the file's ``preset:`` key, else
+    an override ``preset=...``, else ``tiny-cpu``.
+    """
+    file_data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        file_data = _read_yaml(path.read_text(), str(path))
+        source = str(path)
+    override_data: dict[str, Any] = {}
+    for item in overrides or []:
+        override_data = _deep_merge(override_data, parse_override(item))
+    name = preset or override_data.get("preset") or file_data.get("preset") or "tiny-cpu"
+    merged = _deep_merge(_deep_merge(preset_dict(name), file_data), override_data)
+    merged["preset"] = name
+    if overrides:
+        source += f" + overrides {overrides}"
+    return build_config(merged, source)

@@ -1,0 +1,101 @@
+"""The one run config: presets, YAML + overrides, and errors that name the field."""
+
+import pytest
+
+from dcgrpo.config import PRESETS, ConfigError, RunConfig, load_config
+
+
+def test_defaults_are_the_tiny_cpu_preset_and_valid():
+    cfg = load_config()
+    assert cfg.preset == "tiny-cpu"
+    assert cfg == load_config(preset="tiny-cpu")
+    assert cfg.method.name == "dc-grpo" and cfg.rollout.precision == "bf16"
+    assert cfg.train.responses_per_batch == cfg.train.prompts_per_batch * cfg.train.group_size
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-30b-a3b"])
+def test_paper_presets_carry_the_published_settings(name):
+    cfg = load_config(preset=name)
+    assert cfg.train.prompts_per_batch == 64
+    assert cfg.train.ppo_mini_batch == 16
+    assert cfg.train.updates_per_step == 4
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_response_length) == (1.0, 1.0, 8192)
+    assert cfg.train.kl_loss_coef == 0.0
+    assert (cfg.eval.temperature, cfg.eval.max_tokens) == (0.7, 32768)
+    assert cfg.model.arch == ("qwen3-moe" if "a3b" in name else "qwen3")
+
+
+def test_all_presets_load():
+    for name in PRESETS:
+        assert load_config(preset=name).preset == name
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: qwen3-8b\ntrain:\n  lr: 5.0e-7\nmethod:\n  name: grpo\n")
+    cfg = load_config(path, ["train.lr=2e-6", "method.budget=0.01", "eval.benchmarks=[aime24]"])
+    assert cfg.preset == "qwen3-8b"
+    assert cfg.train.lr == 2e-6  # override beats file
+    assert cfg.method.name == "grpo"  # file beats preset
+    assert cfg.method.budget == 0.01
+    assert cfg.eval.benchmarks == ["aime24"]
+    assert cfg.train.prompts_per_batch == 64  # preset beats defaults
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("method.budget=-0.1", "method.budget"),
+        ("method.name=ppo", "method.name"),
+        ("train.group_size=1", "train.group_size"),
+        ("rollout.precision=int4", "rollout.precision"),
+        ("train.ppo_mini_batch=3", "ppo_mini_batch"),
+        ("train.lrr=1", "train.lrr"),
+        ("eval.temperature=abc", "eval.temperature"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert field in str(err.value)
+
+
+def test_lambda_max_below_lambda_init_is_rejected():
+    with pytest.raises(ConfigError, match=r"method: lambda_max \(1.0\) must be >= lambda_init \(2.0\)"):
+        load_config(overrides=["method.lambda_max=1", "method.lambda_init=2"])
+
+
+def test_error_messages_read_well():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["method.budget=-0.1", "train.group_size=1"])
+    text = str(err.value)
+    assert "method.budget: Input should be greater than or equal to 0 (got -0.1)" in text
+    with pytest.raises(ConfigError, match="train.group_size must be >= 2 for GRPO-based method 'dc-grpo'"):
+        load_config(overrides=["train.group_size=1"])
+
+
+def test_bad_sources_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown preset 'qwen9'"):
+        load_config(preset="qwen9")
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_config(overrides=["train.lr"])
+
+
+def test_flat_dict_hash_and_yaml_round_trip(tmp_path):
+    cfg = load_config(overrides=["train.lr=3e-4"])
+    flat = cfg.to_flat_dict()
+    assert flat["train.lr"] == 3e-4 and flat["method.name"] == "dc-grpo"
+    assert cfg.config_hash() != load_config().config_hash()
+    path = tmp_path / "dump.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg
