@@ -1,0 +1,210 @@
+"""One storage layer: local paths and ``s3://bucket/key`` through boto3.
+
+Everything that reads or writes artifacts (datasets, checkpoints, exports,
+reports) goes through here, so a pipeline step works the same on a laptop
+(local disk), in tests (moto server) and on a cluster (S3/MinIO).
+
+Writes are atomic: a local file is written to a temporary name and renamed;
+an S3 object appears only when its upload completes. A directory upload to
+S3 writes a ``_COMPLETE`` marker last, and ``download_dir`` refuses a prefix
+without it, so a half-uploaded checkpoint is never mistaken for a whole one.
+
+The S3 endpoint comes from the argument, else ``$DCGRPO_S3_ENDPOINT_URL``,
+else boto3's own resolution (``$AWS_ENDPOINT_URL_S3``, config files).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+COMPLETE_MARKER = "_COMPLETE"
+
+
+class StorageError(RuntimeError):
+    """A path cannot be read or written (names the URI and the reason)."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise StorageError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: missing bucket name")
+    return bucket, key.strip("/")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts for local paths and s3:// URIs alike."""
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def s3_client(endpoint_url: str | None = None):
+    import boto3
+    from botocore.config import Config
+
+    endpoint_url = endpoint_url or os.environ.get("DCGRPO_S3_ENDPOINT_URL")
+    # Fail in seconds, not minutes, when the endpoint is unreachable.
+    config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def _s3_call(uri: str, fn, *args, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(f"{uri}: no such object") from exc
+        if code == "NoSuchBucket":
+            raise FileNotFoundError(f"{uri}: no such bucket") from exc
+        raise StorageError(f"{uri}: S3 error {code}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"{uri}: S3 unreachable or misconfigured: {exc}") from exc
+
+
+def exists(uri: str | os.PathLike, endpoint_url: str | None = None) -> bool:
+    uri = str(uri)
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(uri)
+    client = s3_client(endpoint_url)
+    try:
+        _s3_call(uri, client.head_object, Bucket=bucket, Key=key)
+        return True
+    except FileNotFoundError:
+        listing = _s3_call(uri, client.list_objects_v2, Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+        return listing.get("KeyCount", 0) > 0
+
+
+def read_bytes(uri: str | os.PathLike, endpoint_url: str | None = None) -> bytes:
+    uri = str(uri)
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"{uri}: no such file")
+        return path.read_bytes()
+    bucket, key = split_s3(uri)
+    obj = _s3_call(uri, s3_client(endpoint_url).get_object, Bucket=bucket, Key=key)
+    return obj["Body"].read()
+
+
+def read_text(uri: str | os.PathLike, endpoint_url: str | None = None) -> str:
+    return read_bytes(uri, endpoint_url).decode("utf-8")
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes, endpoint_url: str | None = None) -> str:
+    """Write atomically (temp file + rename locally; single PUT on S3). Returns the URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, s3_client(endpoint_url).put_object, Bucket=bucket, Key=key, Body=data)
+        return uri
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return uri
+
+
+def write_text(uri: str | os.PathLike, text: str, endpoint_url: str | None = None) -> str:
+    return write_bytes(uri, text.encode("utf-8"), endpoint_url)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint_url: str | None = None) -> str:
+    """Copy a local directory to ``uri`` (local or S3); the completion marker is written last."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"{local_dir}: not a directory")
+    if not is_s3(uri):
+        dest = Path(uri)
+        staging = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(local_dir, staging)
+        (staging / COMPLETE_MARKER).touch()
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+        return str(dest)
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(local_dir).as_posix()}".lstrip("/")
+        _s3_call(f"s3://{bucket}/{key}", client.upload_file, str(path), bucket, key)
+    marker = f"{prefix}/{COMPLETE_MARKER}".lstrip("/")
+    _s3_call(uri, client.put_object, Bucket=bucket, Key=marker, Body=b"")
+    return uri
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, endpoint_url: str | None = None) -> Path:
+    """Copy a directory written by ``upload_dir`` (or any local directory) to ``local_dir``."""
+    local_dir = Path(local_dir)
+    if not is_s3(uri):
+        src = Path(uri)
+        if not src.is_dir():
+            raise FileNotFoundError(f"{uri}: no such directory")
+        if src.resolve() != local_dir.resolve():
+            shutil.copytree(src, local_dir, dirs_exist_ok=True)
+        return local_dir
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        keys += [obj["Key"] for obj in page.get("Contents", [])]
+    if not keys:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    rel_keys = [k[len(prefix) :].lstrip("/") for k in keys]
+    if COMPLETE_MARKER not in rel_keys:
+        raise StorageError(f"{uri}: incomplete upload (no {COMPLETE_MARKER} marker); refusing to use it")
+    for key, rel in zip(keys, rel_keys):
+        if rel == COMPLETE_MARKER:
+            continue
+        target = local_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _s3_call(f"s3://{bucket}/{key}", client.download_file, bucket, key, str(target))
+    return local_dir
+
+
+@contextmanager
+def local_copy(uri: str | os.PathLike, endpoint_url: str | None = None) -> Iterator[Path]:
+    """A local path for ``uri``: the path itself when local, a temporary download for S3."""
+    uri = str(uri)
+    if not is_s3(uri):
+        if not Path(uri).exists():
+            raise FileNotFoundError(f"{uri}: no such file or directory")
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="dcgrpo-") as tmp:
+        bucket, key = split_s3(uri)
+        client = s3_client(endpoint_url)
+        try:
+            _s3_call(uri, client.head_object, Bucket=bucket, Key=key)
+            is_object = True
+        except FileNotFoundError:
+            is_object = False
+        if is_object:
+            target = Path(tmp) / Path(key).name
+            _s3_call(uri, client.download_file, bucket, key, str(target))
+        else:
+            target = download_dir(uri, Path(tmp) / "dir", endpoint_url)
+        yield target

@@ -1,0 +1,112 @@
+"""Shared fixtures: real servers, started once per test session.
+
+- ``mlflow_server``: a real ``mlflow server`` on sqlite (a subprocess on a free
+  loopback port), yields its URI.
+- ``s3_server``: a real S3 endpoint (moto's ThreadedMotoServer in-process),
+  yields its endpoint URL with credentials set in the environment and the
+  bucket ``dcgrpo-test`` created.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TEST_BUCKET = "dcgrpo-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    moto_server = pytest.importorskip("moto.server")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DCGRPO_S3_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+    }
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=TEST_BUCKET)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on sqlite with a local artifact root."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=90, proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"mlflow server failed to start; log:\n{(root / 'server.log').read_text()[-3000:]}")
+    try:
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets in ../shared/data (skips where the checkout has none)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
