@@ -92,7 +92,7 @@ def mlflow_server(tmp_path_factory):
         wait_http(f"{uri}/health", timeout=90, proc=proc)
     except Exception:
         proc.kill()
-        raise RuntimeError(f"mlflow server failed to start; log:\n{(root / 'server.log').read_text()[-3000:]}")
+        raise RuntimeError(f"mlflow server failed to start; log:\n{(root / 'server.log').read_text()[-3000:]}") from None
     try:
         yield uri
     finally:

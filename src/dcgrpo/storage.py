@@ -176,7 +176,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike, endpoint_url: str | Non
     rel_keys = [k[len(prefix) :].lstrip("/") for k in keys]
     if COMPLETE_MARKER not in rel_keys:
         raise StorageError(f"{uri}: incomplete upload (no {COMPLETE_MARKER} marker); refusing to use it")
-    for key, rel in zip(keys, rel_keys):
+    for key, rel in zip(keys, rel_keys, strict=True):
         if rel == COMPLETE_MARKER:
             continue
         target = local_dir / rel
