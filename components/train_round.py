@@ -1,0 +1,30 @@
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def train_round(
+    preset: str,
+    overrides: list,
+    method: str,
+    round_index: int,
+    rounds: int,
+    mlflow_uri: str,
+    kfp_run_id: str,
+    dataset: Input[Dataset],
+    model_in: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """One DC-GRPO (or baseline) round resuming ``model_in``'s checkpoint.
+
+    Rounds past ``rounds`` pass the checkpoint through untouched, so one
+    compiled pipeline serves any round count up to the number compiled in.
+    """
+    from dcgrpo.steps import train_round_step
+
+    meta, scalars = train_round_step(
+        preset, overrides, method, round_index, rounds, mlflow_uri, kfp_run_id,
+        dataset.path, model_in.path, dict(model_in.metadata), model.path,
+    )  # fmt: skip
+    model.metadata.update(meta)
+    for key, value in scalars.items():
+        metrics.log_metric(key, value)

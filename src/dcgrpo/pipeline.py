@@ -1,0 +1,146 @@
+"""Compile, submit, schedule and run locally the `dc_grpo` Kubeflow pipeline.
+
+The pipeline definition lives in ``pipelines/dc_grpo.py`` and its components
+in ``components/``; this module is what the CLI and tests call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COMPILED_PATH = Path(__file__).resolve().parents[2] / "pipelines" / "compiled" / "dc_grpo.yaml"
+
+
+def compile_yaml(out_path: str | Path = COMPILED_PATH, **settings: Any) -> Path:
+    """Compile the pipeline (with ``ClusterSettings(**settings)``) to ``out_path``."""
+    from pipelines.dc_grpo import ClusterSettings, compile_pipeline
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(str(out_path), ClusterSettings(**settings))
+    log.info("compiled pipeline to %s", out_path)
+    return out_path
+
+
+def load_compiled(path: str | Path) -> tuple[Any, Any]:
+    """Parse a compiled YAML into the KFP pipeline-spec and Kubernetes platform protobufs.
+
+    Raises ``ValueError`` naming the file when either document does not parse:
+    stricter than ``kfp.components.load_component_from_file``, which misses
+    dangling references.
+    """
+    import yaml
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    if len(docs) != 2:
+        raise ValueError(f"{path}: expected 2 YAML documents (pipeline spec, platform spec), got {len(docs)}")
+    spec = pipeline_spec_pb2.PipelineSpec()
+    try:
+        json_format.ParseDict(docs[0], spec)
+    except json_format.ParseError as exc:
+        raise ValueError(f"{path}: pipeline spec does not parse: {exc}") from exc
+    executors = {}
+    for name, cfg in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        msg = kubernetes_executor_config_pb2.KubernetesExecutorConfig()
+        try:
+            json_format.ParseDict(cfg, msg)
+        except json_format.ParseError as exc:
+            raise ValueError(f"{path}: kubernetes config of {name} does not parse: {exc}") from exc
+        executors[name] = msg
+    return spec, executors
+
+
+def pipeline_arguments(
+    preset: str,
+    overrides: list[str] | None = None,
+    methods: list[str] | None = None,
+    rounds: int | None = None,
+    data_uri: str = "",
+    model_uri: str = "",
+    mlflow_uri: str = "",
+    model_name: str | None = None,
+    force_promotion: bool = False,
+) -> dict[str, Any]:
+    """Pipeline parameters, validated through the one config before anything is submitted."""
+    from dcgrpo.config import load_config
+
+    overrides = list(overrides or [])
+    cfg = load_config(preset=preset, overrides=overrides)  # fail here, not in a pod
+    methods = methods or ["grpo", "dc-grpo"]
+    for method in methods:
+        load_config(preset=preset, overrides=[*overrides, f"method.name={method}"])
+    return {
+        "preset": preset,
+        "overrides": overrides,
+        "methods": methods,
+        "rounds": rounds or cfg.train.rounds,
+        "data_uri": data_uri,
+        "model_uri": model_uri,
+        "mlflow_uri": mlflow_uri,
+        "model_name": model_name or cfg.registry.model_name,
+        "force_promotion": force_promotion,
+    }
+
+
+def submit(host: str, arguments: dict[str, Any], experiment: str = "dcgrpo", package: Path = COMPILED_PATH) -> str:
+    """Submit one run of the compiled pipeline through ``kfp.Client``; returns the run id."""
+    import kfp
+
+    client = kfp.Client(host=host)
+    result = client.create_run_from_pipeline_package(
+        str(package), arguments=arguments, experiment_name=experiment, enable_caching=False
+    )
+    log.info("submitted run %s to %s (experiment %s)", result.run_id, host, experiment)
+    return result.run_id
+
+
+def schedule(
+    host: str,
+    cron: str,
+    arguments: dict[str, Any],
+    experiment: str = "dcgrpo",
+    job_name: str = "dcgrpo-retrain",
+    package: Path = COMPILED_PATH,
+) -> str:
+    """A recurring run: max concurrency 1 and no catch-up (a missed slot is not replayed).
+
+    ``cron`` has KFP's 6 fields, seconds first (``0 0 3 * * 0``: Sundays 03:00).
+    """
+    import kfp
+
+    if len(cron.split()) != 6:
+        raise ValueError(f"cron {cron!r}: KFP expects 6 fields, seconds first (e.g. '0 0 3 * * 0')")
+    client = kfp.Client(host=host)
+    experiment_id = client.create_experiment(name=experiment).experiment_id
+    job = client.create_recurring_run(
+        experiment_id=experiment_id,
+        job_name=job_name,
+        cron_expression=cron,
+        max_concurrency=1,
+        no_catchup=True,
+        pipeline_package_path=str(package),
+        params=arguments,
+    )
+    log.info("scheduled %s (%s) on %s", job_name, cron, host)
+    return job.recurring_run_id
+
+
+def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> Any:
+    """Run the whole pipeline in-process with ``kfp.local`` (SubprocessRunner, this venv).
+
+    Kubernetes settings (GPUs, node pools, secrets, PVCs) are ignored locally.
+    """
+    import kfp.local
+    from pipelines.dc_grpo import build_pipeline
+
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    log.info("running the pipeline locally with %s", json.dumps(arguments))
+    return build_pipeline()(**arguments)
