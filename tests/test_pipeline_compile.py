@@ -101,3 +101,10 @@ def test_pipeline_arguments_are_validated_before_submission():
 def test_schedule_rejects_five_field_cron():
     with pytest.raises(ValueError, match="6 fields"):
         pipeline.schedule("http://127.0.0.1:9", "0 3 * * 0", {})
+
+
+def test_retrain_workflow_compiles_and_submits_with_the_cli():
+    workflow = yaml.safe_load((pipeline.COMPILED_PATH.parents[2] / ".github/workflows/retrain.yml").read_text())
+    steps = " ".join(s.get("run", "") for s in workflow["jobs"]["submit"]["steps"])
+    assert "dcgrpo compile" in steps and "dcgrpo submit --host" in steps
+    assert workflow[True]["schedule"][0]["cron"]  # YAML 1.1 reads the key `on` as True
