@@ -90,11 +90,18 @@ def pipeline_arguments(
     }
 
 
-def submit(host: str, arguments: dict[str, Any], experiment: str = "dcgrpo", package: Path = COMPILED_PATH) -> str:
-    """Submit one run of the compiled pipeline through ``kfp.Client``; returns the run id."""
+def _client(host: str):
+    """``kfp.Client`` for ``host``; a bearer token comes from ``$KFP_TOKEN`` when set."""
+    import os
+
     import kfp
 
-    client = kfp.Client(host=host)
+    return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+
+
+def submit(host: str, arguments: dict[str, Any], experiment: str = "dcgrpo", package: Path = COMPILED_PATH) -> str:
+    """Submit one run of the compiled pipeline through ``kfp.Client``; returns the run id."""
+    client = _client(host)
     result = client.create_run_from_pipeline_package(
         str(package), arguments=arguments, experiment_name=experiment, enable_caching=False
     )
@@ -114,11 +121,9 @@ def schedule(
 
     ``cron`` has KFP's 6 fields, seconds first (``0 0 3 * * 0``: Sundays 03:00).
     """
-    import kfp
-
     if len(cron.split()) != 6:
         raise ValueError(f"cron {cron!r}: KFP expects 6 fields, seconds first (e.g. '0 0 3 * * 0')")
-    client = kfp.Client(host=host)
+    client = _client(host)
     experiment_id = client.create_experiment(name=experiment).experiment_id
     job = client.create_recurring_run(
         experiment_id=experiment_id,
