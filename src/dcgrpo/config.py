@@ -204,7 +204,8 @@ class ExportConfig(_Section):
     block_size: int = Field(128, gt=0)
     """Block edge of the block-wise scheme (128x128 as verl's FP8 rollout)."""
     keep_high_precision: list[str] = Field(default_factory=lambda: ["lm_head", "mlp.gate", "embed_tokens"])
-    """Module-name substrings left in high precision (head, MoE router, embeddings)."""
+    """Modules left in high precision (head, MoE router, embeddings): whole dotted name components
+    (``mlp.gate`` matches ``layers.0.mlp.gate``, not ``mlp.gate_proj``) or ``re:<regex>``."""
 
 
 class TrackingConfig(_Section):
@@ -224,8 +225,27 @@ class StorageConfig(_Section):
 
 class RegistryConfig(_Section):
     model_name: str = "dcgrpo-tiny"
+    """Registered model of the served (FP8) checkpoint."""
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    bf16_suffix: str = "-bf16"
+    """The unquantised twin is registered as ``model_name + bf16_suffix`` (its own aliases)."""
+    max_discrepancy: float | None = Field(None, ge=0)
+    """Promotion gate: the challenger's final mean discrepancy must be <= this. None: method.budget."""
+    artifacts_destination: str | None = None
+    """The MLflow server's --artifacts-destination (e.g. s3://mlflow/artifacts): maps mlflow-artifacts:/ sources to
+    a storageUri KServe can fetch. None: only versions with a ``storage_uri`` tag can be served."""
+    serving_namespace: str = "dcgrpo"
+    serving_service_account: str = "dcgrpo-serving"
+    """Service account whose Secret holds the S3 credentials KServe's storage initializer uses."""
+    serving_gpus: int = Field(1, gt=0)
+    """GPUs per replica (= vLLM tensor parallel size)."""
+    serving_max_model_len: int = Field(8192, gt=0)
+    serving_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    vllm_image: str = "vllm/vllm-openai:v0.33.0"
+    """Image of the plain `vllm serve` Deployment (same vLLM as the trainer image)."""
+    storage_initializer_image: str = "kserve/storage-initializer:v0.15.2"
+    """Init container that copies storageUri to /mnt/models in the plain Deployment."""
 
 
 class RunConfig(_Section):
