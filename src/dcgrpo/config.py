@@ -179,6 +179,17 @@ class MethodConfig(_Section):
         return self
 
 
+class RewardConfig(_Section):
+    timeout_s: float = Field(5.0, gt=0)
+    """Hard wall-clock limit per scored item; an item over it scores 0 (its worker is killed and replaced)."""
+    max_completion_chars: int = Field(200_000, gt=0)
+    """Longer completions are cut to their last this-many characters before extraction (the answer is at the end)."""
+    max_answer_chars: int = Field(1000, gt=0)
+    """An extracted answer longer than this scores 0 without being parsed (megabyte and deeply nested inputs)."""
+    num_workers: int = Field(2, gt=0)
+    """Persistent verifier processes shared by every score_batch call of a process."""
+
+
 class EvalConfig(_Section):
     benchmarks: list[str] = Field(default_factory=lambda: ["synthetic", "math500", "amc23"])
     benchmark_dir: str | None = None
@@ -257,6 +268,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

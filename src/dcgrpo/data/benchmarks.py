@@ -1,0 +1,184 @@
+"""Evaluation benchmarks normalised to ``{"id", "problem", "answer"}`` rows.
+
+Six public math benchmarks (AIME24, AIME25, AMC23, MATH-500, Minerva Math,
+OlympiadBench) load from a directory of JSONL files (``../shared/data`` in
+this checkout, see its PROVENANCE.md), local or ``s3://``, or from their
+public Hugging Face datasets when the hub is reachable. ``synthetic`` is the
+held-out split of the synthetic arithmetic task (``dcgrpo.data.synthetic``);
+its rows also carry the exact ``prompt`` the tiny model was trained on.
+
+Bad files fail with ``BenchmarkError`` naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcgrpo import storage
+
+
+class BenchmarkError(ValueError):
+    """A benchmark cannot be found or a row is malformed (names file, line, field)."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    file: str
+    """JSONL file name inside the benchmark directory."""
+    hub_id: str
+    """Public Hugging Face dataset (used only when no local file is given and the hub is reachable)."""
+    hub_split: str
+    hub_fields: tuple[str, str]
+    """(problem field, answer field) in the hub dataset."""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "aime24": BenchmarkSpec("aime24.jsonl", "HuggingFaceH4/aime_2024", "train", ("problem", "answer")),
+    "aime25": BenchmarkSpec("aime25.jsonl", "yentinglin/aime_2025", "train", ("problem", "answer")),
+    "amc23": BenchmarkSpec("amc23.jsonl", "math-ai/amc23", "test", ("question", "answer")),
+    "math500": BenchmarkSpec("math500.jsonl", "HuggingFaceH4/MATH-500", "test", ("problem", "answer")),
+    "minerva_math": BenchmarkSpec("minerva_math.jsonl", "math-ai/minervamath", "test", ("question", "answer")),
+    "olympiadbench": BenchmarkSpec("olympiadbench.jsonl", "math-ai/olympiadbench", "test", ("question", "answer")),
+}
+ALIASES = {"minerva": "minerva_math", "math-500": "math500", "olympiad": "olympiadbench", "amc": "amc23"}
+SYNTHETIC = "synthetic"
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key != SYNTHETIC and key not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join([*BENCHMARKS, SYNTHETIC])}")
+    return key
+
+
+def default_benchmark_dir() -> Path | None:
+    """``../shared/data`` next to the repository, if present."""
+    candidate = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def _answer_text(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, list):  # OlympiadBench final_answer lists
+        parts = [_answer_text(v) for v in value]
+        return ", ".join(p for p in parts if p) or None
+    if isinstance(value, str):
+        value = value.strip()
+        if len(value) >= 2 and value[0] == "$" and value[-1] == "$":
+            value = value.strip("$").strip()
+        return value or None
+    return None
+
+
+def normalise_row(raw: dict[str, Any], where: str, fallback_id: str) -> dict[str, Any]:
+    """``{"id", "problem", "answer"}`` (+ the source's extra fields) or BenchmarkError naming ``where``."""
+    if not isinstance(raw, dict):
+        raise BenchmarkError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    problem = raw.get("problem", raw.get("question"))
+    if not isinstance(problem, str) or not problem.strip():
+        raise BenchmarkError(f"{where}: field 'problem' is missing or empty")
+    answer = None
+    for field in ("answer", "final_answer", "final_answer_list"):
+        if field in raw:
+            answer = _answer_text(raw[field])
+            if answer is not None:
+                break
+    if answer is None:
+        raise BenchmarkError(f"{where}: field 'answer' is missing, empty or not a string/number")
+    row = {k: v for k, v in raw.items() if k not in ("id", "problem", "answer")}
+    row.update(id=str(raw.get("id", raw.get("unique_id", fallback_id))), problem=problem.strip(), answer=answer)
+    return row
+
+
+def read_jsonl(uri: str, name: str) -> list[dict[str, Any]]:
+    try:
+        text = storage.read_text(uri)
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(f"{uri}: not UTF-8 text ({exc})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchmarkError(f"{uri}: line {lineno}: not valid JSON ({exc.msg})") from None
+        rows.append(normalise_row(raw, f"{uri}: line {lineno}", f"{name}-{lineno - 1}"))
+    if not rows:
+        raise BenchmarkError(f"{uri}: no rows")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BenchmarkError(f"{uri}: duplicate id {dup!r}")
+    return rows
+
+
+def _load_hub(name: str) -> list[dict[str, Any]]:
+    spec = BENCHMARKS[name]
+    try:
+        from datasets import load_dataset  # optional: only for online use
+    except ImportError:
+        raise BenchmarkError(
+            f"benchmark {name}: no local directory given and the 'datasets' package is not installed "
+            f"(pass --benchmark-dir / eval.benchmark_dir with {spec.file})"
+        ) from None
+    try:
+        ds = load_dataset(spec.hub_id, split=spec.hub_split)
+    except Exception as exc:  # noqa: BLE001  (offline, renamed dataset, ...)
+        raise BenchmarkError(f"benchmark {name}: cannot load {spec.hub_id} from the hub: {exc}") from None
+    pfield, afield = spec.hub_fields
+    return [
+        normalise_row({**r, "problem": r.get(pfield), "answer": r.get(afield)}, f"{spec.hub_id} row {i}", f"{name}-{i}")
+        for i, r in enumerate(ds)
+    ]
+
+
+def load_synthetic(data_cfg) -> list[dict[str, Any]]:
+    """The held-out synthetic split, drawn exactly as ``write_synthetic_splits`` draws it."""
+    from dcgrpo.data.synthetic import make_synthetic
+
+    rows = make_synthetic(
+        data_cfg.synthetic_val_size,
+        data_cfg.synthetic_difficulty,
+        data_cfg.seed + 1,
+        data_cfg.prompt_template,
+        split="val",
+    )
+    return [
+        {
+            "id": f"synthetic-{r['extra_info']['index']}",
+            "problem": r["extra_info"]["question"],
+            "answer": r["reward_model"]["ground_truth"],
+            "prompt": r["prompt"][0]["content"],
+        }
+        for r in rows
+    ]
+
+
+def load_benchmark(name: str, source: str | Path | None = None, data_cfg=None) -> list[dict[str, Any]]:
+    """Rows of one benchmark: from ``source`` (a directory, local or s3://), else the hub.
+
+    ``data_cfg`` (a ``DataConfig``) is needed only for ``synthetic``.
+    """
+    name = canonical_name(name)
+    if name == SYNTHETIC:
+        if data_cfg is None:
+            from dcgrpo.config import DataConfig
+
+            data_cfg = DataConfig()
+        return load_synthetic(data_cfg)
+    if source is None:
+        return _load_hub(name)
+    uri = storage.join(source, BENCHMARKS[name].file)
+    if not storage.exists(uri):
+        raise BenchmarkError(f"benchmark {name}: {uri} does not exist")
+    return read_jsonl(uri, name)

@@ -1,0 +1,170 @@
+"""DAPO-Math-17K preparation and benchmark loading on the real files (+ published-form and bad inputs)."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dcgrpo import storage
+from dcgrpo.data import dapo
+from dcgrpo.data.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark
+from dcgrpo.data.dapo import DapoSchemaError, prepare_dapo
+
+
+def _read(path):
+    return pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+
+
+def test_real_counts(shared_data, tmp_path):
+    s = prepare_dapo(str(shared_data / "dapo_math_17k.parquet"), str(tmp_path), template="dapo", seed=0)
+    assert (s.rows_in, s.bad_rows, s.duplicates, s.conflict_groups, s.conflict_rows, s.rows_out) == (
+        17917, 0, 650, 12, 24, 17243,
+    )  # fmt: skip
+    assert (s.train_rows, s.val_rows) == (16898, 345)
+    train, val = _read(tmp_path / "train.parquet"), _read(tmp_path / "val.parquet")
+    assert len(train) == 16898 and len(val) == 345
+    row = train[0]
+    assert set(row) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].startswith(dapo.DAPO_PREFIX)
+    assert row["reward_model"]["style"] == "rule" and row["extra_info"]["split"] == "train"
+    problems = [r["extra_info"]["problem"] for r in train + val]
+    assert len(set(problems)) == len(problems)  # no duplicates, no train/val leak
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rows_out"] == 17243
+
+
+def test_split_is_deterministic_by_seed(shared_data, tmp_path):
+    src = str(shared_data / "dapo_math_17k.parquet")
+    a = prepare_dapo(src, str(tmp_path / "a"), seed=1, template="boxed")
+    b = prepare_dapo(src, str(tmp_path / "b"), seed=1, template="boxed")
+    c = prepare_dapo(src, str(tmp_path / "c"), seed=2, template="boxed")
+    assert a.rows_out == b.rows_out == c.rows_out
+    va, vb, vc = (_read(tmp_path / d / "val.parquet") for d in "abc")
+    assert va == vb and va != vc
+    assert "\\boxed{}" in va[0]["prompt"][0]["content"]
+
+
+def _published_form(rows, repeats):
+    """The HF file's shape: DAPO template, UUID index, every row repeated."""
+    out = []
+    for r in rows:
+        uid = str(uuid.UUID(int=hash(r["problem"]) & (2**128 - 1)))
+        for _ in range(repeats):
+            out.append(
+                {
+                    "data_source": "math_dapo",
+                    "prompt": [{"content": dapo.PROMPT_TEMPLATES["dapo"].format(problem=r["problem"]), "role": "user"}],
+                    "ability": "MATH",
+                    "reward_model": {"ground_truth": r["answer"], "style": "rule-lighteval/MATH_v2"},
+                    "extra_info": {"index": uid},
+                }
+            )
+    return out
+
+
+def test_published_form_matches_deduplicated_form(shared_data, tmp_path):
+    rows = [json.loads(line) for line in (shared_data / "dapo_math_17k.jsonl").read_text().splitlines()[:300]]
+    pub = tmp_path / "published.parquet"
+    pq.write_table(pa.Table.from_pylist(_published_form(rows, 100)), pub)
+    orig = tmp_path / "orig.jsonl"
+    orig.write_text("\n".join(json.dumps(r) for r in rows))
+    sp = prepare_dapo(str(pub), str(tmp_path / "p"), seed=3)
+    so = prepare_dapo(str(orig), str(tmp_path / "o"), seed=3)
+    assert sp.form == "published" and sp.rows_in == 30000
+    assert sp.rows_out == so.rows_out
+    assert sp.duplicates == 30000 - 300 + so.duplicates
+    strip = lambda rs: [(r["prompt"], r["reward_model"]["ground_truth"]) for r in rs]  # noqa: E731
+    assert strip(_read(tmp_path / "p" / "train.parquet")) == strip(_read(tmp_path / "o" / "train.parquet"))
+
+
+def test_bad_rows_reported_by_index(tmp_path):
+    good = {"problem": "What is 1+1?", "answer": "2"}
+    lines = [good, {"problem": "", "answer": "3"}, {"problem": "Q2", "answer": ""}, {"problem": "Q3", "answer": 5}]
+    lines += [{"problem": f"Q{i}", "answer": str(i)} for i in range(10, 20)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines))
+    s = prepare_dapo(str(src), str(tmp_path / "out"))
+    assert s.bad_rows == 3 and s.rows_out == 11
+    assert s.bad_row_examples == [
+        "row 1: empty prompt",
+        "row 2: missing answer",
+        "row 3: wrong types: problem str, answer int",
+    ]
+    with pytest.raises(DapoSchemaError, match="3 bad rows"):
+        prepare_dapo(str(src), str(tmp_path / "strict"), max_bad_rows=0)
+    assert not (tmp_path / "strict").exists()  # nothing half-written
+
+
+def test_bad_parquet_rows_reported(tmp_path):
+    rows = _published_form([{"problem": f"P{i}", "answer": str(i)} for i in range(5)], 1)
+    rows[2]["reward_model"]["ground_truth"] = None
+    rows[4]["prompt"] = []
+    src = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    s = prepare_dapo(str(src), str(tmp_path / "out"))
+    assert s.bad_row_examples == [
+        "row 2: missing answer (reward_model.ground_truth)",
+        "row 4: empty prompt (no messages)",
+    ]
+    assert s.rows_out == 3
+
+
+def test_wrong_schema_fails_clearly(tmp_path):
+    src = tmp_path / "other.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "label": 1}]), src)
+    with pytest.raises(DapoSchemaError, match=r"other.parquet: missing column\(s\) \['prompt', 'reward_model'\]"):
+        prepare_dapo(str(src), str(tmp_path / "out"))
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": [{"content": "q", "role": "user"}], "reward_model": {"ground_truth": 3}}]), src
+    )
+    with pytest.raises(DapoSchemaError, match="reward_model.ground_truth' has type int64"):
+        prepare_dapo(str(src), str(tmp_path / "out"))
+    src.write_bytes(b"not parquet")
+    with pytest.raises(DapoSchemaError, match="not a readable parquet"):
+        prepare_dapo(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_round_trip(shared_data, s3_server, tmp_path):
+    rows = [json.loads(line) for line in (shared_data / "dapo_math_17k.jsonl").read_text().splitlines()[:200]]
+    storage.write_text("s3://dcgrpo-test/in/dapo.jsonl", "\n".join(json.dumps(r) for r in rows))
+    s = prepare_dapo("s3://dcgrpo-test/in/dapo.jsonl", "s3://dcgrpo-test/prepared", seed=0)
+    assert s.rows_out == len(_read("s3://dcgrpo-test/prepared/train.parquet")) + s.val_rows
+    assert storage.exists("s3://dcgrpo-test/prepared/summary.json")
+
+
+def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="pass a local or s3:// copy"):
+        prepare_dapo("hub", str(tmp_path / "out"))
+
+
+EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 675}
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_benchmarks_normalised(shared_data, name):
+    rows = load_benchmark(name, shared_data)
+    assert len(rows) == EXPECTED_ROWS[name]
+    for r in rows:
+        assert isinstance(r["id"], str) and r["problem"] and isinstance(r["answer"], str) and r["answer"]
+
+
+def test_benchmark_errors(tmp_path):
+    (tmp_path / "aime24.jsonl").write_text('{"id": "a", "problem": "p", "answer": "1"}\n{"id": "b", "problem": "q"}\n')
+    with pytest.raises(BenchmarkError, match=r"aime24.jsonl: line 2: field 'answer'"):
+        load_benchmark("aime24", tmp_path)
+    with pytest.raises(BenchmarkError, match="amc23.jsonl does not exist"):
+        load_benchmark("amc23", tmp_path)
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'gsm9k'"):
+        load_benchmark("gsm9k", tmp_path)
+
+
+def test_synthetic_benchmark_carries_prompts():
+    rows = load_benchmark("synthetic")
+    assert rows and all(r["prompt"] and r["answer"] for r in rows)
