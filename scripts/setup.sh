@@ -67,7 +67,7 @@ import sys, importlib
 role = sys.argv[1]
 import torch, dcgrpo  # noqa: E401
 mods = {"cpu": ["vllm", "transformers", "mlflow", "kfp"], "gpu": ["vllm", "mlflow", "kfp"],
-        "verl": ["verl.trainer.ppo.core_algos", "mlflow"]}[role]
+        "verl": ["verl.trainer.ppo.core_algos", "verl.trainer.ppo.v1", "mlflow"]}[role]
 for m in mods:
     importlib.import_module(m)
 if role != "gpu" and "+cpu" not in torch.__version__:

@@ -225,6 +225,11 @@ class TrackingConfig(_Section):
     experiment: str = "dcgrpo"
     run_name: str | None = None
     log_every: int = Field(1, gt=0)
+    flush_every: int = Field(4, gt=0)
+    """Send buffered step metrics to MLflow every this many steps (and at every round end)."""
+    retry_timeout_s: float = Field(30.0, ge=0)
+    """At a round end, how long to retry an unreachable server before stopping cleanly
+    (checkpoint kept, unsent metrics spilled for replay on resume; see dcgrpo.tracking)."""
 
 
 class StorageConfig(_Section):
@@ -259,6 +264,71 @@ class RegistryConfig(_Section):
     """Init container that copies storageUri to /mnt/models in the plain Deployment."""
 
 
+class VerlConfig(_Section):
+    """Multi-node training on verl (Ray) with the DC-GRPO plugin, and its KubeRay launch.
+
+    The training hyperparameters come from ``train``/``method``/``rollout``;
+    this section only says where and how verl runs. Rendered into verl Hydra
+    overrides by ``dcgrpo.verl_plugin.config`` and into a RayJob by
+    ``dcgrpo.verl_plugin.rayjob``.
+    """
+
+    trainer_mode: Literal["dc_grpo", "sync"] = "dc_grpo"
+    """verl v1 trainer: ``dc_grpo`` (our plugin; runs every method.name) or verl's own ``sync`` (GRPO only)."""
+    strategy: Literal["fsdp", "fsdp2"] = "fsdp"
+    """Training engine of the actor (Megatron uses verl's other top-level config; not rendered here)."""
+    nnodes: int = Field(1, gt=0)
+    """Ray nodes (1 head + nnodes-1 GPU workers; the head also trains)."""
+    gpus_per_node: int = Field(8, gt=0)
+    rollout_tp: int = Field(1, gt=0)
+    """vLLM tensor parallel size per rollout replica."""
+    micro_batch_per_gpu: int = Field(4, gt=0)
+    """Responses per GPU per forward/backward (memory knob; does not change the maths)."""
+    checkpoint_dir: str = "/checkpoints"
+    """verl's trainer.default_local_dir: must be shared by every round (a PVC on the cluster)."""
+    save_freq: int | None = Field(None, gt=0)
+    """Steps between verl checkpoints; None = train.steps_per_round (one per pipeline round)."""
+    extra_overrides: list[str] = Field(default_factory=list)
+    """Raw Hydra overrides appended last (escape hatch; prefer a typed field)."""
+    image: str = "ghcr.io/dcgrpo/trainer:0.1.0"
+    """Trainer image (containers/trainer: CUDA + vLLM + verl + dcgrpo): every Ray node runs it."""
+    namespace: str = "kubeflow"
+    ray_version: str = "2.60.0"
+    """Ray version of the image, for KubeRay."""
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"dcgrpo/pool": "gpu"})
+    """Labels of the GPU node pool."""
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    cpu_per_node: int = Field(16, gt=0)
+    memory_gib_per_node: int = Field(128, gt=0)
+    shm_gib: int = Field(64, gt=0)
+    """/dev/shm size (Ray object store, NCCL, vLLM): the 64 MiB container default is far too small."""
+    checkpoint_pvc: str | None = "dcgrpo-checkpoints"
+    """PVC mounted at checkpoint_dir on every node; None = pod-local (single-node only)."""
+    secret_env: dict[str, str] = Field(
+        default_factory=lambda: {
+            "AWS_ACCESS_KEY_ID": "dcgrpo-s3/access-key",
+            "AWS_SECRET_ACCESS_KEY": "dcgrpo-s3/secret-key",
+            "MLFLOW_TRACKING_TOKEN": "dcgrpo-mlflow/token",
+        }
+    )
+    """Env var -> ``secret/key``, injected with secretKeyRef (values never appear in the manifest)."""
+    timeout_s: int = Field(86_400, gt=0)
+    """RayJob activeDeadlineSeconds and the follow loop's limit."""
+    poll_s: float = Field(10.0, gt=0)
+    """Seconds between RayJob status polls."""
+
+    @model_validator(mode="after")
+    def _secret_refs(self) -> VerlConfig:
+        for env, ref in self.secret_env.items():
+            if ref.count("/") != 1 or not all(ref.split("/")):
+                raise ValueError(f"secret_env[{env}] must be 'secret-name/key' (got {ref!r})")
+        if self.nnodes > 1 and self.checkpoint_pvc is None:
+            raise ValueError("nnodes > 1 needs checkpoint_pvc: every node must see the same checkpoint_dir")
+        return self
+
+
 class RunConfig(_Section):
     """A whole run: data -> model -> rollout -> training -> method -> eval -> export."""
 
@@ -274,6 +344,7 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    verl: VerlConfig = Field(default_factory=VerlConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:

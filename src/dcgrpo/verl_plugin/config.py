@@ -1,0 +1,187 @@
+"""verl Hydra overrides rendered from the project's one ``RunConfig``.
+
+Users never write verl YAML: ``render_overrides`` maps each field of ours onto
+verl's ``ppo_trainer`` config (``python -m verl.trainer.main_ppo <overrides>``)
+and ``render_env`` gives the process environment verl reads itself (MLflow).
+Imports nothing from verl.
+
+Batch arithmetic (verl counts prompts in ``data.train_batch_size`` and in
+``actor.ppo_mini_batch_size``, and multiplies both by ``rollout.n``):
+
+    train.prompts_per_batch -> data.train_batch_size            (prompts per step)
+    train.group_size        -> actor_rollout_ref.rollout.n      (responses per prompt)
+    train.ppo_mini_batch    -> actor.ppo_mini_batch_size        (prompts per optimiser step)
+    responses per optimiser step = ppo_mini_batch x group_size, split over nnodes x gpus_per_node GPUs
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dcgrpo.config import ConfigError, RunConfig
+from dcgrpo.verl_plugin import CONFIG_KEY, TRAINER_NAME
+
+ROLLOUT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
+"""vLLM dtype per rollout precision; fp8 adds ``quantization=fp8`` on top of bf16 activations."""
+TRAIN_MAIN = "verl.trainer.main_ppo"
+"""Module verl runs: ``python -m verl.trainer.main_ppo <overrides>``."""
+
+_BARE = re.compile(r"^[A-Za-z0-9_./:~+-]*[A-Za-z0-9_/~]$|^[A-Za-z0-9]$")
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value as a Hydra override value (quoted when the grammar needs it)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    if _BARE.match(text) and text.lower() not in {"null", "true", "false"}:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _check_batches(cfg: RunConfig) -> None:
+    t, v = cfg.train, cfg.verl
+    gpus = v.nnodes * v.gpus_per_node
+    per_update = t.ppo_mini_batch * t.group_size
+    if per_update % gpus:
+        raise ConfigError(
+            f"train.ppo_mini_batch x train.group_size = {t.ppo_mini_batch} x {t.group_size} = {per_update} responses "
+            f"per optimiser step must divide over verl.nnodes x verl.gpus_per_node = {gpus} GPUs"
+        )
+    if (per_update // gpus) % v.micro_batch_per_gpu and per_update // gpus > v.micro_batch_per_gpu:
+        raise ConfigError(
+            f"verl.micro_batch_per_gpu ({v.micro_batch_per_gpu}) must divide the {per_update // gpus} responses "
+            "each GPU gets per optimiser step"
+        )
+    if v.rollout_tp > v.gpus_per_node or v.gpus_per_node % v.rollout_tp:
+        raise ConfigError(f"verl.rollout_tp ({v.rollout_tp}) must divide verl.gpus_per_node ({v.gpus_per_node})")
+
+
+def render_overrides(
+    cfg: RunConfig,
+    *,
+    train_files: str,
+    val_files: str | None = None,
+    model_path: str | None = None,
+    total_steps: int | None = None,
+    experiment_name: str | None = None,
+) -> list[str]:
+    """verl Hydra overrides for one training run (one pipeline round or a whole run).
+
+    Args:
+        cfg: the run config.
+        train_files / val_files: prepared parquet (verl schema) from the prep step.
+        model_path: HF model directory; default ``cfg.model.path``.
+        total_steps: stop after this global step (verl resumes from the latest
+            checkpoint in ``verl.checkpoint_dir``, so round r passes
+            r x steps_per_round); default the whole run, rounds x steps_per_round.
+        experiment_name: verl's experiment (the MLflow run name when no run id
+            is attached); default ``tracking.run_name`` or the config hash.
+    """
+    model = model_path or cfg.model.path
+    if not model:
+        raise ConfigError("model.path: verl trains an existing HF model directory; build or export one first")
+    _check_batches(cfg)
+    t, r, v, m = cfg.train, cfg.rollout, cfg.verl, cfg.method
+    steps = total_steps or t.rounds * t.steps_per_round
+    actor = "actor_rollout_ref.actor"
+    rollout = "actor_rollout_ref.rollout"
+    o: dict[str, Any] = {
+        # trainer: verl v1, our registered trainer (or verl's sync for a plain-GRPO reference run)
+        "trainer.use_v1": True,
+        "trainer.v1.trainer_mode": v.trainer_mode,
+        "trainer.nnodes": v.nnodes,
+        "trainer.n_gpus_per_node": v.gpus_per_node,
+        "trainer.total_training_steps": steps,
+        "trainer.total_epochs": 1_000_000,  # steps decide; epochs never cut a run short
+        "trainer.save_freq": v.save_freq or t.steps_per_round,
+        "trainer.default_local_dir": v.checkpoint_dir,
+        "trainer.resume_mode": "auto",
+        "trainer.val_before_train": False,
+        "trainer.test_freq": -1,  # evaluation is the pipeline's own step (vLLM avg@k)
+        "trainer.logger": ["console", "mlflow"],
+        "trainer.project_name": cfg.tracking.experiment,  # MLflow experiment
+        "trainer.experiment_name": experiment_name or cfg.tracking.run_name or f"verl-{cfg.config_hash()}",
+        # data: the prep step's parquet, batch in prompts
+        "data.train_files": train_files,
+        "data.val_files": val_files or train_files,
+        "data.train_batch_size": t.prompts_per_batch,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "data.max_response_length": r.max_response_length,
+        "data.filter_overlong_prompts": True,
+        "data.truncation": "error",
+        "data.seed": cfg.data.seed,
+        # model
+        "actor_rollout_ref.model.path": model,
+        # actor (training engine); ppo_mini_batch_size counts prompts
+        f"{actor}.strategy": v.strategy,
+        f"{actor}.optim.lr": t.lr,
+        f"{actor}.optim.weight_decay": t.weight_decay,
+        f"{actor}.optim.betas": list(t.betas),
+        f"{actor}.optim.clip_grad": t.grad_clip,
+        f"{actor}.ppo_mini_batch_size": t.ppo_mini_batch,
+        f"{actor}.ppo_micro_batch_size_per_gpu": v.micro_batch_per_gpu,
+        f"{actor}.ppo_epochs": t.ppo_epochs,
+        f"{actor}.clip_ratio_low": t.clip_low,
+        f"{actor}.clip_ratio_high": t.clip_high,
+        f"{actor}.clip_ratio_c": t.clip_ratio_c,
+        f"{actor}.loss_agg_mode": t.loss_agg,
+        f"{actor}.use_kl_loss": t.kl_loss_coef > 0,
+        f"{actor}.kl_loss_coef": t.kl_loss_coef,
+        f"{actor}.entropy_coeff": t.entropy_coef,
+        f"{actor}.data_loader_seed": t.seed,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": v.micro_batch_per_gpu,
+        # rollout (inference engine): log-probs at sampling time are half of d
+        f"{rollout}.name": r.engine,
+        f"{rollout}.n": t.group_size,
+        f"{rollout}.temperature": r.temperature,
+        f"{rollout}.top_p": r.top_p,
+        f"{rollout}.dtype": ROLLOUT_DTYPE[r.precision],
+        f"{rollout}.quantization": "fp8" if r.precision == "fp8" else None,
+        f"{rollout}.calculate_log_probs": True,
+        f"{rollout}.gpu_memory_utilization": r.gpu_memory_utilization,
+        f"{rollout}.tensor_model_parallel_size": v.rollout_tp,
+        f"{rollout}.log_prob_micro_batch_size_per_gpu": v.micro_batch_per_gpu,
+        f"{rollout}.seed": r.seed,
+        # algorithm: GRPO outcome advantage; the method itself is ours, below
+        "algorithm.adv_estimator": "grpo",
+        "algorithm.norm_adv_by_std_in_grpo": t.norm_adv_by_std,
+        "algorithm.use_kl_in_reward": False,
+    }
+    out = [f"{k}={hydra_value(val)}" for k, val in o.items()]
+    if v.trainer_mode == TRAINER_NAME:
+        # new keys need '+': every MethodConfig field, so the trainer validates them with our own model
+        out += [f"+algorithm.{CONFIG_KEY}.{k}={hydra_value(val)}" for k, val in m.model_dump(mode="json").items()]
+    elif m.name != "grpo":
+        raise ConfigError(f"verl.trainer_mode=sync runs plain GRPO only; method.name={m.name!r} needs dc_grpo")
+    return out + list(v.extra_overrides)
+
+
+def render_env(cfg: RunConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict[str, str]:
+    """Environment verl reads itself: its MLflow logger takes ``MLFLOW_TRACKING_URI``
+    and attaches to ``MLFLOW_RUN_ID`` when set (so the pipeline's run gets the curves)."""
+    env: dict[str, str] = {}
+    uri = mlflow_uri or cfg.tracking.mlflow_uri
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    if mlflow_run_id:
+        env["MLFLOW_RUN_ID"] = mlflow_run_id
+    return env
+
+
+def ray_env_overrides(env: dict[str, str]) -> list[str]:
+    """Forward ``env`` to every Ray actor through verl's ``ray_init.runtime_env``
+    (the TaskRunner that owns the MLflow logger may land on any node)."""
+    return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(val)}" for k, val in sorted(env.items())]
+
+
+def train_command(overrides: list[str], python: str = "python") -> list[str]:
+    """argv that runs verl with these overrides."""
+    return [python, "-m", TRAIN_MAIN, *overrides]
