@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dcgrpo.config import ConfigError, RunConfig, load_config
+from dcgrpo.verl_plugin import cli as verl_cli
 
 log = logging.getLogger("dcgrpo")
 
@@ -127,15 +128,110 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-name", default="dcgrpo-retrain", help="recurring run name")
 
 
+# --- export / register / promote (dcgrpo.export, dcgrpo.registry) ---------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write an HF checkpoint (local or s3://) as an FP8 compressed-tensors checkpoint."""
+    from dcgrpo.export import ExportError, export_fp8
+
+    cfg = config_from_args(args)
+    try:
+        report = export_fp8(args.source, args.dest, cfg.export, cfg.storage.s3_endpoint_url)
+    except ExportError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"{report.dest}: {report.quantized} FP8 weights, {report.source_bytes} -> {report.export_bytes} bytes")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="HF-format model directory, local or s3://")
+    p.add_argument("--dest", required=True, help="output directory, local or s3://")
+
+
+def _tracking_client(cfg: RunConfig, uri: str | None):
+    from dcgrpo.registry import client
+
+    return client(uri or cfg.tracking.mlflow_uri)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a model directory as a new version (alias challenger) with its gate tags."""
+    import json
+
+    from dcgrpo.registry import RegistryError, register_model
+
+    cfg = config_from_args(args)
+    name = args.model_name or cfg.registry.model_name
+    if args.quantization != "fp8":
+        name += cfg.registry.bf16_suffix
+    metrics = json.loads(Path(args.metrics).read_text() if Path(args.metrics).is_file() else args.metrics)
+    try:
+        mv = register_model(
+            _tracking_client(cfg, args.tracking_uri), name, args.run_id, args.model_dir, metrics=metrics,
+            final_lambda=args.final_lambda, discrepancy=args.discrepancy, config_hash=cfg.config_hash(),
+            quantization=args.quantization, alias=cfg.registry.challenger_alias,
+            endpoint_url=cfg.storage.s3_endpoint_url,
+        )  # fmt: skip
+    except RegistryError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"{name} version {mv.version}")
+    return 0
+
+
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-name", help="registered model (default: registry.model_name)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: tracking.mlflow_uri, else $MLFLOW_TRACKING_URI)")
+    p.add_argument("--run-id", required=True, help="MLflow run the model came from")
+    p.add_argument("--model-dir", required=True, help="model directory, local or s3://")
+    p.add_argument("--metrics", required=True, help="JSON object of eval metrics, or a file holding one")
+    p.add_argument("--final-lambda", type=float, required=True)
+    p.add_argument("--discrepancy", type=float, required=True, help="final batch-mean discrepancy d")
+    p.add_argument("--quantization", choices=["fp8", "bf16"], default="fp8")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Promote the challenger to champion if it passes the gate (or --force); render serving manifests."""
+    from dcgrpo.registry import RegistryError, promote, render_champion_manifests
+
+    cfg = config_from_args(args)
+    if args.model_name:
+        cfg.registry.model_name = args.model_name
+    reg = cfg.registry
+    budget = reg.max_discrepancy if reg.max_discrepancy is not None else cfg.method.budget
+    mlc = _tracking_client(cfg, args.tracking_uri)
+    try:
+        decision = promote(mlc, reg.model_name, cfg.eval.gate_metric, budget, args.force,
+                           reg.champion_alias, reg.challenger_alias)  # fmt: skip
+        print(f"{reg.model_name} v{decision.challenger}: {'promoted' if decision.promoted else 'not promoted'}"
+              f" ({decision.reason}); champion: v{decision.champion_after}")  # fmt: skip
+        if args.manifests_dir and decision.champion_after:
+            render_champion_manifests(mlc, reg, args.manifests_dir)
+    except RegistryError as exc:
+        raise UserError(str(exc)) from exc
+    return 0
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-name", help="registered model (default: registry.model_name)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: tracking.mlflow_uri, else $MLFLOW_TRACKING_URI)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
+    p.add_argument("--manifests-dir", help="write the champion's KServe + vllm-serve manifests here (local or s3://)")
+
+
 # name -> (handler, help, extra-argument adder). Later modules add their
 # commands here; each handler is a few lines around one library call.
 COMMANDS: dict[
     str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]
 ] = {
     "config": (cmd_config, "print the resolved run config", None),
+    "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
     "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", _compile_args),
     "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _cluster_args),
     "schedule": (cmd_schedule, "schedule recurring retraining on Kubeflow", _schedule_args),
+    "export": (cmd_export, "export a checkpoint to FP8 (compressed-tensors)", _export_args),
+    "register": (cmd_register, "register a model version (alias challenger)", _register_args),
+    "promote": (cmd_promote, "gate the challenger against the champion and promote", _promote_args),
 }
 
 

@@ -1,0 +1,159 @@
+"""Registry against a real MLflow server (sqlite, served artifacts) and moto S3."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from dcgrpo import registry, storage
+from dcgrpo.cli import main as cli_main
+from dcgrpo.config import RegistryConfig
+
+GATE = "eval/synthetic/avg@1"
+BUDGET = 5e-3
+
+
+@pytest.fixture
+def mlc(mlflow_server):
+    return MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    (d / "model.safetensors").write_bytes(b"\0" * 64)
+    return d
+
+
+def _name() -> str:
+    return f"dcgrpo-test-{uuid.uuid4().hex[:8]}"
+
+
+def _register(mlc, name, model_dir, acc: float, d: float = 1e-3, **kw):
+    exp = mlc.get_experiment_by_name("registry-tests") or mlc.get_experiment(mlc.create_experiment("registry-tests"))
+    run = mlc.create_run(exp.experiment_id)
+    mlc.set_terminated(run.info.run_id)
+    return registry.register_model(
+        kw.pop("client", mlc), name, run.info.run_id, str(model_dir),
+        metrics={GATE: acc, "eval/math500/avg@1": acc / 2}, final_lambda=0.25, discrepancy=d,
+        config_hash="abc123", **kw,
+    )  # fmt: skip
+
+
+def _champion(mlc, name):
+    return registry._alias_version(mlc, name, "champion")
+
+
+def test_first_registration_becomes_champion(mlc, model_dir):
+    name = _name()
+    mv = _register(mlc, name, model_dir, acc=0.4)
+    assert mv.tags[registry.TAG_QUANTIZATION] == "fp8" and mv.tags[registry.TAG_CONFIG_HASH] == "abc123"
+    assert json.loads(mv.tags[registry.TAG_METRICS])[GATE] == 0.4
+    assert mv.tags["metric.eval/synthetic/avg_1"] == "0.4"
+    assert mlc.get_model_version_by_alias(name, "challenger").version == mv.version
+    assert mlc.list_artifacts(mv.run_id, "model")  # the directory is in the run's artifacts
+
+    decision = registry.promote(mlc, name, GATE, BUDGET)
+    assert decision.promoted and "first champion" in decision.reason
+    champ = _champion(mlc, name)
+    assert champ.version == mv.version and champ.tags[registry.TAG_DECISION] == "promoted"
+
+
+def test_worse_is_rejected_better_is_promoted_force_overrides(mlc, model_dir):
+    name = _name()
+    _register(mlc, name, model_dir, acc=0.5)
+    v1 = registry.promote(mlc, name, GATE, BUDGET).challenger
+
+    worse = _register(mlc, name, model_dir, acc=0.3)
+    decision = registry.promote(mlc, name, GATE, BUDGET)
+    assert not decision.promoted and _champion(mlc, name).version == v1
+    tags = mlc.get_model_version(name, worse.version).tags
+    assert tags[registry.TAG_DECISION] == "rejected" and "0.3 < champion" in tags[registry.TAG_REASON]
+    assert tags[registry.TAG_COMPARED_TO] == v1
+
+    drifted = _register(mlc, name, model_dir, acc=0.9, d=0.2)
+    assert not registry.promote(mlc, name, GATE, BUDGET).promoted
+    assert "outside budget" in mlc.get_model_version(name, drifted.version).tags[registry.TAG_REASON]
+
+    better = _register(mlc, name, model_dir, acc=0.6)
+    assert registry.promote(mlc, name, GATE, BUDGET).promoted
+    assert _champion(mlc, name).version == better.version
+    # Aliases are unique: exactly one champion, and the old one lost it.
+    aliases = mlc.get_registered_model(name).aliases
+    assert aliases["champion"] == better.version and list(aliases.values()).count(better.version) == 2
+    assert "champion" not in mlc.get_model_version(name, v1).aliases
+
+    forced = _register(mlc, name, model_dir, acc=0.1)
+    decision = registry.promote(mlc, name, GATE, BUDGET, force=True)
+    assert decision.promoted and decision.reason.startswith("forced")
+    assert _champion(mlc, name).version == forced.version
+
+
+class _AliasFails(MlflowClient):
+    """A real client whose alias moves fail: a registry outage at the commit point."""
+
+    def set_registered_model_alias(self, name, alias, version):
+        raise RuntimeError("registry unavailable")
+
+
+def test_failure_midway_leaves_champion_untouched(mlc, mlflow_server, model_dir):
+    name = _name()
+    _register(mlc, name, model_dir, acc=0.5)
+    v1 = registry.promote(mlc, name, GATE, BUDGET).challenger
+    broken = _AliasFails(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+
+    # Registration fails after the version was created: it is removed again.
+    with pytest.raises(RuntimeError, match="unavailable"):
+        _register(mlc, name, model_dir, acc=0.9, client=broken)
+    versions = {v.version for v in mlc.search_model_versions(f"name='{name}'")}
+    assert versions == {v1}
+    assert mlc.get_model_version_by_alias(name, "challenger").version == v1
+
+    # Promotion fails at the alias move: champion stays, the failure is on record.
+    better = _register(mlc, name, model_dir, acc=0.9)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        registry.promote(broken, name, GATE, BUDGET)
+    assert _champion(mlc, name).version == v1
+    assert mlc.get_model_version(name, better.version).tags[registry.TAG_DECISION] == "failed"
+
+    with pytest.raises(registry.RegistryError, match="non-finite"):
+        _register(mlc, name, model_dir, acc=float("nan"))
+    with pytest.raises(registry.RegistryError, match="no version has alias"):
+        registry.promote(mlc, _name(), GATE, BUDGET)
+
+
+def test_s3_export_registered_and_served(mlc, mlflow_server, model_dir, s3_server, tmp_path, monkeypatch):
+    """FP8 dir on S3 -> registered (storage_uri tag) -> promoted via the CLI -> manifests point at S3."""
+    name = _name()
+    uri = "s3://dcgrpo-test/exports/run-1/fp8"
+    storage.upload_dir(model_dir, uri)
+    mv = _register(mlc, name, uri, acc=0.7)
+    assert mv.tags[registry.TAG_STORAGE_URI] == uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    out = tmp_path / "serving"
+    rc = cli_main(["promote", "--model-name", name, "--set", f"registry.max_discrepancy={BUDGET}",
+                   "--manifests-dir", str(out)])  # fmt: skip
+    assert rc == 0 and _champion(mlc, name).version == mv.version
+    isvc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == uri
+    assert "--quantization=compressed-tensors" in isvc["spec"]["predictor"]["model"]["args"]
+    deployment, service = yaml.safe_load_all((out / "vllm-deployment.yaml").read_text())
+    assert deployment["spec"]["template"]["spec"]["initContainers"][0]["args"][0] == uri
+
+
+def test_storage_uri_maps_served_artifacts():
+    class MV:
+        version, tags = "3", {}
+        source = "mlflow-artifacts:/1/abc/artifacts/model"
+
+    cfg = RegistryConfig(artifacts_destination="s3://mlflow/artifacts")
+    assert registry.storage_uri(MV, cfg) == "s3://mlflow/artifacts/1/abc/artifacts/model"
+    with pytest.raises(registry.RegistryError, match="artifacts_destination"):
+        registry.storage_uri(MV, RegistryConfig())
