@@ -1,0 +1,243 @@
+"""The verl backend's cluster launch: rendered RayJob, its manifest, and following it.
+
+The one fake here is the Kubernetes API server (no cluster on this machine):
+a small HTTP server that speaks the two RayJob endpoints, driven through the
+real ``kubernetes`` client. Everything of ours runs for real. No verl import.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+
+from dcgrpo.cli import main as cli_main
+from dcgrpo.config import ConfigError, load_config
+from dcgrpo.verl_plugin.config import render_env, render_overrides
+from dcgrpo.verl_plugin.rayjob import RayJobFailed, follow_rayjob, job_name, render_rayjob, run_rayjob
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "manifests" / "rayjob"
+K8S_VERSION = "1.30.0"
+
+
+def _cfg(*sets):
+    return load_config(overrides=["model.path=/models/m", *sets])
+
+
+def _job(cfg, name="run-1", env=None):
+    return render_rayjob(cfg, render_overrides(cfg, train_files="s3://b/train.parquet"), name=name, env=env)
+
+
+def _pod_templates(job):
+    spec = job["spec"]["rayClusterSpec"]
+    yield spec["headGroupSpec"]["template"]
+    for group in spec.get("workerGroupSpecs", []):
+        yield group["template"]
+
+
+def _check_required(job):
+    """Required fields of KubeRay's ray.io/v1 RayJob CRD (ray-operator/config/crd/bases/ray.io_rayjobs.yaml),
+    plus entrypoint (required for the default K8sJobMode submission)."""
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["metadata"]["name"] and job["metadata"]["namespace"]
+    assert job["spec"]["entrypoint"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert "template" in cluster["headGroupSpec"]
+    for group in cluster.get("workerGroupSpecs", []):
+        assert {"groupName", "minReplicas", "maxReplicas", "template"} <= set(group)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for template in _pod_templates(job):  # each pod template against the real Kubernetes schema
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+
+
+def test_multi_node_rayjob_validates_and_targets_the_gpu_pool():
+    cfg = _cfg("verl.nnodes=4", "rollout.precision=fp8", "train.group_size=8")
+    job = _job(cfg, "Qwen3 8B/DC-GRPO round_1", env={"MLFLOW_RUN_ID": "abc123"})
+    _check_required(job)
+    assert job["metadata"]["name"] == "qwen3-8b-dc-grpo-round-1"
+    (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == 3  # 4 nodes = head + 3 GPU workers
+    for template in _pod_templates(job):
+        spec = template["spec"]
+        assert spec["nodeSelector"] == {"dcgrpo/pool": "gpu"}
+        assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+        (c,) = spec["containers"]
+        assert c["image"] == cfg.verl.image and c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "dcgrpo-s3", "key": "secret-key"}
+        assert env["MLFLOW_RUN_ID"]["value"] == "abc123"
+    entry = job["spec"]["entrypoint"]
+    for part in (
+        "python -m verl.trainer.main_ppo",
+        "trainer.v1.trainer_mode=dc_grpo",
+        "trainer.nnodes=4",
+        "actor_rollout_ref.rollout.calculate_log_probs=true",
+        "actor_rollout_ref.rollout.quantization=fp8",
+        "actor_rollout_ref.rollout.n=8",
+        "+algorithm.dc_grpo.budget=0.002",
+        "+ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID=abc123",
+    ):
+        assert part in entry
+
+
+def test_single_node_rayjob_has_only_a_head():
+    job = _job(_cfg("verl.nnodes=1"))
+    _check_required(job)
+    assert "workerGroupSpecs" not in job["spec"]["rayClusterSpec"]
+
+
+def test_bad_configs_fail_naming_fields():
+    with pytest.raises(ConfigError, match="verl.nnodes x verl.gpus_per_node"):
+        render_overrides(_cfg("verl.gpus_per_node=3"), train_files="x.parquet")
+    with pytest.raises(ConfigError, match="model.path"):
+        render_overrides(load_config(), train_files="x.parquet")
+    with pytest.raises(ConfigError, match="secret_env"):
+        _cfg("verl.secret_env={A: no-key}")
+    with pytest.raises(ConfigError, match="needs dc_grpo"):
+        render_overrides(_cfg("verl.trainer_mode=sync"), train_files="x.parquet")
+    assert render_env(_cfg("tracking.mlflow_uri=http://m:5000"), mlflow_run_id="r") == {
+        "MLFLOW_TRACKING_URI": "http://m:5000",
+        "MLFLOW_RUN_ID": "r",
+    }
+
+
+def test_manifest_template_is_the_rendered_rayjob_and_kustomizes(capsys):
+    header = (MANIFEST / "rayjob.yaml").read_text().splitlines()
+    argv = next(line for line in header if "dcgrpo train-verl" in line).split("dcgrpo train-verl")[1].split()
+    argv += next(line for line in header if "--train-files" in line).lstrip("# ").split()
+    argv += next(line for line in header if "--dry-run" in line).lstrip("# ").split()[:3]
+    assert cli_main(["train-verl", *[a for a in argv if a != "\\"]]) == 0
+    rendered = yaml.safe_load(capsys.readouterr().out)
+    committed = yaml.safe_load((MANIFEST / "rayjob.yaml").read_text())
+    assert committed == rendered, "manifests/rayjob/rayjob.yaml is stale: regenerate it with the command in its header"
+    _check_required(committed)
+    kustomization = yaml.safe_load((MANIFEST / "kustomization.yaml").read_text())
+    assert all((MANIFEST / r).is_file() for r in kustomization["resources"])
+    if shutil.which("kubectl"):
+        out = subprocess.run(["kubectl", "kustomize", str(MANIFEST)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert yaml.safe_load(out.stdout)["kind"] == "RayJob"
+
+
+# ---- following a RayJob: the real kubernetes client against a fake API server -----------
+
+
+class FakeKubeAPI:
+    """A stand-in Kubernetes API server for ray.io/v1 rayjobs: create, then each GET
+    returns the next scripted status (the last one repeats)."""
+
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+        self.created: list[dict] = []
+        self.gets = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):  # /apis/ray.io/v1/namespaces/{ns}/rayjobs
+                obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.created.append(obj)
+                self._send(201, obj)
+
+            def do_GET(self):  # /apis/ray.io/v1/namespaces/{ns}/rayjobs/{name}
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] != ["apis", "ray.io"] or parts[5] != "rayjobs" or not fake.created:
+                    return self._send(404, {"kind": "Status", "code": 404})
+                status = fake.statuses[min(fake.gets, len(fake.statuses) - 1)]
+                fake.gets += 1
+                self._send(200, {**fake.created[-1], "status": status})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        conf = client.Configuration(host=f"http://127.0.0.1:{self.server.server_port}")
+        self.api = client.CustomObjectsApi(client.ApiClient(conf))
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+RUNNING = [
+    {},
+    {"jobDeploymentStatus": "Initializing"},
+    {"jobDeploymentStatus": "Running", "jobStatus": "PENDING"},
+    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+]
+
+
+def test_run_rayjob_submits_and_follows_to_success(caplog):
+    cfg = _cfg("verl.poll_s=0.01")
+    overrides = render_overrides(cfg, train_files="s3://b/train.parquet")
+    done = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "message": "Job finished successfully."}
+    with caplog.at_level(logging.INFO, logger="dcgrpo"), FakeKubeAPI([*RUNNING, done]) as kube:
+        status = run_rayjob(cfg, overrides, name="round-1", api=kube.api)
+    assert status["jobStatus"] == "SUCCEEDED"
+    assert kube.created == [render_rayjob(cfg, overrides, name="round-1")]
+    log = caplog.text
+    assert "submitted (1 nodes" in log
+    order = ["deployment=New", "deployment=Initializing", "job=PENDING", "job=RUNNING", "job=SUCCEEDED", "succeeded"]
+    positions = [log.index(s) for s in order]
+    assert positions == sorted(positions)
+    assert log.count("job=RUNNING") == 1  # changes are logged, repeats are not
+
+
+def test_failed_rayjob_raises_with_kuberays_message():
+    failed = {
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "FAILED",
+        "reason": "AppFailed",
+        "message": "Job entrypoint command failed with exit code 1: CUDA out of memory",
+    }
+    with FakeKubeAPI([*RUNNING[:3], failed]) as kube:
+        kube.api.create_namespaced_custom_object("ray.io", "v1", "kubeflow", "rayjobs", _job(_cfg()))
+        with pytest.raises(RayJobFailed, match=r"kubeflow/run-1 failed \(AppFailed\): .*CUDA out of memory"):
+            follow_rayjob(kube.api, "run-1", "kubeflow", poll_s=0, sleep=lambda s: None)
+
+
+def test_follow_gives_up_after_timeout():
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    with FakeKubeAPI(RUNNING) as kube:
+        kube.api.create_namespaced_custom_object("ray.io", "v1", "kubeflow", "rayjobs", _job(_cfg()))
+        with pytest.raises(RayJobFailed, match="still Running after 30 s"):
+            follow_rayjob(kube.api, "run-1", "kubeflow", poll_s=10, timeout_s=30, sleep=sleep, clock=lambda: now[0])
+
+
+def test_cli_single_node_dry_run_prints_the_verl_command(capsys):
+    rc = cli_main(
+        ["train-verl", "--set", "model.path=/m", "--train-files", "/d/t.parquet", "--mode", "single-node", "--dry-run"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.split()[1:3] == ["-m", "verl.trainer.main_ppo"]
+    assert "trainer.v1.trainer_mode=dc_grpo" in out and "data.train_files=/d/t.parquet" in out
+    assert job_name("--") == "dcgrpo-verl"
