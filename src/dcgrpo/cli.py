@@ -16,7 +16,6 @@ from pathlib import Path
 
 from dcgrpo.config import ConfigError, RunConfig, load_config
 from dcgrpo.verl_plugin import cli as verl_cli
-from dcgrpo.verl_plugin import cli as verl_cli
 
 log = logging.getLogger("dcgrpo")
 
@@ -226,7 +225,6 @@ COMMANDS: dict[
     str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]
 ] = {
     "config": (cmd_config, "print the resolved run config", None),
-    "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
     "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", _compile_args),
     "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _cluster_args),
