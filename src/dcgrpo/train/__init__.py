@@ -1,0 +1,1 @@
+"""Training: SFT warm start, the single-machine DC-GRPO loop, checkpoints."""

@@ -1,0 +1,168 @@
+"""Training checkpoints: an HF model directory plus the exact loop state.
+
+Layout of one checkpoint (``<out_dir>/checkpoints/step_000008/``, local or s3://)::
+
+    config.json, tokenizer files        -> loadable by vLLM / transformers / export as is
+    model.safetensors                   policy weights (fp32)
+    optimizer.safetensors               AdamW state tensors ("<param index>.<name>")
+    state.json                          step, round, lambda state, optimizer scalars,
+                                        RNG states, data cursor, config hash, history
+    manifest.json                       sha256 of every file above (written last)
+
+Atomicity: the directory is assembled in a local temp dir and published by
+``dcgrpo.storage.upload_dir`` (staging dir + rename locally; ``_COMPLETE``
+marker last on S3). ``<out_dir>/checkpoints/latest`` names the newest one and
+is rewritten (atomically) only after it is complete. ``load_checkpoint``
+verifies every checksum and raises ``CheckpointError`` naming the bad file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcgrpo import storage
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+MODEL_FILES_SKIP = {MANIFEST, storage.COMPLETE_MARKER}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or from another config."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    uri: str
+    local_dir: Path
+    """A local HF model directory with the checkpoint's weights (temp copy for s3://)."""
+    state: dict[str, Any]
+    optimizer_tensors: dict[str, torch.Tensor]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": repr(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    import numpy as np
+
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    random.setstate(ast.literal_eval(state["python"]))
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (safetensors) and JSON scalars."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    uri: str,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    endpoint_url: str | None = None,
+) -> str:
+    """Write a checkpoint atomically to ``uri`` (local or s3://); returns ``uri``."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="dcgrpo-ckpt-") as tmp:
+        d = Path(tmp)
+        model.save_pretrained(d, safe_serialization=True)
+        tokenizer.save_pretrained(d)
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        save_file(opt_tensors, str(d / "optimizer.safetensors"))
+        full_state = {"format_version": FORMAT_VERSION, **state, "optimizer": opt_meta}
+        (d / STATE).write_text(json.dumps(full_state, indent=1, sort_keys=True))
+        files = sorted(p for p in d.rglob("*") if p.is_file())
+        manifest = {"files": {p.relative_to(d).as_posix(): _sha256(p) for p in files}}
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        storage.upload_dir(d, uri, endpoint_url)
+    root = uri.rstrip("/").rsplit("/", 1)[0]
+    storage.write_text(storage.join(root, "latest"), uri.rstrip("/").rsplit("/", 1)[1], endpoint_url)
+    return uri
+
+
+def resolve_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
+    """A checkpoint URI, or a ``checkpoints/`` directory (follows its ``latest`` pointer)."""
+    latest = storage.join(uri, "latest")
+    if storage.exists(latest, endpoint_url) and not storage.exists(storage.join(uri, MANIFEST), endpoint_url):
+        return storage.join(uri, storage.read_text(latest, endpoint_url).strip())
+    return uri
+
+
+def verify_dir(local_dir: Path, uri: str) -> dict[str, Any]:
+    """Check every file against ``manifest.json``; returns the manifest."""
+    mpath = local_dir / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{uri}: no {MANIFEST} (incomplete or not a checkpoint)")
+    manifest = json.loads(mpath.read_text())
+    for rel, digest in manifest["files"].items():
+        p = local_dir / rel
+        if not p.is_file():
+            raise CheckpointError(f"{uri}: {rel} is missing")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"{uri}: checksum mismatch in {rel} (corrupted checkpoint)")
+    return manifest
+
+
+def load_checkpoint(uri: str, cache_dir: str | Path, endpoint_url: str | None = None) -> LoadedCheckpoint:
+    """Fetch (if remote), verify checksums, and read a checkpoint's state."""
+    from safetensors.torch import load_file
+
+    uri = resolve_checkpoint(str(uri), endpoint_url)
+    if storage.is_s3(uri):
+        local = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        storage.download_dir(uri, local, endpoint_url)
+    else:
+        local = Path(uri)
+        if not local.is_dir():
+            raise CheckpointError(f"{uri}: no such checkpoint directory")
+    verify_dir(local, uri)
+    state = json.loads((local / STATE).read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{uri}: checkpoint format {state.get('format_version')} != {FORMAT_VERSION}")
+    return LoadedCheckpoint(uri, local, state, load_file(str(local / "optimizer.safetensors")))

@@ -1,0 +1,106 @@
+"""Real vLLM CPU engine vs HF: log-prob agreement, in-place weight sync, FP8 deploy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcgrpo.algorithm.discrepancy import masked_stats, token_discrepancy
+from dcgrpo.config import RunConfig
+from dcgrpo.engines.hf_engine import HFEngine, make_token_batch
+from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template
+from dcgrpo.models import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(RunConfig().model, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    e = VLLMEngine(str(tiny_dir), "bf16", seed=0, max_model_len=256)
+    yield e
+    e.close()
+
+
+def _prompts(tok):
+    return [apply_chat_template(tok, [{"role": "user", "content": f"What is {i} + {i + 3}?"}]) for i in range(4)]
+
+
+def _compare(engine, hf, n=4, max_tokens=16):
+    """Sample with vLLM, recompute with HF: (logp_train, logp_infer, mask)."""
+    out = engine.generate(_prompts(engine.tokenizer), n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens)
+    gens = [g for grp in out for g in grp]
+    batch = hf.token_batch([g.prompt_token_ids for g in gens], [g.token_ids for g in gens], max_tokens)
+    li = torch.zeros(batch.response_mask.shape)
+    for i, g in enumerate(gens):
+        assert len(g.logprobs) == len(g.token_ids) and g.finish_reason in ("stop", "length")
+        li[i, : len(g.logprobs)] = torch.tensor(g.logprobs)
+    with torch.no_grad():
+        lt, _ = hf.logprobs(batch)
+    return lt, li, batch.response_mask
+
+
+def test_generate_shapes_and_greedy_determinism(engine):
+    prompts = _prompts(engine.tokenizer)
+    out = engine.generate(prompts, n=3, temperature=1.0, top_p=1.0, max_tokens=8)
+    assert len(out) == 4 and all(len(g) == 3 for g in out)
+    g = out[0][0]
+    assert isinstance(g.text, str) and len(g.token_ids) <= 8
+    assert all(lp <= 0 for lp in g.logprobs)
+    a = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=8)
+    b = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=8)
+    assert [x[0].token_ids for x in a] == [x[0].token_ids for x in b]
+
+
+def test_weight_sync_changes_logprobs_and_matches_hf_fp32(engine, tiny_dir):
+    hf = HFEngine(str(tiny_dir), "fp32")
+    lt, li, mask = _compare(engine, hf)
+    before = masked_stats((lt - li).abs(), mask)
+    assert before["mean"] < 0.05  # bf16 vs fp32 noise only
+    # A visible update: scale every projection and the head.
+    with torch.no_grad():
+        for name, p in hf.model.named_parameters():
+            if "proj" in name or "lm_head" in name:
+                p.mul_(3.0)
+    engine.sync_weights(hf.state_dict())
+    lt2, li2, mask2 = _compare(engine, hf)
+    after = masked_stats((lt2 - li2).abs(), mask2)
+    assert after["mean"] < 0.05 and after["max"] < 0.5, after
+    # Old engine log-probs would not match the new HF model: the sync really happened.
+    old = HFEngine(str(tiny_dir), "fp32")
+    batch = make_token_batch([[1, 2, 3]], [[4, 5, 6]], 0)
+    with torch.no_grad():
+        assert (old.logprobs(batch)[0] - hf.logprobs(batch)[0]).abs().max() > 0.1
+    d = token_discrepancy(lt2, li2, mask2)
+    assert torch.isfinite(d).all()
+    # Restore the original weights for the other tests.
+    engine.sync_weights(old.state_dict())
+
+
+def test_fp8_deploy_has_larger_discrepancy_than_bf16(tiny_dir, engine):
+    hf = HFEngine(str(tiny_dir), "fp32")
+    lt, li, mask = _compare(engine, hf)
+    d_bf16 = masked_stats(token_discrepancy(lt, li, mask, "log_ratio"), mask)["mean"]
+    engine.close()  # one live in-process engine at a time
+    with VLLMEngine(str(tiny_dir), "fp8", max_model_len=256, fp8_block_size=32) as fp8:
+        lt8, li8, mask8 = _compare(fp8, hf)
+    d_fp8 = masked_stats(token_discrepancy(lt8, li8, mask8, "log_ratio"), mask8)["mean"]
+    assert d_fp8 > 2 * d_bf16, (float(d_fp8), float(d_bf16))
+
+
+def test_tied_embeddings_sync_updates_head(tmp_path, engine):
+    engine.close()  # one live in-process engine at a time
+    cfg = RunConfig().model.model_copy(update={"tie_word_embeddings": True})
+    tied_dir = build_tiny_model(cfg, tmp_path)
+    hf = HFEngine(str(tied_dir), "fp32")
+    with VLLMEngine(str(tied_dir), "fp32", max_model_len=256) as eng:
+        with torch.no_grad():
+            hf.model.get_input_embeddings().weight.mul_(20.0)  # changes the (tied) head too
+        sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # the trap
+        eng.sync_weights(sd)
+        lt, li, mask = _compare(eng, hf)
+        assert masked_stats((lt - li).abs(), mask)["mean"] < 1e-3  # fp32 vs fp32
