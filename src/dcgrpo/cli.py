@@ -221,10 +221,38 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 
 # name -> (handler, help, extra-argument adder). Later modules add their
 # commands here; each handler is a few lines around one library call.
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train with the built-in single-machine loop (vLLM rollouts, HF updates, MLflow)."""
+    from dcgrpo.train.jobs import train_job
+
+    cfg = config_from_args(args)
+    if args.method:
+        cfg.method.name = args.method
+    res = train_job(cfg, out_dir=args.out, resume=args.resume)
+    print(f"step {res.step}  lambda {res.lam:.4g}  checkpoint {res.checkpoint}  MLflow run {res.run_id}")
+    return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="grpo, dual-grpo, dc-grpo, tis, mis or icepop (default: method.name)")
+    p.add_argument("--resume", help="checkpoint (or checkpoints/ dir) to continue from")
+    p.add_argument("--out", help="output dir or s3:// prefix (default: <storage.root>/runs/<run name>)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Tiny model, SFT warm start, then DC-GRPO and GRPO side by side on vLLM CPU with MLflow."""
+    from dcgrpo.train.jobs import demo
+
+    demo(config_from_args(args))
+    return 0
+
+
 COMMANDS: dict[
     str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]
 ] = {
     "config": (cmd_config, "print the resolved run config", None),
+    "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", _train_args),
+    "demo": (cmd_demo, "tiny model: SFT, then DC-GRPO vs GRPO on vLLM CPU, summary table", None),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
     "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", _compile_args),
     "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _cluster_args),

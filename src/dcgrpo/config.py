@@ -153,8 +153,9 @@ class MethodConfig(_Section):
     """lambda_0. For dual-grpo this is the fixed penalty weight."""
     dual_lr: float = Field(1.0, ge=0)
     """eta in Eq. 11."""
-    budget: float = Field(2e-3, ge=0)
-    """eps: tolerated batch-mean discrepancy. ~bf16-vs-fp32 noise level for prob_diff (STACK-NOTES: 1.5e-3)."""
+    budget: float = Field(3e-4, ge=0)
+    """eps: tolerated batch-mean discrepancy (prob_diff). The SFT'd tiny model's bf16-vs-fp32 mean d is
+    ~2-5e-4 and grows as RL sharpens the policy (measured), so 3e-4 makes the constraint bind on tiny-cpu."""
     lambda_max: float = Field(10.0, ge=0)
     """Projection bound of lambda."""
     discrepancy: DiscrepancyKind = "prob_diff"

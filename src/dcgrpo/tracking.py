@@ -314,3 +314,18 @@ def plot_curves(history: list[dict[str, float]], out_path: str | Path, budget: f
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def stop_local_server(proc: subprocess.Popen, kill: bool = False) -> None:
+    """Stop a server from ``start_local_server`` and its worker processes (its own process group)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,69 @@
+"""MLflow tracking against real servers: batching, local fallback, FAILED runs, server loss."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dcgrpo.config import TrackingConfig
+from dcgrpo.tracking import (
+    TrackingUnavailable,
+    resolve_tracking_uri,
+    start_local_server,
+    start_run,
+    stop_local_server,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingConfig(), str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(TrackingConfig(), str(tmp_path)) == "http://env:5000"
+    assert resolve_tracking_uri(TrackingConfig(mlflow_uri="http://cfg:1"), str(tmp_path)) == "http://cfg:1"
+
+
+def test_local_fallback_batched_metrics_and_failed_status(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(flush_every=100)
+    with start_run(cfg, storage_root=str(tmp_path), run_name="ok", params={"a.b": 1, "c": [1, 2]}) as run:
+        for step in range(1, 6):
+            run.log_metrics({"dc/lambda": step * 0.1, "reward/mean": 0.5}, step=step)
+        run.log_dict({"x": 1}, "cfg/x.json")
+    client = MlflowClient(resolve_tracking_uri(cfg, str(tmp_path)))
+    hist = client.get_metric_history(run.run_id, "dc/lambda")
+    assert [m.step for m in hist] == [1, 2, 3, 4, 5]
+    info = client.get_run(run.run_id)
+    assert info.info.status == "FINISHED" and info.data.params["c"] == "[1, 2]"
+    with pytest.raises(RuntimeError, match="boom"):
+        with start_run(cfg, storage_root=str(tmp_path), run_name="bad") as bad:
+            bad.log_metrics({"m": 1.0}, step=1)
+            raise RuntimeError("boom")
+    assert client.get_run(bad.run_id).info.status == "FAILED"
+    assert [m.value for m in client.get_metric_history(bad.run_id, "m")] == [1.0]  # flushed before failing
+
+
+def test_server_goes_away_then_comes_back_loses_no_metrics(tmp_path):
+    uri, proc = start_local_server(tmp_path / "srv")
+    port = int(uri.rsplit(":", 1)[1])
+    cfg = TrackingConfig(mlflow_uri=uri, flush_every=1, retry_timeout_s=1.0)
+    try:
+        with pytest.raises(TrackingUnavailable, match="unsent metric values saved"):
+            with start_run(cfg, storage_root=str(tmp_path), run_name="flaky") as run:
+                run.log_metrics({"dc/lambda": 0.1}, step=1)  # sent
+                stop_local_server(proc, kill=True)  # the server dies mid-round
+                run.log_metrics({"dc/lambda": 0.2}, step=2)  # buffered; no exception mid-round
+                run.log_metrics({"dc/lambda": 0.3}, step=3)
+                run.flush(strict=True)  # round boundary: retries, spills, raises
+        assert run.spill_path.is_file()
+        uri, proc = start_local_server(tmp_path / "srv", port=port)  # same store comes back
+        with start_run(cfg, storage_root=str(tmp_path), run_id=run.run_id) as again:
+            again.log_metrics({"dc/lambda": 0.4}, step=4)
+        hist = MlflowClient(uri).get_metric_history(run.run_id, "dc/lambda")
+        assert sorted((m.step, m.value) for m in hist) == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+        assert not run.spill_path.exists()
+        assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
+    finally:
+        stop_local_server(proc)
