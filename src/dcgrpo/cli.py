@@ -221,6 +221,32 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 
 # name -> (handler, help, extra-argument adder). Later modules add their
 # commands here; each handler is a few lines around one library call.
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """DAPO-Math-17K -> verl-schema train/val parquet; summary printed and logged to MLflow."""
+    from dcgrpo.data import dapo
+
+    return dapo.cli_main(args, config_from_args(args))
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    from dcgrpo.data import dapo
+
+    dapo.add_cli_args(p)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """avg@k + greedy pass@1 per benchmark with the vLLM engine; results JSON/markdown + MLflow."""
+    from dcgrpo import evaluate
+
+    return evaluate.cli_main(args, config_from_args(args))
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from dcgrpo import evaluate
+
+    evaluate.add_cli_args(p)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with the built-in single-machine loop (vLLM rollouts, HF updates, MLflow)."""
     from dcgrpo.train.jobs import train_job
@@ -253,6 +279,8 @@ COMMANDS: dict[
     "config": (cmd_config, "print the resolved run config", None),
     "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", _train_args),
     "demo": (cmd_demo, "tiny model: SFT, then DC-GRPO vs GRPO on vLLM CPU, summary table", None),
+    "prepare": (cmd_prepare, "prepare DAPO-Math-17K as verl-schema parquet", _prepare_args),
+    "evaluate": (cmd_evaluate, "avg@k on math benchmarks with vLLM", _evaluate_args),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
     "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", _compile_args),
     "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _cluster_args),

@@ -202,6 +202,12 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(32, gt=0)
     greedy_pass1: bool = True
+    max_model_len: int = Field(2048, gt=0)
+    """Eval engine context (prompt + max_tokens). A prompt that does not fit scores 0 and is counted as too_long.
+    The paper's 32,768-token answers need >= 32,768 + longest prompt on a model that supports it."""
+    batch_prompts: int = Field(64, gt=0)
+    """Prompts per engine call (one progress-bar step). Large: on CPU a decode step's fixed cost dominates
+    (tiny model, 2 cores: 16 prompts x 2 samples ~230 tok/s, 128 x 2 ~1,700 tok/s)."""
     max_problems: int | None = Field(16, gt=0)
     """Cap per benchmark (None = all); the tiny preset samples to stay fast."""
     gate_metric: str = "eval/synthetic/avg@1"

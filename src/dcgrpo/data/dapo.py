@@ -317,3 +317,44 @@ def prepare_dapo(
         storage.write_bytes(storage.join(out_dir, fname), blob)
     storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
     return summary
+
+
+# ----------------------------------------------------------------------------- CLI (`dcgrpo prepare`)
+
+
+def add_cli_args(p) -> None:
+    p.add_argument("--source", default="hub", help="hub (BytedTsinghua-SIA/DAPO-Math-17k), a local path or s3:// URI")
+    p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/data/dapo)")
+    p.add_argument(
+        "--template", choices=sorted(PROMPT_TEMPLATES), help="prompt template (default: data.prompt_template)"
+    )
+    p.add_argument("--max-bad-rows", type=int, default=None, help="fail if more rows than this are bad")
+    p.add_argument("--no-track", action="store_true", help="do not log the summary to MLflow")
+
+
+def cli_main(args, cfg) -> int:
+    out = args.out or storage.join(cfg.storage.root, "data", "dapo")
+    try:
+        summary = prepare_dapo(
+            args.source,
+            out,
+            template=args.template or cfg.data.prompt_template,
+            val_fraction=cfg.data.val_fraction,
+            seed=cfg.data.seed,
+            max_bad_rows=args.max_bad_rows,
+        )
+    except DapoSchemaError as exc:
+        raise FileNotFoundError(str(exc)) from None  # a user error: the CLI prints it and exits 2
+    print(summary.table())
+    print(f"train: {summary.train_path}\nval:   {summary.val_path}")
+    if not args.no_track:
+        from dcgrpo import tracking
+
+        with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="prepare",
+                                tags={"dcgrpo.step": "prepare"}) as run:  # fmt: skip
+            run.log_params({"data.source": summary.source, "data.form": summary.form, "data.prompt_template": summary.template,
+                            "data.seed": summary.seed, "data.val_fraction": cfg.data.val_fraction})  # fmt: skip
+            run.log_metrics(summary.metrics())
+            run.log_dict(asdict(summary), "data/summary.json")
+            print(f"mlflow run: {run.run_id}")
+    return 0
