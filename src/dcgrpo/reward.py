@@ -234,8 +234,8 @@ class VerifierPool:
         busy: dict[int, tuple[int, float]] = {}  # worker index -> (item index, deadline)
         with self._lock:
             while pending or busy:
-                # Dispatch: one item per idle worker.
-                for wi in range(len(self._workers)):
+                # Dispatch: one item per idle worker, ready ones first (a replacement is still importing).
+                for wi in sorted(range(len(self._workers)), key=lambda i: not self._workers[i].ready):
                     if not pending:
                         break
                     if wi in busy:
