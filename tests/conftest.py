@@ -2,9 +2,9 @@
 
 - ``mlflow_server``: a real ``mlflow server`` on sqlite (a subprocess on a free
   loopback port), yields its URI.
-- ``s3_server``: a real S3 endpoint (moto's ThreadedMotoServer in-process),
-  yields its endpoint URL with credentials set in the environment and the
-  bucket ``dcgrpo-test`` created.
+- ``s3_server``: a real S3 endpoint (``moto_server`` in a subprocess), yields
+  its endpoint URL with credentials set in the environment and the bucket
+  ``dcgrpo-test`` created.
 """
 
 from __future__ import annotations
@@ -45,11 +45,14 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    moto_server = pytest.importorskip("moto.server")
+def s3_server(tmp_path_factory):
+    """moto's S3 server in its own process: in-process (ThreadedMotoServer) it
+    loads flask into the test process, after which vLLM's kernel registration
+    fails ("Working outside of application context")."""
     port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    cmd = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     keys = {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -60,13 +63,19 @@ def s3_server():
     }
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=TEST_BUCKET)
     try:
+        wait_http(f"{endpoint}/moto-api/", timeout=60, proc=proc)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=TEST_BUCKET)
         yield endpoint
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
