@@ -15,7 +15,7 @@ def evaluate(
     from dcgrpo.steps import evaluate_step
 
     scalars, gate_value = evaluate_step(
-        preset, overrides, mlflow_uri, dataset.path, dict(model.metadata), fp8_model.path, report.path
+        preset, overrides, mlflow_uri, dataset.path, dict(model.metadata), model.path, fp8_model.path, report.path
     )
     for key, value in scalars.items():
         metrics.log_metric(key, value)

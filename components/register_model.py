@@ -15,5 +15,4 @@ def register_model(
     and evaluate the promotion gate against the current champion."""
     from dcgrpo.steps import register_step
 
-    return register_step(preset, overrides, mlflow_uri, model_name, dict(model.metadata), fp8_model.path,
-                         dict(fp8_model.metadata))  # fmt: skip
+    return register_step(preset, overrides, mlflow_uri, model_name, dict(model.metadata), model.path, fp8_model.path)

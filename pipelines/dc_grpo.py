@@ -75,7 +75,7 @@ def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.
     kubernetes.add_toleration(task, key=s.gpu_toleration_key, operator="Exists", effect="NoSchedule")
     kubernetes.mount_pvc(task, s.model_cache_pvc, s.model_cache_mount)
     task.set_env_variable("DCGRPO_MODEL_CACHE", s.model_cache_mount)
-    if retry:
+    if retry and s.retries > 0:
         task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
     return _secrets(task, s)
 

@@ -266,11 +266,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Tiny model, SFT warm start, then DC-GRPO and GRPO side by side on vLLM CPU with MLflow."""
-    from dcgrpo.train.jobs import demo
+    """The whole pipeline through kfp.local: data, warm start, rounds per method, FP8 export,
+    evaluation, registration, promotion; then a summary table."""
+    from dcgrpo.pipeline import demo
 
-    demo(config_from_args(args))
-    return 0
+    if args.config:
+        raise UserError("demo takes --preset and --set overrides (the pipeline's parameters), not --config")
+    methods = [m for m in args.methods.split(",") if m]
+    rows = demo(args.preset or "tiny-cpu", args.overrides, methods, args.rounds, args.data_uri, args.keep_server)
+    return 0 if rows else 1
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="grpo,dc-grpo", help="comma-separated methods to run side by side")
+    p.add_argument("--rounds", type=int, help="training rounds (default: the config's train.rounds)")
+    p.add_argument("--data-uri", default="", help="DAPO parquet to prepare (default: the synthetic task)")
+    p.add_argument("--keep-server", action="store_true", help="leave the local MLflow server running")
 
 
 COMMANDS: dict[
@@ -278,7 +289,7 @@ COMMANDS: dict[
 ] = {
     "config": (cmd_config, "print the resolved run config", None),
     "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", _train_args),
-    "demo": (cmd_demo, "tiny model: SFT, then DC-GRPO vs GRPO on vLLM CPU, summary table", None),
+    "demo": (cmd_demo, "the whole pipeline locally (kfp.local) on the tiny-cpu preset", _demo_args),
     "prepare": (cmd_prepare, "prepare DAPO-Math-17K as verl-schema parquet", _prepare_args),
     "evaluate": (cmd_evaluate, "avg@k on math benchmarks with vLLM", _evaluate_args),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),

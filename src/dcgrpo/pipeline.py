@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dcgrpo import storage
+
 log = logging.getLogger(__name__)
 
 COMPILED_PATH = Path(__file__).resolve().parents[2] / "pipelines" / "compiled" / "dc_grpo.yaml"
@@ -144,8 +146,119 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> Any:
     Kubernetes settings (GPUs, node pools, secrets, PVCs) are ignored locally.
     """
     import kfp.local
-    from pipelines.dc_grpo import build_pipeline
+    from pipelines.dc_grpo import ClusterSettings, build_pipeline
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     log.info("running the pipeline locally with %s", json.dumps(arguments))
-    return build_pipeline()(**arguments)
+    # No retries locally: a failure here is a bug or bad input, not a preempted node.
+    return build_pipeline(ClusterSettings(retries=0, max_rounds=max(arguments.get("rounds", 1), 1)))(**arguments)
+
+
+def _pipeline_runs(client, experiment: str, since_ms: int) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {since_ms}")
+    return [r for r in runs if r.data.tags.get("method")]
+
+
+def summarize_pipeline_run(tracking_uri: str, cfg, since_ms: int) -> list[dict[str, Any]]:
+    """Per method: accuracy before/after training, eval gate metric, discrepancy, lambda,
+    registered version and aliases (read back from MLflow, the record of the run)."""
+    from mlflow.tracking import MlflowClient
+
+    from dcgrpo.steps import EVAL_METRICS_TAG
+
+    client = MlflowClient(tracking_uri)
+    versions = {}
+    try:
+        for mv in client.search_model_versions(f"name = '{cfg.registry.model_name}'"):
+            versions[mv.run_id] = mv
+    except Exception:  # no registered model yet
+        pass
+    rows = []
+    for run in _pipeline_runs(client, cfg.tracking.experiment, since_ms):
+        acc = sorted(client.get_metric_history(run.info.run_id, "val/accuracy"), key=lambda m: m.step)
+        evals = json.loads(run.data.tags.get(EVAL_METRICS_TAG, "{}"))
+        mv = versions.get(run.info.run_id)
+        aliases = []
+        if mv is not None:
+            aliases = list(client.get_model_version(cfg.registry.model_name, mv.version).aliases)
+        rows.append({
+            "method": run.data.tags["method"], "run_id": run.info.run_id, "status": run.info.status,
+            "acc_start": acc[0].value if acc else float("nan"), "acc_end": acc[-1].value if acc else float("nan"),
+            "gate": evals.get(cfg.eval.gate_metric, float("nan")),
+            "discrepancy": run.data.metrics.get("dc/discrepancy_mean", float("nan")),
+            "lambda": run.data.metrics.get("dc/lambda", float("nan")),
+            "version": mv.version if mv is not None else "-", "aliases": ",".join(aliases) or "-",
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: r["method"])
+
+
+def demo(
+    preset: str = "tiny-cpu",
+    overrides: list[str] | None = None,
+    methods: list[str] | None = None,
+    rounds: int | None = None,
+    data_uri: str = "",
+    keep_server: bool = False,
+) -> list[dict[str, Any]]:
+    """The main job: the whole pipeline through ``kfp.local`` on this machine, then a summary.
+
+    Starts a local MLflow server (sqlite, under ``storage.root/mlflow``) when no
+    tracking URI is configured; prints how to open the UI on the results.
+    """
+    import os
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dcgrpo.config import load_config
+    from dcgrpo.tracking import start_local_server, stop_local_server
+
+    overrides = list(overrides or [])
+    cfg = load_config(preset=preset, overrides=overrides)
+    if storage.is_s3(cfg.storage.root):
+        raise ValueError("dcgrpo demo runs locally: storage.root must be a local directory")
+    root = Path(cfg.storage.root).resolve()
+    uri, proc = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), None
+    if not uri:
+        uri, proc = start_local_server(root / "mlflow")
+        log.info("local MLflow server at %s", uri)
+    console = Console()
+    t0 = time.time()
+    try:
+        arguments = pipeline_arguments(preset, overrides, methods, rounds, data_uri, mlflow_uri=uri)
+        run_local(arguments, root / "kfp")
+        wall = time.time() - t0
+        rows = summarize_pipeline_run(uri, cfg, int(t0 * 1000))
+    finally:
+        if proc is not None and not keep_server:
+            stop_local_server(proc)
+    table = Table(title=f"dcgrpo demo: {preset}, methods {', '.join(arguments['methods'])}, {wall:.0f} s")
+    for col in (
+        "method",
+        "val acc start -> end",
+        cfg.eval.gate_metric + " (fp8)",
+        "mean d",
+        "lambda",
+        "version",
+        "aliases",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["method"], f"{r['acc_start']:.3f} -> {r['acc_end']:.3f}", f"{r['gate']:.3f}",
+                      f"{r['discrepancy']:.2e}", f"{r['lambda']:.3g}", str(r["version"]), r["aliases"])  # fmt: skip
+    console.print(table)
+    console.print(f"pipeline artifacts: {root / 'kfp'}")
+    db = root / "mlflow" / "mlflow.db"
+    if proc is not None and keep_server:
+        console.print(f"MLflow UI (still running): {uri}")
+    elif proc is not None:
+        console.print(
+            f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000  (http://127.0.0.1:5000)"
+        )
+    else:
+        console.print(f"MLflow: {uri}")
+    return rows

@@ -4,7 +4,7 @@ Layout of one checkpoint (``<out_dir>/checkpoints/step_000008/``, local or s3://
 
     config.json, tokenizer files        -> loadable by vLLM / transformers / export as is
     model.safetensors                   policy weights (fp32)
-    optimizer.safetensors               AdamW state tensors ("<param index>.<name>")
+    trainer/optimizer.safetensors       AdamW state tensors ("<param index>.<name>")
     state.json                          step, round, lambda state, optimizer scalars,
                                         RNG states, data cursor, config hash, history
     manifest.json                       sha256 of every file above (written last)
@@ -34,6 +34,9 @@ from dcgrpo import storage
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "state.json"
+# In a subdirectory: vLLM, the exporter and the engine load every top-level
+# *.safetensors of a model directory as weights.
+OPTIMIZER = "trainer/optimizer.safetensors"
 MODEL_FILES_SKIP = {MANIFEST, storage.COMPLETE_MARKER}
 
 
@@ -114,7 +117,8 @@ def save_checkpoint(
         model.save_pretrained(d, safe_serialization=True)
         tokenizer.save_pretrained(d)
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-        save_file(opt_tensors, str(d / "optimizer.safetensors"))
+        (d / OPTIMIZER).parent.mkdir()
+        save_file(opt_tensors, str(d / OPTIMIZER))
         full_state = {"format_version": FORMAT_VERSION, **state, "optimizer": opt_meta}
         (d / STATE).write_text(json.dumps(full_state, indent=1, sort_keys=True))
         files = sorted(p for p in d.rglob("*") if p.is_file())
@@ -165,4 +169,4 @@ def load_checkpoint(uri: str, cache_dir: str | Path, endpoint_url: str | None = 
     state = json.loads((local / STATE).read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{uri}: checkpoint format {state.get('format_version')} != {FORMAT_VERSION}")
-    return LoadedCheckpoint(uri, local, state, load_file(str(local / "optimizer.safetensors")))
+    return LoadedCheckpoint(uri, local, state, load_file(str(local / OPTIMIZER)))

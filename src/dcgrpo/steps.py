@@ -1,0 +1,333 @@
+"""Pipeline steps as library functions: what each KFP component calls.
+
+Every step rebuilds the one config from ``(preset, overrides)`` (so a step
+fails on a bad value before doing work), takes local paths of its input
+artifacts and writes into the local path of its output artifact. They are
+plain functions: the components in ``components/`` are one-line shells over
+them, and tests call them directly too.
+
+MLflow: one run per method per pipeline run, created by the first training
+round and re-attached by later rounds, evaluation and registration (its id
+travels in the Model artifact's metadata). Every run carries the tag
+``kfp_run_id`` so the exit handler can find and fail them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from dcgrpo import storage
+from dcgrpo.config import RunConfig, load_config
+
+log = logging.getLogger(__name__)
+
+KFP_RUN_TAG = "kfp_run_id"
+EVAL_METRICS_TAG = "dcgrpo.eval_metrics"
+
+
+def step_config(preset: str, overrides: list[str], mlflow_uri: str = "", **fields: Any) -> RunConfig:
+    """The run config of a step: preset + user overrides + what the pipeline decides (``fields``)."""
+    items = list(overrides or [])
+    if mlflow_uri:
+        items.append(f"tracking.mlflow_uri={mlflow_uri}")
+    items += [f"{k.replace('__', '.')}={json.dumps(v) if isinstance(v, list | dict) else v}" for k, v in fields.items()]
+    return load_config(preset=preset or None, overrides=items)
+
+
+def _local_root(cfg: RunConfig) -> Path:
+    return Path("outputs") if storage.is_s3(cfg.storage.root) else Path(cfg.storage.root)
+
+
+# ------------------------------------------------------------------ data, base model
+
+
+def prepare_data_step(preset: str, overrides: list[str], data_uri: str, out_dir: str) -> dict[str, Any]:
+    """``train.parquet`` + ``val.parquet`` in ``out_dir``: DAPO from ``data_uri``, else synthetic."""
+    cfg = step_config(preset, overrides)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if data_uri:
+        from dcgrpo.data.dapo import prepare_dapo
+
+        summary = prepare_dapo(
+            data_uri, out_dir, template=cfg.data.prompt_template, val_fraction=cfg.data.val_fraction,
+            seed=cfg.data.seed,
+        )  # fmt: skip
+        return {k: v for k, v in summary.to_dict().items() if isinstance(v, int | float | str)}
+    from dcgrpo.data.synthetic import write_synthetic_splits
+
+    train, val = write_synthetic_splits(cfg.data, out_dir)
+    return {"source": "synthetic", "difficulty": cfg.data.synthetic_difficulty, "train": str(train), "val": str(val)}
+
+
+def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_dir: str, out_dir: str) -> dict:
+    """The base policy in ``out_dir``: a copy of ``model_uri``, or a tiny model after SFT."""
+    cfg = step_config(preset, overrides)
+    out = Path(out_dir)
+    if model_uri:
+        from dcgrpo.models import load_model_dir
+
+        src = load_model_dir(model_uri, _local_root(cfg) / "model-cache")
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        return {"base": model_uri}
+    from dcgrpo.models import build_tiny_model
+    from dcgrpo.train.sft import warm_start
+
+    with tempfile.TemporaryDirectory(prefix="dcgrpo-base-") as tmp:
+        base = build_tiny_model(cfg.model, tmp)
+        warm_start(cfg, base, str(Path(dataset_dir) / "train.parquet"), out)
+    return {"base": f"tiny-{cfg.model.arch}+sft{cfg.model.sft_steps}"}
+
+
+# ------------------------------------------------------------------ training
+
+
+def _is_checkpoint_artifact(model_dir: str) -> bool:
+    return (Path(model_dir) / "checkpoints").is_dir()
+
+
+def train_round_step(
+    preset: str,
+    overrides: list[str],
+    method: str,
+    round_index: int,
+    rounds: int,
+    mlflow_uri: str,
+    kfp_run_id: str,
+    dataset_dir: str,
+    model_in_dir: str,
+    model_in_meta: dict[str, Any],
+    out_dir: str,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train round ``round_index`` (0-based) of ``method``, resuming ``model_in_dir``'s checkpoint.
+
+    Returns (metadata for the output Model, scalars for the Metrics artifact).
+    Rounds at or past ``rounds`` copy the input through unchanged.
+    """
+    from dcgrpo.tracking import start_run
+    from dcgrpo.train.rl import summarize, train
+
+    if round_index >= rounds:
+        shutil.copytree(model_in_dir, out_dir, dirs_exist_ok=True)
+        return {**model_in_meta, "skipped_round": round_index + 1}, {}
+    cfg = step_config(preset, overrides, mlflow_uri, method__name=method, train__rounds=rounds)
+    resume = str(Path(model_in_dir) / "checkpoints") if _is_checkpoint_artifact(model_in_dir) else None
+    run_id = model_in_meta.get("mlflow_run_id") if resume else None
+    data = Path(dataset_dir)
+    with start_run(
+        cfg.tracking, storage_root=str(_local_root(cfg)), run_name=f"{method}-{cfg.rollout.precision}",
+        params=cfg.to_flat_dict(), tags={KFP_RUN_TAG: kfp_run_id, "method": method}, run_id=run_id,
+    ) as run:  # fmt: skip
+        result = train(
+            cfg, model_dir=model_in_dir, train_path=str(data / "train.parquet"), val_path=str(data / "val.parquet"),
+            out_dir=out_dir, resume_from=resume, run=run, rounds=1, progress=False,
+        )  # fmt: skip
+    scalars = summarize(result.history)
+    meta = {
+        "method": method, "round": round_index + 1, "mlflow_run_id": result.run_id, "step": result.step,
+        "lambda": result.lam, "checkpoint": Path(result.checkpoint).relative_to(out_dir).as_posix(),
+        "discrepancy_mean": scalars.get("dc/discrepancy_mean", float("nan")),
+    }  # fmt: skip
+    return meta, {k.replace("/", "_"): float(v) for k, v in scalars.items()}
+
+
+def latest_model_dir(model_dir: str) -> str:
+    """The HF model directory inside a training artifact (its latest checkpoint), or the dir itself."""
+    from dcgrpo.train.checkpoint import resolve_checkpoint
+
+    if _is_checkpoint_artifact(model_dir):
+        return resolve_checkpoint(str(Path(model_dir) / "checkpoints"))
+    return model_dir
+
+
+def export_fp8_step(preset: str, overrides: list[str], model_dir: str, model_meta: dict, out_dir: str) -> dict:
+    """The FP8 (compressed-tensors) export of the latest checkpoint."""
+    from dcgrpo.export import export_fp8
+
+    cfg = step_config(preset, overrides)
+    report = export_fp8(latest_model_dir(model_dir), out_dir, cfg.export)
+    return {
+        **{k: model_meta[k] for k in ("method", "mlflow_run_id") if k in model_meta},
+        "scheme": report.scheme, "source_bytes": report.source_bytes, "export_bytes": report.export_bytes,
+        "quantized_weights": report.quantized,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _eval_target(cfg: RunConfig, model_dir: str, fp8_dir: str) -> tuple[str, RunConfig]:
+    """What the deploy engine evaluates.
+
+    On a GPU: the FP8 export itself (vLLM's FP8 kernels). On CPU vLLM has no
+    FP8 kernels, so the latest checkpoint is served with ``rollout.precision=fp8``:
+    weights rounded by the same quantiser as the export (``engines/fp8.py``),
+    which tests/test_fp8_export.py checks equals the export bit for bit.
+    """
+    from dcgrpo.engines.vllm_engine import has_cuda
+
+    if has_cuda():
+        return fp8_dir, cfg
+    return latest_model_dir(model_dir), cfg.model_copy(
+        update={"rollout": cfg.rollout.model_copy(update={"precision": "fp8"})}
+    )
+
+
+def evaluate_step(
+    preset: str,
+    overrides: list[str],
+    mlflow_uri: str,
+    dataset_dir: str,
+    model_meta: dict[str, Any],
+    model_dir: str,
+    fp8_dir: str,
+    report_path: str,
+) -> tuple[dict[str, float], float]:
+    """avg@k per benchmark on the deployed (FP8) model; logs to the method's MLflow run.
+
+    Returns (scalars for the Metrics artifact, the gate metric's value). The
+    ``synthetic`` benchmark is the held-out split of the synthetic task,
+    drawn as ``prepare_data`` drew it from the same config.
+    """
+    from dcgrpo.evaluate import evaluate
+    from dcgrpo.tracking import start_run
+
+    cfg = step_config(preset, overrides, mlflow_uri)
+    target, eval_cfg = _eval_target(cfg, model_dir, fp8_dir)
+    out = tempfile.mkdtemp(prefix="dcgrpo-eval-")
+    with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_id=model_meta["mlflow_run_id"]) as run:
+        report = evaluate(target, eval_cfg, out, run=run, progress=False)
+        metrics = report.metrics()
+        run.set_tags({EVAL_METRICS_TAG: json.dumps(metrics)})
+    gate = cfg.eval.gate_metric
+    if gate not in metrics:
+        raise KeyError(f"eval.gate_metric {gate!r} was not measured; measured: {sorted(metrics)}")
+    write_report(report_path, model_meta, report.markdown(), Path(model_dir) / "plots" / "dc_curves.png")
+    return {k.replace("/", "_").replace("@", "_at_"): float(v) for k, v in metrics.items()}, float(metrics[gate])
+
+
+def write_report(path: str, meta: dict[str, Any], eval_markdown: str, plot: Path) -> None:
+    """An HTML page for the Kubeflow UI: the training curves and the eval table."""
+    img = ""
+    if plot.is_file():
+        img = f'<img alt="lambda, discrepancy, reward" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(
+        f"<html><body><h2>dcgrpo: {html.escape(str(meta.get('method', '')))}</h2><table>{rows}</table>"
+        f"<h3>Training curves</h3>{img}<h3>Evaluation</h3><pre>{html.escape(eval_markdown)}</pre></body></html>"
+    )
+
+
+# ------------------------------------------------------------------ selection, registry
+
+
+class Best(NamedTuple):
+    method: str
+    gate_value: float
+
+
+def select_best_step(methods: list[str], gate_values: list[float], models, fp8_models, best_model, best_fp8) -> Best:
+    """Copy the best method's artifacts to the outputs (ties go to the earlier method)."""
+    if not methods or len(methods) != len(gate_values):
+        raise ValueError(f"{len(methods)} methods but {len(gate_values)} gate values")
+    i = max(range(len(methods)), key=lambda j: (gate_values[j], -j))
+    for src, dst in ((models[i], best_model), (fp8_models[i], best_fp8)):
+        shutil.copytree(src.path, dst.path, dirs_exist_ok=True)
+        dst.metadata.update(src.metadata)
+    log.info("best method: %s (%s)", methods[i], dict(zip(methods, gate_values, strict=True)))
+    return Best(methods[i], float(gate_values[i]))
+
+
+class Registered(NamedTuple):
+    version: str
+    passes_gate: bool
+    reason: str
+
+
+def _run_summary(client, run_id: str, steps_per_round: int) -> tuple[dict[str, float], float, float]:
+    """(eval metrics, final lambda, discrepancy) of a run: discrepancy is the mean of the
+    batch means over the last round, a steadier figure than one step's."""
+    run = client.get_run(run_id)
+    metrics = json.loads(run.data.tags.get(EVAL_METRICS_TAG, "{}"))
+    history = client.get_metric_history(run_id, "dc/discrepancy_mean")
+    last = [m.value for m in sorted(history, key=lambda m: m.step)][-steps_per_round:]
+    discrepancy = sum(last) / len(last) if last else float("nan")
+    return metrics, run.data.metrics.get("dc/lambda", float("nan")), discrepancy
+
+
+def register_step(
+    preset: str, overrides: list[str], mlflow_uri: str, model_name: str, model_meta: dict, model_dir: str,
+    fp8_dir: str,
+) -> Registered:  # fmt: skip
+    """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate."""
+    from dcgrpo.registry import client, gate, register_model
+
+    cfg = step_config(preset, overrides, mlflow_uri)
+    from dcgrpo.tracking import resolve_tracking_uri
+
+    mlc = client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    run_id = model_meta["mlflow_run_id"]
+    metrics, lam, d = _run_summary(mlc, run_id, cfg.train.steps_per_round)
+    common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash())
+    register_model(mlc, model_name + cfg.registry.bf16_suffix, run_id, latest_model_dir(model_dir),
+                   quantization="bf16", artifact_path="model-bf16", **common)  # fmt: skip
+    mv = register_model(mlc, model_name, run_id, fp8_dir, quantization="fp8", **common)
+    champion = _alias(mlc, model_name, cfg.registry.champion_alias)
+    budget = cfg.registry.max_discrepancy if cfg.registry.max_discrepancy is not None else cfg.method.budget
+    ok, reason = gate(mv, champion, cfg.eval.gate_metric, budget)
+    log.info("registered %s v%s; gate: %s (%s)", model_name, mv.version, ok, reason)
+    return Registered(str(mv.version), ok, reason)
+
+
+def _alias(mlc, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlc.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name: str, version: str, force: bool) -> str:
+    """Promote ``version`` (the challenger) to champion through the registry's gate."""
+    from dcgrpo.registry import client, promote
+    from dcgrpo.tracking import resolve_tracking_uri
+
+    cfg = step_config(preset, overrides, mlflow_uri)
+    mlc = client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    challenger = _alias(mlc, model_name, cfg.registry.challenger_alias)
+    if challenger is None or str(challenger.version) != str(version):
+        raise RuntimeError(f"{model_name}: challenger is not version {version}; refusing to promote another one")
+    budget = cfg.registry.max_discrepancy if cfg.registry.max_discrepancy is not None else cfg.method.budget
+    decision = promote(mlc, model_name, cfg.eval.gate_metric, budget, force,
+                       cfg.registry.champion_alias, cfg.registry.challenger_alias)  # fmt: skip
+    return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
+
+
+def mark_failed_step(mlflow_uri: str, kfp_run_id: str, state: str, error: str = "") -> int:
+    """Exit handler: when the pipeline did not succeed, mark its unfinished MLflow runs FAILED.
+
+    Returns the number of runs marked. A succeeded pipeline changes nothing.
+    """
+    if state.upper() in ("SUCCEEDED", "SKIPPED"):
+        return 0
+    from mlflow.tracking import MlflowClient
+
+    from dcgrpo.tracking import resolve_tracking_uri
+
+    cfg = load_config(overrides=[f"tracking.mlflow_uri={mlflow_uri}"] if mlflow_uri else [])
+    mlc = MlflowClient(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    experiments = [e.experiment_id for e in mlc.search_experiments()]
+    runs = mlc.search_runs(experiments, filter_string=f"tags.{KFP_RUN_TAG} = '{kfp_run_id}'") if experiments else []
+    for run in runs:
+        mlc.set_tag(run.info.run_id, "dcgrpo.pipeline_error", (error or state)[:5000])
+        mlc.set_terminated(run.info.run_id, "FAILED")
+    log.warning("pipeline %s ended %s: marked %d MLflow run(s) FAILED", kfp_run_id, state, len(runs))
+    return len(runs)
