@@ -71,8 +71,10 @@ class ModelConfig(_Section):
     """MoE only."""
     tie_word_embeddings: bool = False
     """Untied by default: tied heads are a weight-sync trap in vLLM (STACK-NOTES)."""
-    sft_steps: int = Field(300, ge=0)
-    """Supervised warm start of a freshly built tiny model (0 = none)."""
+    sft_steps: int = Field(600, ge=0)
+    """Supervised warm start of a freshly built tiny model (0 = none). tiny-cpu, difficulty 1, measured:
+    300 steps -> 8% held-out greedy accuracy (GRPO groups almost all-zero), 600 -> 75% greedy / 58% sampled
+    at T=1 with 45 of 64 groups of 8 mixed (the signal GRPO needs), 1200 -> 79% / 78%, 24 of 64 mixed."""
     sft_lr: float = Field(3e-3, gt=0)
     seed: int = 0
 
@@ -105,13 +107,15 @@ class TrainConfig(_Section):
     train_precision: Literal["fp32", "bf16"] = "fp32"
     """Training-engine dtype (fp32 on CPU, bf16 on GPU)."""
     lr: float = Field(1e-4, gt=0)
+    """tiny-cpu (0.4M params, AdamW), 16 steps from the 600-step warm start: 1e-4 -> held-out 0.75 -> 0.84,
+    2e-4 -> 0.80, 3e-4 -> 0.71, 1e-3 -> 0.37 (collapse)."""
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     prompts_per_batch: int = Field(8, gt=0)
     """Prompts sampled per step (the paper's "batch size")."""
-    group_size: int = Field(4, gt=0)
-    """Responses per prompt (GRPO's n)."""
+    group_size: int = Field(8, gt=0)
+    """Responses per prompt (GRPO's n). 8: more groups with mixed rewards than 4 (all-equal groups give A = 0)."""
     ppo_mini_batch: int = Field(4, gt=0)
     """Prompts per optimiser step; prompts_per_batch / ppo_mini_batch updates per epoch."""
     ppo_epochs: int = Field(1, gt=0)
@@ -127,7 +131,7 @@ class TrainConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0)
     rounds: int = Field(2, gt=0)
     """Pipeline rounds; a checkpoint is written at the end of each."""
-    steps_per_round: int = Field(4, gt=0)
+    steps_per_round: int = Field(8, gt=0)
     seed: int = 0
 
     @property
