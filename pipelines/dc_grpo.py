@@ -109,7 +109,12 @@ def build_pipeline(settings: ClusterSettings | None = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         exit_task = _light(c.mark_failed(mlflow_uri=mlflow_uri, kfp_run_id=run_id), s)
         with dsl.ExitHandler(exit_task, name="dc-grpo-run"):
-            data = _light(c.prepare_data(preset=preset, overrides=overrides, data_uri=data_uri), s)
+            data = _light(
+                c.prepare_data(
+                    preset=preset, overrides=overrides, data_uri=data_uri, mlflow_uri=mlflow_uri, kfp_run_id=run_id
+                ),
+                s,
+            )
             base = _gpu(
                 c.warm_start(preset=preset, overrides=overrides, model_uri=model_uri, dataset=data.outputs["dataset"]),
                 s,
@@ -136,6 +141,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 )  # fmt: skip
             best = _light(
                 c.select_best(
+                    preset=preset,
+                    overrides=overrides,
                     methods=methods,
                     gate_values=dsl.Collected(evaluation.outputs["Output"]),
                     models=dsl.Collected(model),

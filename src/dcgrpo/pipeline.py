@@ -184,7 +184,9 @@ def summarize_pipeline_run(tracking_uri: str, cfg, since_ms: int) -> list[dict[s
         aliases = []
         if mv is not None:
             aliases = list(client.get_model_version(cfg.registry.model_name, mv.version).aliases)
+        decision = mv.tags.get("promotion.reason", "") if mv is not None else "not selected"
         rows.append({
+            "decision": decision,
             "method": run.data.tags["method"], "run_id": run.info.run_id, "status": run.info.status,
             "acc_start": acc[0].value if acc else float("nan"), "acc_end": acc[-1].value if acc else float("nan"),
             "gate": evals.get(cfg.eval.gate_metric, float("nan")),
@@ -226,7 +228,7 @@ def demo(
     if not uri:
         uri, proc = start_local_server(root / "mlflow")
         log.info("local MLflow server at %s", uri)
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     t0 = time.time()
     try:
         arguments = pipeline_arguments(preset, overrides, methods, rounds, data_uri, mlflow_uri=uri)

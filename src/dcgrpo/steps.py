@@ -48,22 +48,43 @@ def _local_root(cfg: RunConfig) -> Path:
 # ------------------------------------------------------------------ data, base model
 
 
-def prepare_data_step(preset: str, overrides: list[str], data_uri: str, out_dir: str) -> dict[str, Any]:
-    """``train.parquet`` + ``val.parquet`` in ``out_dir``: DAPO from ``data_uri``, else synthetic."""
-    cfg = step_config(preset, overrides)
+def prepare_data_step(
+    preset: str, overrides: list[str], data_uri: str, out_dir: str, mlflow_uri: str = "", kfp_run_id: str = ""
+) -> dict[str, Any]:
+    """``train.parquet`` + ``val.parquet`` in ``out_dir``: DAPO from ``data_uri``, else synthetic.
+
+    Runs inside an MLflow run (``prepare-data``, tagged with the KFP run id)
+    holding the preparation summary; a bad input marks that run FAILED.
+    """
+    from dataclasses import asdict
+
+    from dcgrpo.tracking import start_run
+
+    cfg = step_config(preset, overrides, mlflow_uri)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if data_uri:
-        from dcgrpo.data.dapo import prepare_dapo
+    tags = {KFP_RUN_TAG: kfp_run_id, "dcgrpo.step": "prepare"}
+    with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_name="prepare-data", tags=tags) as run:
+        if data_uri:
+            from dcgrpo.data.dapo import prepare_dapo
 
-        summary = prepare_dapo(
-            data_uri, out_dir, template=cfg.data.prompt_template, val_fraction=cfg.data.val_fraction,
-            seed=cfg.data.seed,
-        )  # fmt: skip
-        return {k: v for k, v in summary.to_dict().items() if isinstance(v, int | float | str)}
-    from dcgrpo.data.synthetic import write_synthetic_splits
+            summary = prepare_dapo(
+                data_uri, out_dir, template=cfg.data.prompt_template, val_fraction=cfg.data.val_fraction,
+                seed=cfg.data.seed,
+            )  # fmt: skip
+            run.log_metrics(summary.metrics())
+            run.log_dict(asdict(summary), "data/summary.json")
+            return {k: v for k, v in asdict(summary).items() if isinstance(v, int | float | str)}
+        from dcgrpo.data.synthetic import write_synthetic_splits
 
-    train, val = write_synthetic_splits(cfg.data, out_dir)
-    return {"source": "synthetic", "difficulty": cfg.data.synthetic_difficulty, "train": str(train), "val": str(val)}
+        train, val = write_synthetic_splits(cfg.data, out_dir)
+        meta = {
+            "source": "synthetic",
+            "difficulty": cfg.data.synthetic_difficulty,
+            "train": str(train),
+            "val": str(val),
+        }
+        run.log_params({f"data.{k}": v for k, v in meta.items()})
+        return meta
 
 
 def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_dir: str, out_dir: str) -> dict:
@@ -129,10 +150,12 @@ def train_round_step(
             out_dir=out_dir, resume_from=resume, run=run, rounds=1, progress=False,
         )  # fmt: skip
     scalars = summarize(result.history)
+    d_round = [h["dc/discrepancy_mean"] for h in result.history if "dc/discrepancy_mean" in h]
     meta = {
         "method": method, "round": round_index + 1, "mlflow_run_id": result.run_id, "step": result.step,
         "lambda": result.lam, "checkpoint": Path(result.checkpoint).relative_to(out_dir).as_posix(),
-        "discrepancy_mean": scalars.get("dc/discrepancy_mean", float("nan")),
+        # The round's mean of the batch-mean discrepancy: what selection and the gate compare.
+        "discrepancy": sum(d_round) / len(d_round) if d_round else float("nan"),
     }  # fmt: skip
     return meta, {k.replace("/", "_"): float(v) for k, v in scalars.items()}
 
@@ -233,16 +256,32 @@ class Best(NamedTuple):
     gate_value: float
 
 
-def select_best_step(methods: list[str], gate_values: list[float], models, fp8_models, best_model, best_fp8) -> Best:
-    """Copy the best method's artifacts to the outputs (ties go to the earlier method)."""
-    if not methods or len(methods) != len(gate_values):
-        raise ValueError(f"{len(methods)} methods but {len(gate_values)} gate values")
-    i = max(range(len(methods)), key=lambda j: (gate_values[j], -j))
+def select_best_step(
+    preset: str, overrides: list[str], methods: list[str], gate_values: list[float], models, fp8_models, best_model,
+    best_fp8,
+) -> Best:  # fmt: skip
+    """Copy the best method's artifacts to the outputs.
+
+    Best = the highest gate metric among the methods whose discrepancy is
+    within the promotion budget (a model the gate will refuse is not worth
+    registering); if none is, the highest gate metric overall. Ties go to the
+    earlier method.
+    """
+    if not methods or len(methods) != len(gate_values) or len(models) != len(methods):
+        raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(models)} models")
+    budget = _discrepancy_budget(step_config(preset, overrides))
+    within = [j for j in range(len(methods)) if models[j].metadata.get("discrepancy", float("inf")) <= budget]
+    i = max(within or range(len(methods)), key=lambda j: (gate_values[j], -j))
     for src, dst in ((models[i], best_model), (fp8_models[i], best_fp8)):
         shutil.copytree(src.path, dst.path, dirs_exist_ok=True)
         dst.metadata.update(src.metadata)
-    log.info("best method: %s (%s)", methods[i], dict(zip(methods, gate_values, strict=True)))
+    log.info("best method: %s (gate %s; within budget %.3g: %s)", methods[i],
+             dict(zip(methods, gate_values, strict=True)), budget, [methods[j] for j in within])  # fmt: skip
     return Best(methods[i], float(gate_values[i]))
+
+
+def _discrepancy_budget(cfg: RunConfig) -> float:
+    return cfg.registry.max_discrepancy if cfg.registry.max_discrepancy is not None else cfg.method.budget
 
 
 class Registered(NamedTuple):
@@ -251,15 +290,13 @@ class Registered(NamedTuple):
     reason: str
 
 
-def _run_summary(client, run_id: str, steps_per_round: int) -> tuple[dict[str, float], float, float]:
-    """(eval metrics, final lambda, discrepancy) of a run: discrepancy is the mean of the
-    batch means over the last round, a steadier figure than one step's."""
+def _run_summary(client, run_id: str) -> tuple[dict[str, float], float]:
+    """(eval metrics, final lambda) of a method's MLflow run."""
     run = client.get_run(run_id)
     metrics = json.loads(run.data.tags.get(EVAL_METRICS_TAG, "{}"))
-    history = client.get_metric_history(run_id, "dc/discrepancy_mean")
-    last = [m.value for m in sorted(history, key=lambda m: m.step)][-steps_per_round:]
-    discrepancy = sum(last) / len(last) if last else float("nan")
-    return metrics, run.data.metrics.get("dc/lambda", float("nan")), discrepancy
+    if not metrics:
+        raise RuntimeError(f"MLflow run {run_id} has no evaluation results ({EVAL_METRICS_TAG}); evaluate first")
+    return metrics, run.data.metrics.get("dc/lambda", float("nan"))
 
 
 def register_step(
@@ -267,21 +304,24 @@ def register_step(
     fp8_dir: str,
 ) -> Registered:  # fmt: skip
     """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate."""
-    from dcgrpo.registry import client, gate, register_model
+    from dcgrpo.registry import TAG_DECISION, TAG_REASON, client, gate, register_model
 
     cfg = step_config(preset, overrides, mlflow_uri)
     from dcgrpo.tracking import resolve_tracking_uri
 
     mlc = client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
     run_id = model_meta["mlflow_run_id"]
-    metrics, lam, d = _run_summary(mlc, run_id, cfg.train.steps_per_round)
+    metrics, lam = _run_summary(mlc, run_id)
+    d = float(model_meta["discrepancy"])
     common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash())
     register_model(mlc, model_name + cfg.registry.bf16_suffix, run_id, latest_model_dir(model_dir),
                    quantization="bf16", artifact_path="model-bf16", **common)  # fmt: skip
     mv = register_model(mlc, model_name, run_id, fp8_dir, quantization="fp8", **common)
     champion = _alias(mlc, model_name, cfg.registry.champion_alias)
-    budget = cfg.registry.max_discrepancy if cfg.registry.max_discrepancy is not None else cfg.method.budget
-    ok, reason = gate(mv, champion, cfg.eval.gate_metric, budget)
+    ok, reason = gate(mv, champion, cfg.eval.gate_metric, _discrepancy_budget(cfg))
+    if not ok:  # promote (which records its own decision) will not run: record this one
+        mlc.set_model_version_tag(model_name, mv.version, TAG_DECISION, "rejected")
+        mlc.set_model_version_tag(model_name, mv.version, TAG_REASON, reason)
     log.info("registered %s v%s; gate: %s (%s)", model_name, mv.version, ok, reason)
     return Registered(str(mv.version), ok, reason)
 
@@ -305,8 +345,7 @@ def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name:
     challenger = _alias(mlc, model_name, cfg.registry.challenger_alias)
     if challenger is None or str(challenger.version) != str(version):
         raise RuntimeError(f"{model_name}: challenger is not version {version}; refusing to promote another one")
-    budget = cfg.registry.max_discrepancy if cfg.registry.max_discrepancy is not None else cfg.method.budget
-    decision = promote(mlc, model_name, cfg.eval.gate_metric, budget, force,
+    decision = promote(mlc, model_name, cfg.eval.gate_metric, _discrepancy_budget(cfg), force,
                        cfg.registry.champion_alias, cfg.registry.challenger_alias)  # fmt: skip
     return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
 

@@ -1,0 +1,114 @@
+"""The whole pipeline through kfp.local: real components, real vLLM CPU engine,
+real MLflow server (artifacts on a moto S3 endpoint), real registry.
+
+Shortened: one round of two steps per method and a few evaluation problems.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TEST_BUCKET, free_port, wait_http
+
+pytestmark = pytest.mark.slow
+
+SHORT = [
+    "train.steps_per_round=2",
+    "train.prompts_per_batch=4",
+    "train.ppo_mini_batch=2",
+    "eval.max_problems=4",
+    "eval.benchmarks=[synthetic,amc23]",
+    "registry.model_name=dcgrpo-e2e",
+    # The gate compares accuracy; a 2-step tiny run must not be blocked by its discrepancy.
+    "registry.max_discrepancy=1.0",
+]
+
+
+@pytest.fixture(scope="module")
+def mlflow_on_s3(s3_server, tmp_path_factory):
+    """An MLflow server whose artifact store is the moto S3 endpoint."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{TEST_BUCKET}/mlflow",
+        "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=90, proc=proc)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _run_pipeline(tmp_path, mlflow_uri, extra=(), data_uri=""):
+    """Run the pipeline in a subprocess (kfp.local's executor and vLLM both own process state)."""
+    code = f"""
+import json, sys
+from dcgrpo.pipeline import pipeline_arguments, run_local
+args = pipeline_arguments("tiny-cpu", {json.dumps(SHORT + list(extra))}, ["grpo", "dc-grpo"], rounds=1,
+                          data_uri={data_uri!r}, mlflow_uri={mlflow_uri!r})
+run_local(args, {str(tmp_path / 'kfp')!r})
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500)
+
+
+def test_pipeline_end_to_end_registers_a_champion(tmp_path, mlflow_on_s3):
+    t0 = int(time.time() * 1000)
+    proc = _run_pipeline(tmp_path, mlflow_on_s3, [f"storage.root={tmp_path / 'store'}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = proc.stdout + proc.stderr
+    for task in ("prepare-data", "warm-start", "train-round", "export-fp8", "evaluate", "select-best",
+                 "register-model", "promote"):  # fmt: skip
+        assert f"Task '{task}' finished with status" in out.replace("\x1b[96m", "").replace("\x1b[0m", ""), task
+
+    client = MlflowClient(mlflow_on_s3)
+    exp = client.get_experiment_by_name("dcgrpo")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {t0}")
+    by_method = {r.data.tags.get("method"): r for r in runs if r.data.tags.get("method")}
+    assert set(by_method) == {"grpo", "dc-grpo"}
+    for method, run in by_method.items():
+        assert run.info.status == "FINISHED", method
+        for key in ("dc/lambda", "dc/discrepancy_mean", "dc/discrepancy_p99", "reward/accuracy", "actor/pg_loss",
+                    "timing/rollout_s"):  # fmt: skip
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == [1, 2], (method, key)
+        evals = json.loads(run.data.tags["dcgrpo.eval_metrics"])
+        assert "eval/synthetic/avg@1" in evals and "eval/amc23/avg@1" in evals
+
+    champion = client.get_model_version_by_alias("dcgrpo-e2e", "champion")
+    assert champion.tags["quantization"] == "fp8"
+    assert champion.run_id in {r.info.run_id for r in by_method.values()}
+    assert champion.source.startswith("mlflow-artifacts:")
+    # the FP8 export went through MLflow's artifact proxy into the S3 bucket
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=TEST_BUCKET, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith("model/config.json") for k in keys)
+
+
+def test_failing_step_fails_the_run_and_registers_nothing(tmp_path, mlflow_server):
+    bad = tmp_path / "corrupt.parquet"
+    bad.write_bytes(b"this is not parquet")
+    t0 = int(time.time() * 1000)
+    proc = _run_pipeline(tmp_path, mlflow_server, [f"storage.root={tmp_path / 'store'}", "registry.model_name=never"],
+                         data_uri=str(bad))  # fmt: skip
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "corrupt.parquet" in out, out[-3000:]  # the step's error names the file
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("dcgrpo")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {t0}")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert client.search_model_versions("name = 'never'") == []

@@ -1,0 +1,73 @@
+"""Pipeline steps as library functions, on real temp files and a real MLflow server."""
+
+from types import SimpleNamespace
+
+import pytest
+from components import build_components
+from mlflow.tracking import MlflowClient
+
+from dcgrpo import steps
+from dcgrpo.config import ConfigError
+
+
+def _artifact(tmp_path, name, **metadata):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "weights.txt").write_text(name)
+    return SimpleNamespace(path=str(path), metadata=dict(metadata))
+
+
+def test_step_config_layers_pipeline_fields_over_user_overrides():
+    cfg = steps.step_config("tiny-cpu", ["train.lr=3e-4"], "http://mlflow:5000", method__name="grpo", train__rounds=3)
+    assert (cfg.train.lr, cfg.method.name, cfg.train.rounds) == (3e-4, "grpo", 3)
+    assert cfg.tracking.mlflow_uri == "http://mlflow:5000"
+    with pytest.raises(ConfigError, match="method.name"):
+        steps.step_config("tiny-cpu", [], method__name="ppo")
+
+
+def test_select_best_prefers_methods_within_the_discrepancy_budget(tmp_path):
+    models = [
+        _artifact(tmp_path, "grpo", discrepancy=5e-3, method="grpo"),
+        _artifact(tmp_path, "dc", discrepancy=1e-4, method="dc-grpo"),
+        _artifact(tmp_path, "tis", discrepancy=1e-4, method="tis"),
+    ]
+    fp8 = [_artifact(tmp_path, f"fp8-{m.metadata['method']}") for m in models]
+    out, out_fp8 = _artifact(tmp_path, "best"), _artifact(tmp_path, "best-fp8")
+    # grpo scores highest but is over budget; dc-grpo and tis tie: the earlier one wins
+    best = steps.select_best_step("tiny-cpu", ["method.budget=1e-3"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
+                                  models, fp8, out, out_fp8)  # fmt: skip
+    assert best == ("dc-grpo", 0.5)
+    assert (tmp_path / "best" / "weights.txt").read_text() == "dc"
+    assert (tmp_path / "best-fp8" / "weights.txt").read_text() == "fp8-dc-grpo"
+    assert out.metadata["method"] == "dc-grpo"
+    # nobody within budget: the best gate metric overall
+    best = steps.select_best_step("tiny-cpu", ["method.budget=1e-6"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
+                                  models, fp8, _artifact(tmp_path, "b2"), _artifact(tmp_path, "b2f"))  # fmt: skip
+    assert best.method == "grpo"
+    with pytest.raises(ValueError, match="2 methods, 1 gate values"):
+        steps.select_best_step("tiny-cpu", [], ["a", "b"], [0.1], models[:2], fp8[:2], out, out_fp8)
+
+
+def test_mark_failed_marks_only_this_pipelines_runs(mlflow_server):
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment("mark-failed-test")
+    mine = client.create_run(exp, tags={steps.KFP_RUN_TAG: "run-a"}).info.run_id
+    other = client.create_run(exp, tags={steps.KFP_RUN_TAG: "run-b"}).info.run_id
+    assert steps.mark_failed_step(mlflow_server, "run-a", "SUCCEEDED") == 0
+    assert client.get_run(mine).info.status == "RUNNING"
+    assert steps.mark_failed_step(mlflow_server, "run-a", "FAILED", "prepare-data: bad parquet") == 1
+    assert client.get_run(mine).info.status == "FAILED"
+    assert client.get_run(mine).data.tags["dcgrpo.pipeline_error"] == "prepare-data: bad parquet"
+    assert client.get_run(other).info.status == "RUNNING"
+
+
+def test_every_component_is_a_thin_shell_over_dcgrpo_steps():
+    import inspect
+
+    comps = build_components("img/cpu:1", "img/gpu:1")
+    for name in ("prepare_data", "warm_start", "train_round", "export_fp8", "evaluate", "select_best",
+                 "register_model", "promote", "mark_failed"):  # fmt: skip
+        source = inspect.getsource(getattr(comps, name).python_func)
+        assert "from dcgrpo.steps import" in source, name
+        body = [ln for ln in source.split('"""')[-1].splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        assert len(body) <= 12, f"{name} component is not thin ({len(body)} lines)"
