@@ -1,0 +1,172 @@
+"""Methods benchmark on the tiny-cpu preset (not a timed test): prints one results table.
+
+Runs GRPO, Dual-GRPO, DC-GRPO, TIS, MIS and IcePop with bf16 and fp8 deploy
+(fp8 on CPU = FP8-grid weights served in bf16), several seeds, the same
+warm start, data and steps. One subprocess per (precision, seed) holds one vLLM
+engine (one engine per process) and runs every method through it, syncing
+each method's fresh policy in, so methods of one row group share a process
+and their step times are comparable.
+
+    .venv/bin/python benchmarks/methods.py                       # full: 6 methods x 2 precisions x 3 seeds
+    .venv/bin/python benchmarks/methods.py --seeds 1 --steps 4 --methods grpo,dc-grpo
+
+Seed s sets train.seed and rollout.seed (data order, rollouts, mini-batches);
+the SFT warm start (cached under --work) is the same for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean, median
+
+METHODS = ("grpo", "dual-grpo", "dc-grpo", "tis", "mis", "icepop")
+PHASES = ("rollout", "reward", "recompute", "update", "sync")
+
+
+def worker(args) -> None:
+    """One (precision, seed): every method through one engine; JSON lines on stdout."""
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.disable(logging.WARNING)
+    from dcgrpo.config import load_config
+    from dcgrpo.train.jobs import prepare_inputs
+    from dcgrpo.train.rl import make_engine, summarize, train
+
+    base = [f"rollout.precision={args.precision}", f"train.seed={args.seed}", f"rollout.seed={args.seed}",
+            "train.rounds=1", f"train.steps_per_round={args.steps}"]  # fmt: skip
+    cfg = load_config(overrides=base)
+    model_dir, train_path, val_path = prepare_inputs(cfg, Path(args.work))
+    engine = make_engine(cfg, str(model_dir))
+    try:
+        for name in args.methods.split(","):
+            fixed = [f"method.lambda_init={args.dual_lambda}"] if name == "dual-grpo" else []
+            mcfg = load_config(overrides=base + [f"method.name={name}"] + fixed + (args.set or []))
+            res = train(mcfg, model_dir=model_dir, train_path=train_path, val_path=val_path,
+                        out_dir=Path(args.work) / "runs" / f"{name}-{args.precision}-{args.seed}",
+                        engine=engine, progress=False)  # fmt: skip
+            hist = [h for h in res.history if "dc/lambda" in h]
+            timed = hist[1:] or hist  # step 1 pays first-call warm-up
+            s = summarize(res.history)
+            row = {"method": name, "precision": args.precision, "seed": args.seed,
+                   "acc_start": s["val/accuracy_start"], "acc": s["val/accuracy"], "lambda": res.lam,
+                   "d_mean": mean(h["dc/discrepancy_mean"] for h in hist),
+                   "d_max": max(h["dc/discrepancy_max"] for h in hist),
+                   "step_s": median(h["timing/step_s"] for h in timed),
+                   "shape_us": _method_cost_us(name, mcfg)}  # fmt: skip
+            for p in PHASES:  # medians: the machine is shared, a busy neighbour inflates single steps
+                row[f"{p}_s"] = median(h[f"timing/{p}_s"] for h in timed)
+            print("ROW " + json.dumps(row), flush=True)
+    finally:
+        engine.close()
+
+
+def _method_cost_us(name: str, cfg) -> float:
+    """What a method itself adds to a step, isolated from the shared loop: discrepancy, GRPO
+    advantage, the method's shaping and (DC-GRPO) the dual step on a full-size (B, T) batch.
+    Microseconds, median of 200 calls."""
+    import torch
+
+    from dcgrpo.algorithm.advantage import grpo_advantage
+    from dcgrpo.algorithm.discrepancy import token_discrepancy
+    from dcgrpo.algorithm.dual import LagrangeMultiplier
+    from dcgrpo.algorithm.methods import MethodHParams, get_method, shape_advantages
+
+    B, T = cfg.train.responses_per_batch, cfg.rollout.max_response_length
+    g = torch.Generator().manual_seed(0)
+    logp_train = -torch.rand(B, T, generator=g)  # (B, T)
+    logp_infer = logp_train + 1e-3 * torch.randn(B, T, generator=g)  # (B, T)
+    mask = torch.ones(B, T)
+    rewards = (torch.rand(B, generator=g) > 0.5).float()  # (B,)
+    group_ids = torch.arange(cfg.train.prompts_per_batch).repeat_interleave(cfg.train.group_size)
+    mc, method = cfg.method, get_method(name)
+    lam = LagrangeMultiplier(mc.lambda_init, mc.dual_lr if method.dual_ascent else 0.0, mc.budget, mc.lambda_max)
+    times = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        d = token_discrepancy(logp_train, logp_infer, mask, mc.discrepancy)
+        adv = grpo_advantage(rewards, group_ids)
+        shape_advantages(name, adv, d, logp_train, logp_infer, mask, MethodHParams(lam=lam.value))
+        if method.dual_ascent:
+            lam.update(float(d.mean()))  # host sync, as in the loop
+        times.append(time.perf_counter() - t0)
+    return median(times) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0..n-1)")
+    ap.add_argument("--steps", type=int, default=16, help="RL steps per run (one round)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--dual-lambda", type=float, default=1.0, help="Dual-GRPO's fixed lambda (method.lambda_init)")
+    ap.add_argument("--work", default="outputs/bench-methods", help="cache for data, warm start and checkpoints")
+    ap.add_argument("--set", action="append", help="extra config override section.field=value (repeatable)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    rows, t0 = [], time.perf_counter()
+    for precision in args.precisions.split(","):
+        for seed in range(args.seeds):
+            cmd = [sys.executable, __file__, "--worker", f"--precision={precision}", f"--seed={seed}",
+                   f"--steps={args.steps}", f"--methods={args.methods}", f"--work={args.work}",
+                   f"--dual-lambda={args.dual_lambda}"] + [f"--set={s}" for s in args.set or []]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            got = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"worker {precision} seed {seed} failed (rc {out.returncode})")
+            rows += got
+            print(f"[{time.perf_counter() - t0:.0f} s] {precision} seed {seed}: {len(got)} runs", file=sys.stderr)
+    report(rows, args)
+
+
+def report(rows: list[dict], args) -> None:
+    n = len({r["seed"] for r in rows})
+    print(
+        f"\ntiny-cpu, {args.steps} steps, {n} seed(s). acc (deploy engine, greedy, 256 held-out), d, lambda: mean"
+        f" over seeds (acc +-: half range). Times: median step after step 1, mean over seeds; s except method us."
+    )
+    cols = ("method", "deploy", "acc start", "acc end", "+-", "mean d", "max d", "lambda", "step s", "method",
+            "rollout", "reward", "recomp", "update", "sync", "other")  # fmt: skip
+    widths = (10, 6, 9, 7, 5, 9, 9, 8, 7, 8, 7, 7, 7, 7, 7, 7)
+    hdr = " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
+    print(hdr + "\n" + "-" * len(hdr))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["precision"], r["method"]), []).append(r)
+    for (precision, method), rs in groups.items():
+        m = {k: mean(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
+        other = m["step_s"] - sum(m[f"{p}_s"] for p in PHASES)
+        half = (max(r["acc"] for r in rs) - min(r["acc"] for r in rs)) / 2
+        vals = (method, precision, f"{m['acc_start']:.3f}", f"{m['acc']:.3f}", f"{half:.2f}", f"{m['d_mean']:.2e}",
+                f"{m['d_max']:.2e}", f"{m['lambda']:.2g}", f"{m['step_s']:.3f}", f"{m['shape_us']:.0f} us",
+                *(f"{m[f'{p}_s']:.3f}" for p in PHASES), f"{other:.3f}")  # fmt: skip
+        print(" ".join(f"{v:>{w}}" for v, w in zip(vals, widths, strict=True)))
+    for precision in args.precisions.split(","):
+        g, dc = groups.get((precision, "grpo")), groups.get((precision, "dc-grpo"))
+        if g and dc:
+            step_g = mean(r["step_s"] for r in g)
+            extra_us = mean(r["shape_us"] for r in dc) - mean(r["shape_us"] for r in g)
+            print(f"{precision}: DC-GRPO / GRPO step time = {mean(r['step_s'] for r in dc) / step_g:.3f} measured "
+                  f"(median steps, adjacent runs in one process); from the isolated method cost: "
+                  f"1 + {extra_us:.0f} us / {step_g * 1e3:.0f} ms = {1 + extra_us * 1e-6 / step_g:.4f}")  # fmt: skip
+    step = mean(r["step_s"] for r in rows)
+    core = mean(r["rollout_s"] + r["recompute_s"] + r["update_s"] for r in rows)
+    print(f"share of a step outside rollout + recompute + update: {1 - core / step:.1%} "
+          f"(reward {mean(r['reward_s'] for r in rows) / step:.1%}, sync {mean(r['sync_s'] for r in rows) / step:.1%},"
+          f" rest {1 - (core + mean(r['reward_s'] + r['sync_s'] for r in rows)) / step:.1%})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
