@@ -1,6 +1,4 @@
-from typing import NamedTuple
-
-from kfp.dsl import Input, Model
+from kfp.dsl import Input, Model, OutputPath
 
 
 def register_model(
@@ -10,9 +8,20 @@ def register_model(
     model_name: str,
     model: Input[Model],
     fp8_model: Input[Model],
-) -> NamedTuple("Registered", [("version", str), ("passes_gate", bool), ("reason", str)]):
+    version: OutputPath(str),
+    reason: OutputPath(str),
+) -> bool:
     """Register the FP8 (and bf16) model as MLflow versions, alias `challenger`,
-    and evaluate the promotion gate against the current champion."""
+    and evaluate the promotion gate against the current champion; returns whether it passes.
+
+    (The gate is the single return value, the version and reason output
+    parameters: kfp.local cannot branch on one field of a NamedTuple output.)
+    """
+    from pathlib import Path
+
     from dcgrpo.steps import register_step
 
-    return register_step(preset, overrides, mlflow_uri, model_name, dict(model.metadata), model.path, fp8_model.path)
+    result = register_step(preset, overrides, mlflow_uri, model_name, dict(model.metadata), model.path, fp8_model.path)
+    Path(version).write_text(result.version)
+    Path(reason).write_text(result.reason)
+    return result.passes_gate

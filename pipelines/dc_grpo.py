@@ -157,7 +157,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 ),
                 s,
             )  # fmt: skip
-            with dsl.If(registered.outputs["passes_gate"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+            with dsl.If(registered.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
                 _light(
                     c.promote(
                         preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=model_name,

@@ -69,9 +69,10 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, mlflow_on_s3):
     proc = _run_pipeline(tmp_path, mlflow_on_s3, [f"storage.root={tmp_path / 'store'}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout + proc.stderr
+    clean = out.replace("\x1b[96m", "").replace("\x1b[0m", "")
     for task in ("prepare-data", "warm-start", "train-round", "export-fp8", "evaluate", "select-best",
                  "register-model", "promote"):  # fmt: skip
-        assert f"Task '{task}' finished with status" in out.replace("\x1b[96m", "").replace("\x1b[0m", ""), task
+        assert f"Task '{task}' finished with status SUCCESS" in clean.replace("\x1b[92m", ""), (task, clean[-4000:])
 
     client = MlflowClient(mlflow_on_s3)
     exp = client.get_experiment_by_name("dcgrpo")
