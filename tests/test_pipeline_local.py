@@ -64,7 +64,7 @@ run_local(args, {str(tmp_path / 'kfp')!r})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500)
 
 
-def test_pipeline_end_to_end_registers_a_champion(tmp_path, mlflow_on_s3):
+def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on_s3):
     t0 = int(time.time() * 1000)
     proc = _run_pipeline(tmp_path, mlflow_on_s3, [f"storage.root={tmp_path / 'store'}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -95,7 +95,7 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, mlflow_on_s3):
     # the FP8 export went through MLflow's artifact proxy into the S3 bucket
     import boto3
 
-    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=TEST_BUCKET, Prefix="mlflow/")["Contents"]]
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=TEST_BUCKET, Prefix="mlflow/")["Contents"]]
     assert any(k.endswith("model/config.json") for k in keys)
 
 

@@ -241,11 +241,6 @@ class TrackingConfig(_Section):
     retry_timeout_s: float = Field(30.0, ge=0)
     """At a round end, how long to retry an unreachable server before stopping cleanly
     (checkpoint kept, unsent metrics spilled for replay on resume; see dcgrpo.tracking)."""
-    flush_every: int = Field(4, gt=0)
-    """Send buffered step metrics to MLflow every this many steps (and at every round end)."""
-    retry_timeout_s: float = Field(30.0, ge=0)
-    """At a round end, how long to retry an unreachable server before stopping cleanly
-    (checkpoint kept, unsent metrics spilled for replay on resume; see dcgrpo.tracking)."""
 
 
 class StorageConfig(_Section):
