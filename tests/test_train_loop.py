@@ -57,7 +57,8 @@ def _run(setup, cfg, out_dir, **kw):
 
 
 def test_training_run_logs_every_metric_to_mlflow_and_lambda_rises(setup, mlflow_server, tmp_path):
-    cfg = small_cfg(**{"method.budget": 0.0, "train.rounds": 1, "tracking.mlflow_uri": mlflow_server})
+    cfg = small_cfg(**{"method.budget": 0.0, "method.dual_lr": 1.0, "train.rounds": 1,
+                       "tracking.mlflow_uri": mlflow_server})  # fmt: skip
     with start_run(cfg.tracking, storage_root=str(tmp_path), run_name="t", params=cfg.to_flat_dict()) as run:
         res = _run(setup, cfg, tmp_path / "out", run=run, val_path=setup["val"])
     client = MlflowClient(mlflow_server)
@@ -76,7 +77,7 @@ def test_training_run_logs_every_metric_to_mlflow_and_lambda_rises(setup, mlflow
 
 
 def test_lambda_decays_under_budget_and_grpo_keeps_it_fixed(setup, tmp_path):
-    cfg = small_cfg(**{"method.budget": 0.5, "method.lambda_init": 0.6, "train.rounds": 1})
+    cfg = small_cfg(**{"method.budget": 0.5, "method.lambda_init": 0.6, "method.dual_lr": 1.0, "train.rounds": 1})
     res = _run(setup, cfg, tmp_path / "dc")
     lams = [h["dc/lambda"] for h in res.history if "dc/lambda" in h]
     assert lams[0] < 0.6 and lams[1] < lams[0]  # under budget: decays towards 0 (projected at 0)

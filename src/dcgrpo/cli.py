@@ -198,7 +198,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.model_name:
         cfg.registry.model_name = args.model_name
     reg = cfg.registry
-    budget = reg.max_discrepancy if reg.max_discrepancy is not None else cfg.method.budget
+    budget = cfg.promotion_discrepancy_limit()
     mlc = _tracking_client(cfg, args.tracking_uri)
     try:
         decision = promote(mlc, reg.model_name, cfg.eval.gate_metric, budget, args.force,

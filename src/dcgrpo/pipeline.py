@@ -253,6 +253,11 @@ def demo(
         table.add_row(r["method"], f"{r['acc_start']:.3f} -> {r['acc_end']:.3f}", f"{r['gate']:.3f}",
                       f"{r['discrepancy']:.2e}", f"{r['lambda']:.3g}", str(r["version"]), r["aliases"])  # fmt: skip
     console.print(table)
+    console.print(
+        f"promotion gate: {cfg.eval.gate_metric} >= champion's, mean d <= {cfg.promotion_discrepancy_limit():.3g}"
+    )
+    for r in rows:
+        console.print(f"  {r['method']}: {r['decision']}")
     console.print(f"pipeline artifacts: {root / 'kfp'}")
     db = root / "mlflow" / "mlflow.db"
     if proc is not None and keep_server:

@@ -269,7 +269,7 @@ def select_best_step(
     """
     if not methods or len(methods) != len(gate_values) or len(models) != len(methods):
         raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(models)} models")
-    budget = _discrepancy_budget(step_config(preset, overrides))
+    budget = step_config(preset, overrides).promotion_discrepancy_limit()
     within = [j for j in range(len(methods)) if models[j].metadata.get("discrepancy", float("inf")) <= budget]
     i = max(within or range(len(methods)), key=lambda j: (gate_values[j], -j))
     for src, dst in ((models[i], best_model), (fp8_models[i], best_fp8)):
@@ -278,10 +278,6 @@ def select_best_step(
     log.info("best method: %s (gate %s; within budget %.3g: %s)", methods[i],
              dict(zip(methods, gate_values, strict=True)), budget, [methods[j] for j in within])  # fmt: skip
     return Best(methods[i], float(gate_values[i]))
-
-
-def _discrepancy_budget(cfg: RunConfig) -> float:
-    return cfg.registry.max_discrepancy if cfg.registry.max_discrepancy is not None else cfg.method.budget
 
 
 class Registered(NamedTuple):
@@ -318,7 +314,7 @@ def register_step(
                    quantization="bf16", artifact_path="model-bf16", **common)  # fmt: skip
     mv = register_model(mlc, model_name, run_id, fp8_dir, quantization="fp8", **common)
     champion = _alias(mlc, model_name, cfg.registry.champion_alias)
-    ok, reason = gate(mv, champion, cfg.eval.gate_metric, _discrepancy_budget(cfg))
+    ok, reason = gate(mv, champion, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit())
     if not ok:  # promote (which records its own decision) will not run: record this one
         mlc.set_model_version_tag(model_name, mv.version, TAG_DECISION, "rejected")
         mlc.set_model_version_tag(model_name, mv.version, TAG_REASON, reason)
@@ -345,7 +341,7 @@ def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name:
     challenger = _alias(mlc, model_name, cfg.registry.challenger_alias)
     if challenger is None or str(challenger.version) != str(version):
         raise RuntimeError(f"{model_name}: challenger is not version {version}; refusing to promote another one")
-    decision = promote(mlc, model_name, cfg.eval.gate_metric, _discrepancy_budget(cfg), force,
+    decision = promote(mlc, model_name, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(), force,
                        cfg.registry.champion_alias, cfg.registry.challenger_alias)  # fmt: skip
     return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
 

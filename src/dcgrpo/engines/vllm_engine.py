@@ -157,6 +157,10 @@ class VLLMEngine:
             from dcgrpo.engines.fp8 import fp8_round_state_dict
 
             sd = fp8_round_state_dict(sd, self.keep_high_precision, self.fp8_block_size, "fp8_block")
+        # Cast to the engine's dtype here (vLLM would do the same on load, warning once per
+        # tensor on every sync); it also halves what crosses into the engine.
+        dtype = self.llm.llm_engine.model_config.dtype
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
