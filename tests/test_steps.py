@@ -34,14 +34,14 @@ def test_select_best_prefers_methods_within_the_discrepancy_budget(tmp_path):
     fp8 = [_artifact(tmp_path, f"fp8-{m.metadata['method']}") for m in models]
     out, out_fp8 = _artifact(tmp_path, "best"), _artifact(tmp_path, "best-fp8")
     # grpo scores highest but is over budget; dc-grpo and tis tie: the earlier one wins
-    best = steps.select_best_step("tiny-cpu", ["method.budget=1e-3"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
+    best = steps.select_best_step("tiny-cpu", ["registry.max_discrepancy=1e-3"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
                                   models, fp8, out, out_fp8)  # fmt: skip
     assert best == ("dc-grpo", 0.5)
     assert (tmp_path / "best" / "weights.txt").read_text() == "dc"
     assert (tmp_path / "best-fp8" / "weights.txt").read_text() == "fp8-dc-grpo"
     assert out.metadata["method"] == "dc-grpo"
     # nobody within budget: the best gate metric overall
-    best = steps.select_best_step("tiny-cpu", ["method.budget=1e-6"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
+    best = steps.select_best_step("tiny-cpu", ["registry.max_discrepancy=null", "method.budget=1e-6"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
                                   models, fp8, _artifact(tmp_path, "b2"), _artifact(tmp_path, "b2f"))  # fmt: skip
     assert best.method == "grpo"
     with pytest.raises(ValueError, match="2 methods, 1 gate values"):

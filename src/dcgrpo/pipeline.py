@@ -229,6 +229,8 @@ def demo(
         uri, proc = start_local_server(root / "mlflow")
         log.info("local MLflow server at %s", uri)
     console = Console(width=max(Console().width, 120))
+    # vLLM logs every engine start and weight sync at INFO/WARNING; kfp.local echoes it all.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     t0 = time.time()
     try:
         arguments = pipeline_arguments(preset, overrides, methods, rounds, data_uri, mlflow_uri=uri)
