@@ -60,7 +60,7 @@ def _check_required(job):
 
 
 def test_multi_node_rayjob_validates_and_targets_the_gpu_pool():
-    cfg = _cfg("verl.nnodes=4", "rollout.precision=fp8", "train.group_size=8")
+    cfg = _cfg("verl.nnodes=4", "rollout.precision=fp8", "train.group_size=8", "method.budget=2e-3")
     job = _job(cfg, "Qwen3 8B/DC-GRPO round_1", env={"MLFLOW_RUN_ID": "abc123"})
     _check_required(job)
     assert job["metadata"]["name"] == "qwen3-8b-dc-grpo-round-1"

@@ -43,6 +43,10 @@ def _cfg(**sets):
         "model.path": "/models/tiny",
         "verl.gpus_per_node": 1,
         "method.lambda_init": 0.5,
+        # Pinned, not the tiny-cpu defaults (which are tuned for the CPU loop and change).
+        "method.budget": 2e-3,
+        "method.dual_lr": 1.0,
+        "train.group_size": 4,
         "verl.checkpoint_dir": "ck",
     }
     base.update(sets)
