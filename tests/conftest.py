@@ -86,31 +86,13 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on sqlite with a local artifact root."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", timeout=90, proc=proc)
-    except Exception:
-        proc.kill()
-        raise RuntimeError(f"mlflow server failed to start; log:\n{(root / 'server.log').read_text()[-3000:]}") from None
+    from dcgrpo.tracking import start_local_server, stop_local_server
+
+    uri, proc = start_local_server(tmp_path_factory.mktemp("mlflow"))
     try:
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_local_server(proc)  # the whole process group: uvicorn and job workers too
 
 
 @pytest.fixture(scope="session")

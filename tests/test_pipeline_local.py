@@ -8,12 +8,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TEST_BUCKET, free_port, wait_http
+from dcgrpo.tracking import start_local_server, stop_local_server
+from tests.conftest import TEST_BUCKET
 
 pytestmark = pytest.mark.slow
 
@@ -32,24 +32,13 @@ SHORT = [
 @pytest.fixture(scope="module")
 def mlflow_on_s3(s3_server, tmp_path_factory):
     """An MLflow server whose artifact store is the moto S3 endpoint."""
-    root = tmp_path_factory.mktemp("mlflow-s3")
-    port = free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{TEST_BUCKET}/mlflow",
-        "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    uri, proc = start_local_server(
+        tmp_path_factory.mktemp("mlflow-s3"), artifacts_destination=f"s3://{TEST_BUCKET}/mlflow"
+    )
     try:
-        wait_http(f"{uri}/health", timeout=90, proc=proc)
         yield uri
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+        stop_local_server(proc)
 
 
 def _run_pipeline(tmp_path, mlflow_uri, extra=(), data_uri=""):
@@ -59,7 +48,7 @@ import json, sys
 from dcgrpo.pipeline import pipeline_arguments, run_local
 args = pipeline_arguments("tiny-cpu", {json.dumps(SHORT + list(extra))}, ["grpo", "dc-grpo"], rounds=1,
                           data_uri={data_uri!r}, mlflow_uri={mlflow_uri!r})
-run_local(args, {str(tmp_path / 'kfp')!r})
+run_local(args, {str(tmp_path / "kfp")!r})
 """
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500)
 
@@ -95,7 +84,12 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on
     # the FP8 export went through MLflow's artifact proxy into the S3 bucket
     import boto3
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=TEST_BUCKET, Prefix="mlflow/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=TEST_BUCKET, Prefix="mlflow/")[
+            "Contents"
+        ]
+    ]
     assert any(k.endswith("model/config.json") for k in keys)
 
 

@@ -245,8 +245,13 @@ def start_run(
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
 
-def start_local_server(backend_dir: str | Path, port: int | None = None, timeout: float = 90.0):
+def start_local_server(
+    backend_dir: str | Path, port: int | None = None, timeout: float = 90.0, artifacts_destination: str | None = None
+):
     """Start ``mlflow server`` on sqlite under ``backend_dir``; returns ``(uri, Popen)``.
+
+    Artifacts are proxied by the server to ``artifacts_destination`` (default
+    ``backend_dir/artifacts``; an ``s3://`` URI uses the server's AWS env).
 
     The caller owns the process (``proc.terminate()``); its log is ``backend_dir/server.log``.
     """
@@ -262,7 +267,7 @@ def start_local_server(backend_dir: str | Path, port: int | None = None, timeout
     cmd = [
         str(Path(sys.executable).with_name("mlflow")), "server",
         "--backend-store-uri", f"sqlite:///{backend_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(backend_dir / "artifacts"),
+        "--artifacts-destination", artifacts_destination or str(backend_dir / "artifacts"),
         "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     logf = open(backend_dir / "server.log", "ab")
