@@ -245,7 +245,7 @@ def demo(
         "method",
         "val acc start -> end",
         cfg.eval.gate_metric + " (fp8)",
-        "mean d",
+        "d (last step)",
         "lambda",
         "version",
         "aliases",

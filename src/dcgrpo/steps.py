@@ -265,13 +265,14 @@ def select_best_step(
     Best = the highest gate metric among the methods whose discrepancy is
     within the promotion budget (a model the gate will refuse is not worth
     registering); if none is, the highest gate metric overall. Ties go to the
-    earlier method.
+    lower discrepancy, then to the earlier method.
     """
     if not methods or len(methods) != len(gate_values) or len(models) != len(methods):
         raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(models)} models")
     budget = step_config(preset, overrides).promotion_discrepancy_limit()
     within = [j for j in range(len(methods)) if models[j].metadata.get("discrepancy", float("inf")) <= budget]
-    i = max(within or range(len(methods)), key=lambda j: (gate_values[j], -j))
+    d = [float(m.metadata.get("discrepancy", float("inf"))) for m in models]
+    i = max(within or range(len(methods)), key=lambda j: (gate_values[j], -d[j], -j))
     for src, dst in ((models[i], best_model), (fp8_models[i], best_fp8)):
         shutil.copytree(src.path, dst.path, dirs_exist_ok=True)
         dst.metadata.update(src.metadata)
