@@ -1,24 +1,22 @@
-"""Whole jobs the CLI runs: ``dcgrpo train`` and ``dcgrpo demo``.
+"""The whole job behind ``dcgrpo train`` (``dcgrpo demo`` runs the pipeline: ``dcgrpo.pipeline.demo``).
 
-Both resolve the model (``model.path`` or a freshly built tiny model with an
+It resolves the model (``model.path`` or a freshly built tiny model with an
 SFT warm start, cached under ``storage.root``) and the data
 (``data.train_path`` or the synthetic task), then call ``dcgrpo.train.rl.train``
-inside one MLflow run per training job.
+inside one MLflow run.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from pathlib import Path
 
 from dcgrpo import storage
 from dcgrpo.data.synthetic import write_synthetic_splits
 from dcgrpo.models import build_tiny_model, load_model_dir
-from dcgrpo.tracking import start_local_server, start_run, stop_local_server
+from dcgrpo.tracking import start_run
 from dcgrpo.train import checkpoint as ckpt
-from dcgrpo.train.rl import TrainResult, summarize, train
+from dcgrpo.train.rl import TrainResult, train
 from dcgrpo.train.sft import warm_start
 
 log = logging.getLogger(__name__)
@@ -64,43 +62,3 @@ def train_job(cfg, *, out_dir: str | None = None, resume: str | None = None, pro
             run.log_text(cfg.to_yaml(), "config.yaml")
         return train(cfg, model_dir=model_dir, train_path=train_path, val_path=val_path or None,
                      out_dir=out_dir, resume_from=resume, run=run, progress=progress)  # fmt: skip
-
-
-def demo(cfg, methods: tuple[str, ...] = ("dc-grpo", "grpo")) -> dict[str, dict]:
-    """Warm start, then each method side by side on the same data and seed; prints a table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    t0 = time.perf_counter()
-    root = Path(cfg.storage.root)
-    proc = None
-    if not (cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        uri, proc = start_local_server(root / "mlflow")
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"mlflow_uri": uri})})
-        log.info("local MLflow server at %s", uri)
-    results: dict[str, dict] = {}
-    try:
-        prepare_inputs(cfg, root / "work")  # build + SFT once, shared by every method
-        for name in methods:
-            mcfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": name})})
-            res = train_job(mcfg)
-            results[name] = {"result": res, **summarize(res.history)}
-    finally:
-        if proc is not None:
-            stop_local_server(proc)
-    table = Table(title=f"dcgrpo demo ({cfg.preset}, deploy {cfg.rollout.precision}, {time.perf_counter() - t0:.0f} s)")
-    for col in ("method", "val acc start->end", "reward (avg)", "mean d (last)", "max d (last)", "lambda", "step s"):
-        table.add_column(col)
-    for name, r in results.items():
-        table.add_row(name, f"{r.get('val/accuracy_start', float('nan')):.3f} -> {r.get('val/accuracy', float('nan')):.3f}",
-                      f"{r['reward/mean_avg']:.3f}", f"{r['dc/discrepancy_mean']:.2e}", f"{r['dc/discrepancy_max']:.2e}",
-                      f"{r['dc/lambda']:.3g}", f"{r['timing/step_s_avg']:.2f}")  # fmt: skip
-    console = Console()
-    console.print(table)
-    for name, r in results.items():
-        console.print(
-            f"{name}: checkpoint {r['result'].checkpoint}  plot {r['result'].plot}  MLflow run {r['result'].run_id}"
-        )
-    db = (root / "mlflow" / "mlflow.db").resolve()
-    console.print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{db} (then http://127.0.0.1:5000)")
-    return results
