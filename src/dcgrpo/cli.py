@@ -85,6 +85,11 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile the pipeline to YAML for upload in the Kubeflow UI."""
+    if args.config or args.preset or args.overrides:
+        raise UserError(
+            "compile takes no run config: preset and overrides are pipeline parameters, given at "
+            "submit/schedule time or in the Kubeflow UI"
+        )
     from components import DEFAULT_IMAGE, DEFAULT_TRAINER_IMAGE
 
     from dcgrpo.pipeline import COMPILED_PATH, compile_yaml
@@ -251,9 +256,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train with the built-in single-machine loop (vLLM rollouts, HF updates, MLflow)."""
     from dcgrpo.train.jobs import train_job
 
+    if args.method:  # through the config, so a bad name fails like any other field
+        args.overrides = [*args.overrides, f"method.name={args.method}"]
     cfg = config_from_args(args)
-    if args.method:
-        cfg.method.name = args.method
     res = train_job(cfg, out_dir=args.out, resume=args.resume)
     print(f"step {res.step}  lambda {res.lam:.4g}  checkpoint {res.checkpoint}  MLflow run {res.run_id}")
     return 0

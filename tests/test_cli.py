@@ -1,0 +1,54 @@
+"""The `dcgrpo` command line as a user runs it: real subprocesses, real exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DCGRPO = str(Path(sys.executable).with_name("dcgrpo"))
+
+
+def run(*args, cwd=None, timeout=600):
+    return subprocess.run([DCGRPO, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["config", "--set", "method.budget=-1"], "method.budget"),
+        (["train", "--method", "ppo"], "method.name"),
+        (["demo", "--set", "train.group_size=1"], "train.group_size"),
+        (["compile", "--set", "train.lr=1"], "compile takes no run config"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_field(args, field, tmp_path):
+    proc = run(*args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert field in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_files_exit_2_with_the_path(tmp_path):
+    proc = run("evaluate", "--model", str(tmp_path / "nope"), "--no-track", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "nope" in proc.stderr
+    proc = run("config", "--config", str(tmp_path / "missing.yaml"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_smoke_writes_a_checkpoint_and_logs_to_a_local_store(tmp_path):
+    proc = run(
+        "train", "--method", "dc-grpo",
+        "--set", "model.sft_steps=20", "--set", "train.rounds=1", "--set", "train.steps_per_round=2",
+        "--set", "train.prompts_per_batch=4", "--set", "train.ppo_mini_batch=2",
+        "--set", "data.synthetic_val_size=16", "--set", f"storage.root={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2" in proc.stdout and "checkpoint" in proc.stdout
+    ckpts = list((tmp_path / "out").rglob("checkpoints/step_000002/model.safetensors"))
+    assert ckpts, "no checkpoint written"
+    assert (ckpts[0].parent / "trainer" / "optimizer.safetensors").is_file()
+    assert list((tmp_path / "out").rglob("mlflow*.db")) or list((tmp_path / "out").rglob("*.db")), (
+        "no local MLflow store"
+    )
