@@ -306,6 +306,9 @@ class _engine_for:
             max_model_len=self.cfg.eval.max_model_len,
             cpu_kv_cache_gib=self.cfg.rollout.cpu_kv_cache_gib,
             gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization,
+            keep_high_precision=self.cfg.export.keep_high_precision,
+            fp8_block_size=self.cfg.export.block_size,
+            fp8_scheme=self.cfg.export.scheme,
         )
         return self.engine
 

@@ -45,6 +45,14 @@ def _local_root(cfg: RunConfig) -> Path:
     return Path("outputs") if storage.is_s3(cfg.storage.root) else Path(cfg.storage.root)
 
 
+def _mlflow_client(cfg: RunConfig):
+    """The MLflow tracking + registry client of a step (URI resolved as the training runs resolve it)."""
+    from dcgrpo.registry import client
+    from dcgrpo.tracking import resolve_tracking_uri
+
+    return client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+
+
 # ------------------------------------------------------------------ data, base model
 
 
@@ -301,12 +309,10 @@ def register_step(
     fp8_dir: str,
 ) -> Registered:  # fmt: skip
     """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate."""
-    from dcgrpo.registry import TAG_DECISION, TAG_REASON, client, gate, register_model
+    from dcgrpo.registry import TAG_DECISION, TAG_REASON, gate, register_model
 
     cfg = step_config(preset, overrides, mlflow_uri)
-    from dcgrpo.tracking import resolve_tracking_uri
-
-    mlc = client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    mlc = _mlflow_client(cfg)
     run_id = model_meta["mlflow_run_id"]
     metrics, lam = _run_summary(mlc, run_id)
     d = float(model_meta["discrepancy"])
@@ -334,11 +340,10 @@ def _alias(mlc, name: str, alias: str):
 
 def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name: str, version: str, force: bool) -> str:
     """Promote ``version`` (the challenger) to champion through the registry's gate."""
-    from dcgrpo.registry import client, promote
-    from dcgrpo.tracking import resolve_tracking_uri
+    from dcgrpo.registry import promote
 
     cfg = step_config(preset, overrides, mlflow_uri)
-    mlc = client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    mlc = _mlflow_client(cfg)
     challenger = _alias(mlc, model_name, cfg.registry.challenger_alias)
     if challenger is None or str(challenger.version) != str(version):
         raise RuntimeError(f"{model_name}: challenger is not version {version}; refusing to promote another one")
@@ -354,12 +359,7 @@ def mark_failed_step(mlflow_uri: str, kfp_run_id: str, state: str, error: str = 
     """
     if state.upper() in ("SUCCEEDED", "SKIPPED"):
         return 0
-    from mlflow.tracking import MlflowClient
-
-    from dcgrpo.tracking import resolve_tracking_uri
-
-    cfg = load_config(overrides=[f"tracking.mlflow_uri={mlflow_uri}"] if mlflow_uri else [])
-    mlc = MlflowClient(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    mlc = _mlflow_client(step_config("", [], mlflow_uri))
     experiments = [e.experiment_id for e in mlc.search_experiments()]
     runs = mlc.search_runs(experiments, filter_string=f"tags.{KFP_RUN_TAG} = '{kfp_run_id}'") if experiments else []
     for run in runs:

@@ -143,16 +143,10 @@ def _load_hub(name: str) -> list[dict[str, Any]]:
 
 
 def load_synthetic(data_cfg) -> list[dict[str, Any]]:
-    """The held-out synthetic split, drawn exactly as ``write_synthetic_splits`` draws it."""
-    from dcgrpo.data.synthetic import make_synthetic
+    """The held-out synthetic split, the same rows ``write_synthetic_splits`` writes to val.parquet."""
+    from dcgrpo.data.synthetic import synthetic_val_rows
 
-    rows = make_synthetic(
-        data_cfg.synthetic_val_size,
-        data_cfg.synthetic_difficulty,
-        data_cfg.seed + 1,
-        data_cfg.prompt_template,
-        split="val",
-    )
+    rows = synthetic_val_rows(data_cfg)
     return [
         {
             "id": f"synthetic-{r['extra_info']['index']}",

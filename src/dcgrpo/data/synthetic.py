@@ -127,6 +127,17 @@ def make_synthetic(
     return rows
 
 
+def synthetic_val_rows(data_cfg) -> list[dict[str, Any]]:
+    """The held-out split of ``data_cfg``'s synthetic task (drawn first, with seed + 1)."""
+    return make_synthetic(
+        data_cfg.synthetic_val_size,
+        data_cfg.synthetic_difficulty,
+        data_cfg.seed + 1,
+        data_cfg.prompt_template,
+        split="val",
+    )
+
+
 def write_synthetic_splits(data_cfg, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``train.parquet`` and ``val.parquet`` for ``data_cfg`` (a ``DataConfig``).
 
@@ -137,13 +148,7 @@ def write_synthetic_splits(data_cfg, out_dir: str | Path) -> tuple[Path, Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    val = make_synthetic(
-        data_cfg.synthetic_val_size,
-        data_cfg.synthetic_difficulty,
-        data_cfg.seed + 1,
-        data_cfg.prompt_template,
-        split="val",
-    )
+    val = synthetic_val_rows(data_cfg)
     seen = {r["extra_info"]["question"] for r in val}
     train = make_synthetic(
         data_cfg.synthetic_train_size,

@@ -73,6 +73,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.6,
         keep_high_precision: list[str] | None = None,
         fp8_block_size: int = 128,
+        fp8_scheme: str = "fp8_block",
     ) -> None:
         if precision not in VLLM_DTYPES:
             raise ValueError(f"precision must be one of {sorted(VLLM_DTYPES)}, got {precision!r}")
@@ -80,6 +81,7 @@ class VLLMEngine:
         self.precision = precision
         self.keep_high_precision = list(keep_high_precision or ["lm_head", "mlp.gate", "embed_tokens"])
         self.fp8_block_size = fp8_block_size
+        self.fp8_scheme = fp8_scheme  # the export's scheme: served numerics match the exported checkpoint
         self.on_gpu = has_cuda()
         # In-process engine: fast start, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -156,7 +158,7 @@ class VLLMEngine:
         if self.cpu_fp8:
             from dcgrpo.engines.fp8 import fp8_round_state_dict
 
-            sd = fp8_round_state_dict(sd, self.keep_high_precision, self.fp8_block_size, "fp8_block")
+            sd = fp8_round_state_dict(sd, self.keep_high_precision, self.fp8_block_size, self.fp8_scheme)
         # Cast to the engine's dtype here (vLLM would do the same on load, warning once per
         # tensor on every sync); it also halves what crosses into the engine.
         dtype = self.llm.llm_engine.model_config.dtype

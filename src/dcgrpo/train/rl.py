@@ -106,6 +106,7 @@ def make_engine(cfg, model_dir: str) -> VLLMEngine:
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         keep_high_precision=cfg.export.keep_high_precision,
         fp8_block_size=cfg.export.block_size,
+        fp8_scheme=cfg.export.scheme,
     )
 
 
