@@ -11,7 +11,8 @@ the MLflow runs failed when anything fails.
 
 Cluster settings (through kfp-kubernetes, ignored by kfp.local): GPU
 accelerator type and limit on train/eval/export/warm-start, node selector and
-toleration for the GPU pool, a PVC for the model cache, S3 and MLflow
+toleration for the GPU pool, a PVC for the model cache (and one for verl's
+checkpoints on the training rounds, used when ``train.backend=verl``), S3 and MLflow
 credentials from Kubernetes Secrets as env vars (only secret *names* are in
 the YAML), CPU/memory limits on the light steps.
 """
@@ -39,6 +40,10 @@ class ClusterSettings:
     gpu_toleration_key: str = "nvidia.com/gpu"
     model_cache_pvc: str = "dcgrpo-model-cache"
     model_cache_mount: str = "/cache"
+    checkpoint_pvc: str = "dcgrpo-checkpoints"
+    """verl's checkpoint volume (train.backend=verl), mounted on the train rounds; "" = none."""
+    checkpoint_mount: str = "/checkpoints"
+    """Where the train rounds see it: must equal verl.checkpoint_dir (its default)."""
     s3_secret: str = "dcgrpo-s3"
     s3_secret_keys: dict[str, str] = field(
         default_factory=lambda: {
@@ -130,6 +135,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
                         ),
                         s,
                     ).set_display_name(f"train-round-{k + 1}")  # fmt: skip
+                    if s.checkpoint_pvc:  # verl backend: every round resumes from the same volume
+                        kubernetes.mount_pvc(step, s.checkpoint_pvc, s.checkpoint_mount)
                     model = step.outputs["model"]
                 fp8 = _gpu(c.export_fp8(preset=preset, overrides=overrides, model=model), s)
                 evaluation = _gpu(

@@ -65,6 +65,23 @@ def test_lambda_max_below_lambda_init_is_rejected():
         load_config(overrides=["method.lambda_max=1", "method.lambda_init=2"])
 
 
+def test_verl_megatron_layout():
+    assert load_config().verl.strategy == "fsdp"  # the default; megatron_* fields unused
+    moe = load_config(preset="qwen3-30b-a3b").verl
+    assert moe.strategy == "megatron"
+    assert (moe.megatron_tp, moe.megatron_pp, moe.megatron_ep, moe.megatron_etp) == (4, 1, 8, 1)
+    megatron = ["verl.strategy=megatron", "verl.gpus_per_node=8"]
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[*megatron, "verl.megatron_tp=3"])
+    assert (
+        "verl: verl.megatron_tp x verl.megatron_pp x verl.megatron_cp = 3 x 1 x 1 = 3 must divide "
+        "verl.nnodes x verl.gpus_per_node = 1 x 8 = 8 GPUs" in str(err.value)
+    )
+    with pytest.raises(ConfigError, match=r"verl.megatron_ep x verl.megatron_etp .* = 16 x 1 x 1 = 16 must divide"):
+        load_config(overrides=[*megatron, "verl.megatron_ep=16"])
+    assert load_config(overrides=["verl.megatron_tp=3"]).verl.megatron_tp == 3  # fsdp: not checked
+
+
 def test_error_messages_read_well():
     with pytest.raises(ConfigError) as err:
         load_config(overrides=["method.budget=-0.1", "train.group_size=1"])

@@ -58,6 +58,20 @@ def test_gpu_steps_request_gpus_on_the_gpu_pool_with_cache_and_secrets(compiled)
         assert secrets == {"dcgrpo-s3", "dcgrpo-mlflow"}, step
 
 
+def test_train_rounds_share_the_verl_checkpoint_volume(compiled, tmp_path):
+    _, k8s = _executors(compiled)
+    rounds = [name for name in k8s if name.startswith("exec-train-round")]
+    assert len(rounds) == 4  # --max-rounds default
+    for name in rounds:
+        mounts = {m["mountPath"]: m for m in k8s[name]["pvcMount"]}
+        assert mounts["/checkpoints"]["constant"] == "dcgrpo-checkpoints", name  # = verl.checkpoint_dir's default
+    assert all("/checkpoints" not in json.dumps(k8s[n]) for n in k8s if not n.startswith("exec-train-round"))
+    bare = pipeline.compile_yaml(tmp_path / "bare.yaml", checkpoint_pvc="", accelerator_limit=8)
+    containers, k8s = _executors(bare)
+    assert "/checkpoints" not in json.dumps(k8s)
+    assert int(containers["exec-train-round"]["container"]["resources"]["accelerator"]["resourceCount"]) == 8
+
+
 def test_light_steps_have_cpu_limits_and_no_gpu(compiled):
     containers, k8s = _executors(compiled)
     for step in LIGHT_STEPS:

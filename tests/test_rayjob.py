@@ -33,7 +33,7 @@ def _cfg(*sets):
 
 
 def _job(cfg, name="run-1", env=None):
-    return render_rayjob(cfg, render_overrides(cfg, train_files="s3://b/train.parquet"), name=name, env=env)
+    return render_rayjob(cfg, render_overrides(cfg, train_files="/checkpoints/data/train.parquet"), name=name, env=env)
 
 
 def _pod_templates(job):
@@ -79,8 +79,9 @@ def test_multi_node_rayjob_validates_and_targets_the_gpu_pool():
         assert env["MLFLOW_RUN_ID"]["value"] == "abc123"
     entry = job["spec"]["entrypoint"]
     for part in (
-        "python -m verl.trainer.main_ppo",
+        "python -m dcgrpo.verl_plugin.launch trainer.use_v1=true",
         "trainer.v1.trainer_mode=dc_grpo",
+        "reward.custom_reward_function.path=pkg://dcgrpo.verl_plugin.reward",
         "trainer.nnodes=4",
         "actor_rollout_ref.rollout.calculate_log_probs=true",
         "actor_rollout_ref.rollout.quantization=fp8",
@@ -193,7 +194,7 @@ RUNNING = [
 
 def test_run_rayjob_submits_and_follows_to_success(caplog):
     cfg = _cfg("verl.poll_s=0.01")
-    overrides = render_overrides(cfg, train_files="s3://b/train.parquet")
+    overrides = render_overrides(cfg, train_files="/checkpoints/data/train.parquet")
     done = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "message": "Job finished successfully."}
     with caplog.at_level(logging.INFO, logger="dcgrpo"), FakeKubeAPI([*RUNNING, done]) as kube:
         status = run_rayjob(cfg, overrides, name="round-1", api=kube.api)
@@ -238,6 +239,6 @@ def test_cli_single_node_dry_run_prints_the_verl_command(capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert out.split()[1:3] == ["-m", "verl.trainer.main_ppo"]
+    assert out.split()[1:3] == ["-m", "dcgrpo.verl_plugin.launch"]
     assert "trainer.v1.trainer_mode=dc_grpo" in out and "data.train_files=/d/t.parquet" in out
     assert job_name("--") == "dcgrpo-verl"

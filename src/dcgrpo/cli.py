@@ -81,6 +81,11 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-image", help="image of the GPU steps (default: components.DEFAULT_TRAINER_IMAGE)")
     p.add_argument("--max-rounds", type=int, default=4, help="round tasks compiled in (runs use <= this many)")
     p.add_argument("--gpu-pool", default="cloud.google.com/gke-nodepool=gpu-pool", help="node selector KEY=VALUE")
+    p.add_argument("--accelerator-limit", type=int, default=1,
+                   help="GPUs per GPU step (verl.launch=single-node trains on these: set verl.gpus_per_node)")  # fmt: skip
+    p.add_argument("--checkpoint-pvc", default="dcgrpo-checkpoints",
+                   help="PVC for verl's checkpoints, mounted on the train rounds ('' = none; train.backend=verl)")  # fmt: skip
+    p.add_argument("--checkpoint-mount", default="/checkpoints", help="its mount path (= verl.checkpoint_dir)")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -97,10 +102,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     key, _, value = args.gpu_pool.partition("=")
     if not value:
         raise UserError(f"--gpu-pool {args.gpu_pool!r}: expected KEY=VALUE")
+    if args.accelerator_limit < 1:
+        raise UserError(f"--accelerator-limit {args.accelerator_limit}: must be >= 1")
     path = compile_yaml(
         args.output or COMPILED_PATH, image=args.image or DEFAULT_IMAGE,
         trainer_image=args.trainer_image or DEFAULT_TRAINER_IMAGE,
-        max_rounds=args.max_rounds, gpu_node_selector=(key, value),
+        max_rounds=args.max_rounds, gpu_node_selector=(key, value), accelerator_limit=args.accelerator_limit,
+        checkpoint_pvc=args.checkpoint_pvc, checkpoint_mount=args.checkpoint_mount,
     )  # fmt: skip
     print(path)
     return 0

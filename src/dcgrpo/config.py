@@ -133,6 +133,9 @@ class TrainConfig(_Section):
     """Pipeline rounds; a checkpoint is written at the end of each."""
     steps_per_round: int = Field(8, gt=0)
     seed: int = 0
+    backend: Literal["local", "verl"] = "local"
+    """Where a pipeline round trains: ``local`` = the single-machine loop in the step's pod (``dcgrpo.train.rl``);
+    ``verl`` = verl with the dc_grpo plugin, launched as ``verl.launch`` says (a KubeRay RayJob or in the pod)."""
 
     @property
     def responses_per_batch(self) -> int:
@@ -295,8 +298,24 @@ class VerlConfig(_Section):
 
     trainer_mode: Literal["dc_grpo", "sync"] = "dc_grpo"
     """verl v1 trainer: ``dc_grpo`` (our plugin; runs every method.name) or verl's own ``sync`` (GRPO only)."""
-    strategy: Literal["fsdp", "fsdp2"] = "fsdp"
-    """Training engine of the actor (Megatron uses verl's other top-level config; not rendered here)."""
+    strategy: Literal["fsdp", "fsdp2", "megatron"] = "fsdp"
+    """Training engine of the actor and ref (``megatron`` renders verl's ``model_engine=megatron``)."""
+    megatron_tp: int = Field(1, gt=0)
+    """Megatron tensor parallel size (strategy=megatron only, as are all megatron_* fields)."""
+    megatron_pp: int = Field(1, gt=0)
+    """Megatron pipeline parallel size."""
+    megatron_cp: int = Field(1, gt=0)
+    """Megatron context parallel size (splits each sequence; for long responses)."""
+    megatron_ep: int = Field(1, gt=0)
+    """Megatron expert parallel size (MoE experts split over this many GPUs)."""
+    megatron_etp: int | None = Field(None, gt=0)
+    """Megatron expert tensor parallel size; None = megatron_tp (Megatron-core's default)."""
+    megatron_sequence_parallel: bool = True
+    """Megatron sequence parallelism (verl turns it off itself when megatron_tp is 1)."""
+    megatron_param_offload: bool = False
+    """Offload actor and ref parameters (and grad buffers) to CPU while the rollout runs."""
+    megatron_optimizer_offload: bool = False
+    """Offload the actor's optimizer state to CPU while it is not stepping."""
     nnodes: int = Field(1, gt=0)
     """Ray nodes (1 head + nnodes-1 GPU workers; the head also trains)."""
     gpus_per_node: int = Field(8, gt=0)
@@ -338,6 +357,9 @@ class VerlConfig(_Section):
     """RayJob activeDeadlineSeconds and the follow loop's limit."""
     poll_s: float = Field(10.0, gt=0)
     """Seconds between RayJob status polls."""
+    launch: Literal["rayjob", "single-node"] = "rayjob"
+    """With ``train.backend=verl``: ``rayjob`` submits a KubeRay RayJob on the GPU pool and follows it;
+    ``single-node`` runs verl inside the pipeline step's pod (its GPUs: compile with ``--accelerator-limit``)."""
 
     @model_validator(mode="after")
     def _secret_refs(self) -> VerlConfig:
@@ -346,6 +368,27 @@ class VerlConfig(_Section):
                 raise ValueError(f"secret_env[{env}] must be 'secret-name/key' (got {ref!r})")
         if self.nnodes > 1 and self.checkpoint_pvc is None:
             raise ValueError("nnodes > 1 needs checkpoint_pvc: every node must see the same checkpoint_dir")
+        return self
+
+    @model_validator(mode="after")
+    def _megatron_layout(self) -> VerlConfig:
+        if self.strategy != "megatron":
+            return self
+        gpus = self.nnodes * self.gpus_per_node
+        where = f"verl.nnodes x verl.gpus_per_node = {self.nnodes} x {self.gpus_per_node} = {gpus} GPUs"
+        dense = self.megatron_tp * self.megatron_pp * self.megatron_cp
+        if gpus % dense:
+            raise ValueError(
+                f"verl.megatron_tp x verl.megatron_pp x verl.megatron_cp = {self.megatron_tp} x {self.megatron_pp} "
+                f"x {self.megatron_cp} = {dense} must divide {where}"
+            )
+        etp = self.megatron_etp or self.megatron_tp
+        experts = self.megatron_ep * etp * self.megatron_pp
+        if gpus % experts:
+            raise ValueError(
+                f"verl.megatron_ep x verl.megatron_etp (None = megatron_tp) x verl.megatron_pp = {self.megatron_ep} "
+                f"x {etp} x {self.megatron_pp} = {experts} must divide {where}"
+            )
         return self
 
 

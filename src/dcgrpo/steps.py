@@ -96,8 +96,9 @@ def prepare_data_step(
 
 
 def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_dir: str, out_dir: str) -> dict:
-    """The base policy in ``out_dir``: a copy of ``model_uri``, or a tiny model after SFT."""
+    """The base policy in ``out_dir``: a copy of ``model_uri`` (else ``model.path``), or a tiny model after SFT."""
     cfg = step_config(preset, overrides)
+    model_uri = model_uri or cfg.model.path or ""
     out = Path(out_dir)
     if model_uri:
         from dcgrpo.models import load_model_dir
@@ -146,6 +147,9 @@ def train_round_step(
         shutil.copytree(model_in_dir, out_dir, dirs_exist_ok=True)
         return {**model_in_meta, "skipped_round": round_index + 1}, {}
     cfg = step_config(preset, overrides, mlflow_uri, method__name=method, train__rounds=rounds)
+    if cfg.train.backend == "verl":
+        return _train_round_verl(cfg, method, round_index, rounds, kfp_run_id, dataset_dir, model_in_dir,
+                                 model_in_meta, out_dir)  # fmt: skip
     resume = str(Path(model_in_dir) / "checkpoints") if _is_checkpoint_artifact(model_in_dir) else None
     run_id = model_in_meta.get("mlflow_run_id") if resume else None
     data = Path(dataset_dir)
@@ -166,6 +170,69 @@ def train_round_step(
         "discrepancy": sum(d_round) / len(d_round) if d_round else float("nan"),
     }  # fmt: skip
     return meta, {k.replace("/", "_"): float(v) for k, v in scalars.items()}
+
+
+VERL_ROUND_FILE = "verl_round.json"
+"""What an intermediate verl round's Model artifact holds: where its checkpoint is (the weights stay on the volume)."""
+
+
+def _train_round_verl(
+    cfg: RunConfig, method: str, round_index: int, rounds: int, kfp_run_id: str, dataset_dir: str,
+    model_in_dir: str, model_in_meta: dict[str, Any], out_dir: str,
+) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+    """The verl backend of ``train_round_step``: one round of verl in the method's MLflow run.
+
+    The last round's Model artifact is the HF model verl saved (what export and
+    evaluation read); earlier rounds write only ``VERL_ROUND_FILE``, since verl
+    resumes from the checkpoint volume, not from the artifact.
+    """
+    from dcgrpo.tracking import resolve_tracking_uri, start_run
+    from dcgrpo.verl_plugin import rounds as verl_rounds
+    from dcgrpo.verl_plugin.config import render_env
+
+    uri = resolve_tracking_uri(cfg.tracking, str(_local_root(cfg)))
+    verl_rounds.check_launch(cfg, uri)
+    directory = verl_rounds.run_dir(cfg, kfp_run_id, method)
+    directory.mkdir(parents=True, exist_ok=True)
+    inputs = verl_rounds.stage_inputs(directory, dataset_dir, latest_model_dir(model_in_dir))
+    first_step = round_index * cfg.train.steps_per_round
+    with start_run(
+        cfg.tracking, storage_root=str(_local_root(cfg)), run_name=f"{method}-{cfg.rollout.precision}",
+        params=cfg.to_flat_dict(), tags={KFP_RUN_TAG: kfp_run_id, "method": method, "backend": "verl"},
+        run_id=model_in_meta.get("mlflow_run_id"),
+    ) as run:  # fmt: skip
+        result = verl_rounds.train_round(
+            cfg, directory=directory, inputs=inputs, round_number=round_index + 1, method=method,
+            pipeline_run_id=kfp_run_id, env=render_env(cfg, uri, run.run_id),
+        )  # fmt: skip
+        run_id = run.run_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if round_index + 1 == rounds:
+        shutil.copytree(result.hf_model, out, dirs_exist_ok=True)
+    else:
+        (out / VERL_ROUND_FILE).write_text(json.dumps({"checkpoint": str(result.folder), "step": result.step}))
+    scalars, d_round = _verl_round_metrics(cfg, run_id, first_step, result.step)
+    if result.lam is not None:
+        scalars["dc_lambda_after_round"] = result.lam
+    meta = {
+        "method": method, "round": round_index + 1, "mlflow_run_id": run_id, "step": result.step,
+        "lambda": result.lam, "backend": "verl",
+        "checkpoint": str(result.folder), "discrepancy": d_round,
+    }  # fmt: skip
+    return meta, scalars
+
+
+def _verl_round_metrics(cfg: RunConfig, run_id: str, first_step: int, last_step: int) -> tuple[dict, float]:
+    """(last logged dc/* values as Metrics scalars, mean batch discrepancy over this round's steps)."""
+    client = _mlflow_client(cfg)
+    last = client.get_run(run_id).data.metrics
+    scalars = {k.replace("/", "_"): float(v) for k, v in last.items() if k.startswith("dc/")}
+    history = client.get_metric_history(run_id, "dc/discrepancy_mean")
+    d = [m.value for m in history if first_step < m.step <= last_step]
+    if not d:
+        log.warning("run %s logged no dc/discrepancy_mean for steps %d..%d", run_id, first_step + 1, last_step)
+    return scalars, (sum(d) / len(d) if d else float("nan"))
 
 
 def latest_model_dir(model_dir: str) -> str:

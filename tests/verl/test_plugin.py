@@ -249,7 +249,7 @@ def test_compute_advantage_override_through_transfer_queue(transfer_queue, tmp_p
 
 def test_rendered_overrides_compose_with_verl_cfg_job():
     cfg = _cfg(**{"rollout.precision": "fp8", "train.prompts_per_batch": 8, "train.ppo_mini_batch": 2})
-    overrides = render_overrides(cfg, train_files="s3://bucket/prep/train.parquet", total_steps=6)
+    overrides = render_overrides(cfg, train_files="/checkpoints/data/train.parquet", total_steps=6)
     out = subprocess.run(
         [sys.executable, "-m", TRAIN_MAIN, *overrides, "--cfg", "job"], capture_output=True, text=True, timeout=180
     )
@@ -257,8 +257,46 @@ def test_rendered_overrides_compose_with_verl_cfg_job():
     job = yaml.safe_load(out.stdout)
     rollout = job["actor_rollout_ref"]["rollout"]
     assert rollout["calculate_log_probs"] is True and rollout["quantization"] == "fp8" and rollout["n"] == 4
-    assert job["data"]["train_files"] == "s3://bucket/prep/train.parquet" and job["data"]["train_batch_size"] == 8
+    assert job["data"]["train_files"] == "/checkpoints/data/train.parquet" and job["data"]["train_batch_size"] == 8
     assert job["actor_rollout_ref"]["actor"]["ppo_mini_batch_size"] == 2  # prompts; verl multiplies by n
     assert job["trainer"]["v1"]["trainer_mode"] == TRAINER_NAME and job["trainer"]["total_training_steps"] == 6
     assert job["trainer"]["logger"] == ["console", "mlflow"]
     assert plugin.method_config_from_verl(job["algorithm"]) == cfg.method  # every key survives the trip
+
+
+def test_round_file_ends_the_loop_at_the_rounds_step_only(tmp_path, monkeypatch):
+    """One launch = one pipeline round: the loop's bound moves, the configured total (LR horizon) does not."""
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    from dcgrpo.verl_plugin.launch import write_round_file
+
+    monkeypatch.setattr(PPOTrainerSync, "fit", lambda self, *a, **k: self.total_training_steps)
+    conf = _verl_config(_cfg(), tmp_path)
+    trainer = plugin.DCGRPOTrainer(conf)
+    trainer.total_training_steps = 10  # what verl's _init_dataloader sets from trainer.total_training_steps
+    assert trainer.fit(None) == 10  # no round file: the whole run
+    write_round_file(tmp_path, 4)
+    trainer.total_training_steps = 10
+    assert trainer.fit(None) == 4
+    assert conf.trainer.total_training_steps == 16  # rounds x steps_per_round, untouched
+
+
+def test_verl_loads_our_math_verify_reward_from_the_composed_config():
+    """verl's own loader finds `compute_score` through the rendered overrides and scores as dcgrpo.reward does."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    from dcgrpo.reward import score
+
+    conf = _verl_config(_cfg(**{"reward.timeout_s": 2.0}))
+    fn = get_custom_reward_fn(OmegaConf.create(OmegaConf.to_container(conf, resolve=True)))
+    cases = [
+        ("synthetic/arith-d1", "12 + 7 = \\boxed{19}", "19"),
+        ("math_dapo", "so the answer is \\boxed{\\frac{1}{2}}", "0.5"),
+        ("math_dapo", "Answer: 34", "35"),
+        ("aime", "\\boxed{" + "(" * 300 + "1" + ")" * 300 + "}", "1"),  # adversarial: nested parens
+    ]
+    got = [fn(data_source=src, solution_str=text, ground_truth=gt, extra_info={}) for src, text, gt in cases]
+    assert got == [score(text, gt) for _, text, gt in cases]
+    assert got[:3] == [1.0, 1.0, 0.0]
+    assert conf.reward.custom_reward_function.reward_kwargs.timeout_s == 2.0

@@ -6,6 +6,11 @@
 - ``config``: verl Hydra overrides rendered from the project's ``RunConfig``.
 - ``rayjob``: a KubeRay ``RayJob`` rendered from the same config, submitted and
   followed to completion; plus the single-node, in-pod variant.
+- ``launch``: the process both run (``python -m dcgrpo.verl_plugin.launch``):
+  records where this launch stops, then runs verl's ``main_ppo``.
+- ``rounds``: one pipeline round on verl (stage inputs on the shared checkpoint
+  volume, launch, read back the HF weights and lambda).
+- ``reward``: the math-verify reward as verl's custom reward function.
 
 This package's ``__init__`` imports nothing from verl, so ``config`` and
 ``rayjob`` work in environments without it (the main venv, the KFP step).
@@ -16,4 +21,9 @@ TRAINER_NAME = "dc_grpo"
 CONFIG_KEY = "dc_grpo"
 """Our keys live under verl's ``algorithm.dc_grpo`` (``+algorithm.dc_grpo.*`` overrides)."""
 
-__all__ = ["CONFIG_KEY", "TRAINER_NAME"]
+ROUND_FILE = "dcgrpo_round.json"
+"""``{"stop_at_step": N}`` in verl's checkpoint dir: the trainer ends this launch after step N (one pipeline
+round) while ``trainer.total_training_steps`` stays the whole run's, so the LR schedule and the config verl
+logs to MLflow are the same in every round (MLflow refuses a changed param value on a re-attached run)."""
+
+__all__ = ["CONFIG_KEY", "ROUND_FILE", "TRAINER_NAME"]

@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from dcgrpo.config import load_config
+from dcgrpo.config import ConfigError, load_config
 from dcgrpo.verl_plugin.config import ray_env_overrides, render_env, render_overrides, train_command
 from dcgrpo.verl_plugin.rayjob import RayJobFailed, render_rayjob, run_rayjob, run_single_node
 
@@ -28,7 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-files", required=True, help="prepared training parquet (verl schema), local or s3://")
     p.add_argument("--val-files", help="prepared validation parquet (default: the training files)")
     p.add_argument("--model-path", help="HF model directory (default: model.path)")
-    p.add_argument("--round", type=int, help="pipeline round r: train up to step r x steps_per_round (default: all)")
+    p.add_argument("--round", type=int, help="pipeline round r: stop after step r x steps_per_round (default: all)")
     p.add_argument("--mode", choices=["rayjob", "single-node"], default="rayjob")
     p.add_argument("--name", help="RayJob / experiment name (default: tracking.run_name or the config hash)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: tracking.mlflow_uri)")
@@ -39,28 +39,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, preset=args.preset)
     name = args.name or cfg.tracking.run_name or f"dcgrpo-verl-{cfg.config_hash()}"
-    total = args.round * cfg.train.steps_per_round if args.round else None
+    if args.round is not None and not 1 <= args.round <= cfg.train.rounds:
+        raise ConfigError(f"--round {args.round}: must be between 1 and train.rounds ({cfg.train.rounds})")
+    stop = args.round * cfg.train.steps_per_round if args.round else None
     overrides = render_overrides(
-        cfg,
-        train_files=args.train_files,
-        val_files=args.val_files,
-        model_path=args.model_path,
-        total_steps=total,
-        experiment_name=name,
+        cfg, train_files=args.train_files, val_files=args.val_files, model_path=args.model_path, experiment_name=name
     )
     env = render_env(cfg, args.mlflow_uri, args.mlflow_run_id)
     try:
         if args.mode == "single-node":
             overrides = overrides + ray_env_overrides(env)
             if args.dry_run:
-                print(shlex.join(train_command(overrides, python=sys.executable)))
+                print(shlex.join(train_command(overrides, python=sys.executable, stop_at_step=stop)))
                 return 0
-            run_single_node(overrides, env=env)
+            run_single_node(overrides, env=env, stop_at_step=stop)
         else:
             if args.dry_run:
-                yaml.safe_dump(render_rayjob(cfg, overrides, name=name, env=env), sys.stdout, sort_keys=False)
+                body = render_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop)
+                yaml.safe_dump(body, sys.stdout, sort_keys=False)
                 return 0
-            run_rayjob(cfg, overrides, name=name, env=env)
+            run_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop)
     except RayJobFailed as exc:
         print(f"dcgrpo train-verl: {exc}", file=sys.stderr)
         return 1

@@ -21,11 +21,16 @@ from typing import Any
 
 from dcgrpo.config import ConfigError, RunConfig
 from dcgrpo.verl_plugin import CONFIG_KEY, TRAINER_NAME
+from dcgrpo.verl_plugin.launch import TRAIN_MAIN as TRAIN_MAIN  # re-exported: verl's module
 
+LAUNCH_MAIN = "dcgrpo.verl_plugin.launch"
+"""What a launch runs: records the round's last step, then runs verl's ``TRAIN_MAIN`` (``launch`` module)."""
+
+REWARD_MODULE = "pkg://dcgrpo.verl_plugin.reward"
+REWARD_FUNCTION = "compute_score"
+"""verl's custom reward function: ``dcgrpo.verl_plugin.reward.compute_score`` (math-verify)."""
 ROLLOUT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 """vLLM dtype per rollout precision; fp8 adds ``quantization=fp8`` on top of bf16 activations."""
-TRAIN_MAIN = "verl.trainer.main_ppo"
-"""Module verl runs: ``python -m verl.trainer.main_ppo <overrides>``."""
 
 _BARE = re.compile(r"^[A-Za-z0-9_./:~+-]*[A-Za-z0-9_/~]$|^[A-Za-z0-9]$")
 
@@ -64,6 +69,40 @@ def _check_batches(cfg: RunConfig) -> None:
         raise ConfigError(f"verl.rollout_tp ({v.rollout_tp}) must divide verl.gpus_per_node ({v.gpus_per_node})")
 
 
+def _megatron_overrides(cfg: RunConfig) -> dict[str, Any]:
+    """verl's Megatron engine for actor and ref (verl.strategy=megatron); {} for FSDP.
+
+    ``model_engine=megatron`` is the Hydra choice that swaps actor, ref and
+    critic to verl's ``megatron_*`` configs (what the deprecated
+    ``--config-name ppo_megatron_trainer`` does). verl's ref would follow the
+    actor's parallel sizes by itself; they are set explicitly so the two cannot drift.
+    """
+    v, t = cfg.verl, cfg.train
+    if v.strategy != "megatron":
+        return {}
+    # verl's own check: responses per step over Megatron data-parallel ranks x micro-batch
+    dp = v.nnodes * v.gpus_per_node // (v.megatron_tp * v.megatron_pp * v.megatron_cp)
+    if t.responses_per_batch % (dp * v.micro_batch_per_gpu):
+        raise ConfigError(
+            f"train.prompts_per_batch x train.group_size = {t.responses_per_batch} responses per step must divide "
+            f"over {dp} Megatron data-parallel ranks x verl.micro_batch_per_gpu ({v.micro_batch_per_gpu})"
+        )
+    sizes = {
+        "tensor_model_parallel_size": v.megatron_tp,
+        "pipeline_model_parallel_size": v.megatron_pp,
+        "context_parallel_size": v.megatron_cp,
+        "expert_model_parallel_size": v.megatron_ep,
+        "expert_tensor_parallel_size": v.megatron_etp,
+        "sequence_parallel": v.megatron_sequence_parallel,
+        "param_offload": v.megatron_param_offload,
+    }
+    o: dict[str, Any] = {"model_engine": "megatron"}
+    for role in ("actor", "ref"):
+        o.update({f"actor_rollout_ref.{role}.megatron.{k}": val for k, val in sizes.items()})
+    o["actor_rollout_ref.actor.megatron.optimizer_offload"] = v.megatron_optimizer_offload
+    return o
+
+
 def render_overrides(
     cfg: RunConfig,
     *,
@@ -72,6 +111,7 @@ def render_overrides(
     model_path: str | None = None,
     total_steps: int | None = None,
     experiment_name: str | None = None,
+    local_dir: str | None = None,
 ) -> list[str]:
     """verl Hydra overrides for one training run (one pipeline round or a whole run).
 
@@ -84,11 +124,19 @@ def render_overrides(
             r x steps_per_round); default the whole run, rounds x steps_per_round.
         experiment_name: verl's experiment (the MLflow run name when no run id
             is attached); default ``tracking.run_name`` or the config hash.
+        local_dir: verl's checkpoint directory for this run (every round of a
+            pipeline run shares it); default ``verl.checkpoint_dir``.
     """
     model = model_path or cfg.model.path
     if not model:
         raise ConfigError("model.path: verl trains an existing HF model directory; build or export one first")
     _check_batches(cfg)
+    for what, path in (("train files", train_files), ("val files", val_files), ("model.path", model)):
+        if path and str(path).startswith("s3://"):
+            raise ConfigError(
+                f"{what} {path}: verl reads local paths (or hdfs://) on every node, not s3://; put it on the "
+                "checkpoint volume (the pipeline's verl backend stages the dataset and model there itself)"
+            )
     t, r, v, m = cfg.train, cfg.rollout, cfg.verl, cfg.method
     steps = total_steps or t.rounds * t.steps_per_round
     actor = "actor_rollout_ref.actor"
@@ -102,7 +150,7 @@ def render_overrides(
         "trainer.total_training_steps": steps,
         "trainer.total_epochs": 1_000_000,  # steps decide; epochs never cut a run short
         "trainer.save_freq": v.save_freq or t.steps_per_round,
-        "trainer.default_local_dir": v.checkpoint_dir,
+        "trainer.default_local_dir": local_dir or v.checkpoint_dir,
         "trainer.resume_mode": "auto",
         "trainer.val_before_train": False,
         "trainer.test_freq": -1,  # evaluation is the pipeline's own step (vLLM avg@k)
@@ -137,6 +185,9 @@ def render_overrides(
         f"{actor}.kl_loss_coef": t.kl_loss_coef,
         f"{actor}.entropy_coeff": t.entropy_coef,
         f"{actor}.data_loader_seed": t.seed,
+        # full HF weights beside the FSDP shards: the pipeline's export and eval read them directly
+        f"{actor}.checkpoint.save_contents": ["model", "optimizer", "extra", "hf_model"],
+        f"{actor}.checkpoint.load_contents": ["model", "optimizer", "extra"],
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": v.micro_batch_per_gpu,
         # rollout (inference engine): log-probs at sampling time are half of d
         f"{rollout}.name": r.engine,
@@ -154,7 +205,12 @@ def render_overrides(
         "algorithm.adv_estimator": "grpo",
         "algorithm.norm_adv_by_std_in_grpo": t.norm_adv_by_std,
         "algorithm.use_kl_in_reward": False,
+        # reward: our math-verify scorer (same as the single-machine loop), for every data_source
+        "reward.custom_reward_function.path": REWARD_MODULE,
+        "reward.custom_reward_function.name": REWARD_FUNCTION,
+        **{f"+reward.custom_reward_function.reward_kwargs.{k}": val for k, val in cfg.reward.model_dump().items()},
     }
+    o.update(_megatron_overrides(cfg))
     out = [f"{k}={hydra_value(val)}" for k, val in o.items()]
     if v.trainer_mode == TRAINER_NAME:
         # new keys need '+': every MethodConfig field, so the trainer validates them with our own model
@@ -182,6 +238,7 @@ def ray_env_overrides(env: dict[str, str]) -> list[str]:
     return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(val)}" for k, val in sorted(env.items())]
 
 
-def train_command(overrides: list[str], python: str = "python") -> list[str]:
-    """argv that runs verl with these overrides."""
-    return [python, "-m", TRAIN_MAIN, *overrides]
+def train_command(overrides: list[str], python: str = "python", stop_at_step: int | None = None) -> list[str]:
+    """argv that runs verl with these overrides, stopping after ``stop_at_step`` (one round) if given."""
+    stop = ["--stop-at-step", str(stop_at_step)] if stop_at_step is not None else []
+    return [python, "-m", LAUNCH_MAIN, *stop, *overrides]

@@ -89,8 +89,9 @@ def render_rayjob(
     *,
     name: str,
     env: dict[str, str] | None = None,
+    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
-    """The RayJob for one verl training run.
+    """The RayJob for one verl training run (or one round of it, ending after ``stop_at_step``).
 
     Args:
         cfg: run config (``verl`` section: image, pool, sizes, secrets).
@@ -100,7 +101,7 @@ def render_rayjob(
     """
     v = cfg.verl
     env = dict(env or {})
-    entrypoint = shlex.join(train_command(overrides + ray_env_overrides(env)))
+    entrypoint = shlex.join(train_command(overrides + ray_env_overrides(env), stop_at_step=stop_at_step))
     head_params = {"dashboard-host": "0.0.0.0", "num-gpus": str(v.gpus_per_node)}
     cluster: dict[str, Any] = {
         "rayVersion": v.ray_version,
@@ -137,13 +138,35 @@ def render_rayjob(
     }
 
 
-def submit_rayjob(api: Any, body: dict[str, Any]) -> str:
-    """Create the RayJob through a ``kubernetes.client.CustomObjectsApi``; returns its name."""
-    ns = body["metadata"]["namespace"]
-    created = api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
-    name = created["metadata"]["name"]
-    log.info("rayjob %s/%s submitted (%d nodes, image %s)", ns, name, _node_count(body), _image(body))
-    return name
+def submit_rayjob(api: Any, body: dict[str, Any], max_attempts: int = 5) -> str:
+    """Create the RayJob through a ``kubernetes.client.CustomObjectsApi``; returns its name.
+
+    A RayJob of that name already there (the step's pod was retried or
+    preempted) is re-attached to while it runs or after it succeeded; after a
+    failed one the job is submitted again as ``<name>-a2``, ``-a3``, ... (verl
+    resumes from its checkpoint), so no delete permission is needed.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    ns, base = body["metadata"]["namespace"], body["metadata"]["name"]
+    for attempt in range(1, max_attempts + 1):
+        name = base if attempt == 1 else f"{base[:49].rstrip('-')}-a{attempt}"
+        try:
+            api.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, {**body, "metadata": {**body["metadata"], "name": name}}
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            status = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
+            if _failure(status) is None:
+                log.info("rayjob %s/%s exists (%s): re-attaching", ns, name, status.get("jobStatus") or "starting")
+                return name
+            log.info("rayjob %s/%s failed earlier (%s): submitting the next attempt", ns, name, _failure(status))
+            continue
+        log.info("rayjob %s/%s submitted (%d nodes, image %s)", ns, name, _node_count(body), _image(body))
+        return name
+    raise RayJobFailed(f"RayJob {ns}/{base}: {max_attempts} attempts exist and all failed; delete them to retry")
 
 
 def _node_count(body: dict[str, Any]) -> int:
@@ -210,11 +233,17 @@ def kube_custom_objects_api() -> Any:
 
 
 def run_rayjob(
-    cfg: RunConfig, overrides: list[str], *, name: str, env: dict[str, str] | None = None, api: Any = None
+    cfg: RunConfig,
+    overrides: list[str],
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+    api: Any = None,
+    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Render, submit and follow one RayJob to completion (the pipeline's verl backend)."""
     api = api or kube_custom_objects_api()
-    body = render_rayjob(cfg, overrides, name=name, env=env)
+    body = render_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop_at_step)
     submitted = submit_rayjob(api, body)
     return follow_rayjob(
         api, submitted, body["metadata"]["namespace"], poll_s=cfg.verl.poll_s, timeout_s=cfg.verl.timeout_s
@@ -222,7 +251,12 @@ def run_rayjob(
 
 
 def run_single_node(
-    overrides: list[str], *, env: dict[str, str] | None = None, python: str = sys.executable, tail_lines: int = 40
+    overrides: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+    tail_lines: int = 40,
+    stop_at_step: int | None = None,
 ) -> None:
     """Run verl on this machine (the step's pod): its output streams into our log.
 
@@ -230,8 +264,10 @@ def run_single_node(
     """
     import os
 
-    argv = train_command(overrides, python=python)
-    log.info("verl single-node: %s", shlex.join(argv[:3]) + f" ... ({len(overrides)} overrides)")
+    argv = train_command(overrides, python=python, stop_at_step=stop_at_step)
+    log.info(
+        "verl single-node: %s", shlex.join(argv[: len(argv) - len(overrides)]) + f" ... ({len(overrides)} overrides)"
+    )
     tail: deque[str] = deque(maxlen=tail_lines)
     with subprocess.Popen(
         argv, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -43,6 +43,7 @@ from dcgrpo.algorithm.dual import LagrangeMultiplier
 from dcgrpo.algorithm.methods import MethodHParams, get_method, shape_advantages
 from dcgrpo.config import ConfigError, MethodConfig
 from dcgrpo.verl_plugin import CONFIG_KEY, TRAINER_NAME
+from dcgrpo.verl_plugin.launch import read_stop_step
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,19 @@ class DCGRPOTrainer(PPOTrainerSync):
         if trainer.resume_mode == "resume_path":
             return os.path.abspath(trainer.resume_from_path)
         return os.path.join(os.path.abspath(trainer.default_local_dir), f"global_step_{self.global_steps}")
+
+    # ---- one launch = one pipeline round ----------------------------------------------
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """verl's loop, ended after the step the launcher recorded (``ROUND_FILE``), with a checkpoint.
+
+        Only the loop's bound moves: ``trainer.total_training_steps`` (the LR
+        schedule's horizon and the value verl logs to MLflow) stays the whole run's.
+        """
+        stop = read_stop_step(self.config.trainer.default_local_dir)
+        if stop is not None and stop < self.total_training_steps:
+            log.info("%s: this launch stops after step %d of %d", TRAINER_NAME, stop, self.total_training_steps)
+            self.total_training_steps = stop  # the loop's is_last_step: checkpoint, then return
+        return super().fit(*args, **kwargs)
 
     def _save_checkpoint(self) -> None:
         self.save_dc_state(self._save_folder())  # before verl writes its "latest" tracker
