@@ -93,6 +93,19 @@ def test_top_level_builds_everything():
     assert {"Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "InferenceService"} <= kinds
 
 
+def test_volumes_the_pipeline_and_rayjobs_mount_exist():
+    from pipelines.dc_grpo import ClusterSettings
+
+    from dcgrpo.config import VerlConfig
+
+    claims = {o["metadata"]["name"]: o for o in kustomize_build(MANIFESTS) if o["kind"] == "PersistentVolumeClaim"}
+    settings, verl = ClusterSettings(), VerlConfig()
+    assert {settings.model_cache_pvc, settings.checkpoint_pvc, verl.checkpoint_pvc} <= set(claims)
+    assert settings.checkpoint_mount == verl.checkpoint_dir  # the step and the Ray nodes see one path
+    for claim in claims.values():  # a new pod per round, several Ray nodes: shared read-write
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["metadata"]["namespace"] == "kubeflow"
+
+
 def test_rbac_is_least_privilege():
     objects = kustomize_build(MANIFESTS / "rbac")
     allowed = {
