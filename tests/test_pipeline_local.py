@@ -5,6 +5,7 @@ Shortened: one round of two steps per method and a few evaluation problems.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dcgrpo.tracking import start_local_server, stop_local_server
-from tests.conftest import TEST_BUCKET
+from tests.conftest import REPO_ROOT, TEST_BUCKET
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +42,16 @@ def mlflow_on_s3(s3_server, tmp_path_factory):
         stop_local_server(proc)
 
 
-def _run_pipeline(tmp_path, mlflow_uri, extra=(), data_uri=""):
+def _run_pipeline(tmp_path, mlflow_uri, extra=(), data_uri="", methods=("grpo", "dc-grpo"), rounds=1, env=None):
     """Run the pipeline in a subprocess (kfp.local's executor and vLLM both own process state)."""
     code = f"""
 import json, sys
 from dcgrpo.pipeline import pipeline_arguments, run_local
-args = pipeline_arguments("tiny-cpu", {json.dumps(SHORT + list(extra))}, ["grpo", "dc-grpo"], rounds=1,
+args = pipeline_arguments("tiny-cpu", {json.dumps(SHORT + list(extra))}, {list(methods)!r}, rounds={rounds},
                           data_uri={data_uri!r}, mlflow_uri={mlflow_uri!r})
 run_local(args, {str(tmp_path / "kfp")!r})
 """
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500, env=env)
 
 
 def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on_s3):
@@ -107,3 +108,29 @@ def test_failing_step_fails_the_run_and_registers_nothing(tmp_path, mlflow_serve
     runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {t0}")
     assert runs and all(r.info.status == "FAILED" for r in runs)
     assert client.search_model_versions("name = 'never'") == []
+
+
+def test_pipeline_with_verl_rounds_hands_verls_model_to_export_and_registry(tmp_path, mlflow_server):
+    """train.backend=verl through kfp.local: two rounds in one MLflow run, the last round's HF model exported,
+    evaluated and registered. verl itself needs GPUs: tests/fake_verl stands in for its main_ppo
+    (see tests/test_verl_backend.py)."""
+    (tmp_path / "ckpt").mkdir()
+    fake = str(REPO_ROOT / "tests" / "fake_verl")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [fake, os.environ.get("PYTHONPATH")]))}
+    extra = [f"storage.root={tmp_path / 'store'}", "train.backend=verl", "verl.launch=single-node",
+             "verl.gpus_per_node=1", f"verl.checkpoint_dir={tmp_path / 'ckpt'}", "model.sft_steps=20",
+             "registry.model_name=dcgrpo-verl-e2e"]  # fmt: skip
+    t0 = int(time.time() * 1000)
+    proc = _run_pipeline(tmp_path, mlflow_server, extra, methods=("dc-grpo",), rounds=2, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("dcgrpo")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {t0}")
+    (run,) = [r for r in runs if r.data.tags.get("method") == "dc-grpo"]
+    assert run.info.status == "FINISHED" and run.data.tags["backend"] == "verl"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "dc/discrepancy_mean")] == [1, 2, 3, 4]
+    assert "eval/synthetic/avg@1" in json.loads(run.data.tags["dcgrpo.eval_metrics"])
+    (version,) = client.search_model_versions("name = 'dcgrpo-verl-e2e'")
+    assert version.run_id == run.info.run_id and version.tags["quantization"] == "fp8"
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert len((run_dir / "launches.log").read_text().splitlines()) == 2  # one launch per round

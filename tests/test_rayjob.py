@@ -242,3 +242,13 @@ def test_cli_single_node_dry_run_prints_the_verl_command(capsys):
     assert out.split()[1:3] == ["-m", "dcgrpo.verl_plugin.launch"]
     assert "trainer.v1.trainer_mode=dc_grpo" in out and "data.train_files=/d/t.parquet" in out
     assert job_name("--") == "dcgrpo-verl"
+
+
+def test_cli_round_stops_at_the_rounds_step_with_the_whole_runs_total(capsys):
+    common = ["train-verl", "--preset", "qwen3-8b", "--train-files", "/checkpoints/d/train.parquet"]
+    assert cli_main([*common, "--round", "2", "--dry-run"]) == 0
+    entry = yaml.safe_load(capsys.readouterr().out)["spec"]["entrypoint"]
+    assert entry.startswith("python -m dcgrpo.verl_plugin.launch --stop-at-step 40 ")  # 2 x steps_per_round 20
+    assert "trainer.total_training_steps=200" in entry  # 10 rounds x 20: the LR horizon of the whole run
+    assert cli_main([*common, "--round", "11", "--dry-run"]) == 2
+    assert "--round 11: must be between 1 and train.rounds (10)" in capsys.readouterr().err
