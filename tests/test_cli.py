@@ -20,6 +20,8 @@ def run(*args, cwd=None, timeout=600):
         (["train", "--method", "ppo"], "method.name"),
         (["demo", "--set", "train.group_size=1"], "train.group_size"),
         (["compile", "--set", "train.lr=1"], "compile takes no run config"),
+        (["train", "--preset", "qwen3-8b"], "train.backend=verl"),
+        (["compile", "--accelerator-limit", "0"], "--accelerator-limit 0"),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(args, field, tmp_path):

@@ -267,6 +267,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.method:  # through the config, so a bad name fails like any other field
         args.overrides = [*args.overrides, f"method.name={args.method}"]
     cfg = config_from_args(args)
+    if cfg.train.backend == "verl":
+        raise UserError(
+            f"train.backend=verl (preset {cfg.preset}): `dcgrpo train` is the single-machine loop; train on verl "
+            "with `dcgrpo train-verl` or the pipeline, or add --set train.backend=local to run this loop anyway"
+        )
     res = train_job(cfg, out_dir=args.out, resume=args.resume)
     print(f"step {res.step}  lambda {res.lam:.4g}  checkpoint {res.checkpoint}  MLflow run {res.run_id}")
     return 0
