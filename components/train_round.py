@@ -14,7 +14,8 @@ def train_round(
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """One DC-GRPO (or baseline) round resuming ``model_in``'s checkpoint.
+    """One DC-GRPO (or baseline) round resuming ``model_in``'s checkpoint: the single-machine loop in this pod,
+    or verl (a RayJob, or in this pod) when ``train.backend=verl`` (``dcgrpo.steps.train_round_step``).
 
     Rounds past ``rounds`` pass the checkpoint through untouched, so one
     compiled pipeline serves any round count up to the number compiled in.
