@@ -1,27 +1,24 @@
 """The verl backend's cluster launch: rendered RayJob, its manifest, and following it.
 
 The one fake here is the Kubernetes API server (no cluster on this machine):
-a small HTTP server that speaks the two RayJob endpoints, driven through the
+a small HTTP server that speaks the two RayJob endpoints (tests/kube_fake.py), driven through the
 real ``kubernetes`` client. Everything of ours runs for real. No verl import.
 """
 
-import json
 import logging
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes import client
 
 from dcgrpo.cli import main as cli_main
 from dcgrpo.config import ConfigError, load_config
 from dcgrpo.verl_plugin.config import render_env, render_overrides
 from dcgrpo.verl_plugin.rayjob import RayJobFailed, follow_rayjob, job_name, render_rayjob, run_rayjob
+from tests.kube_fake import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "manifests" / "rayjob"
@@ -134,53 +131,18 @@ def test_manifest_template_is_the_rendered_rayjob_and_kustomizes(capsys):
 # ---- following a RayJob: the real kubernetes client against a fake API server -----------
 
 
-class FakeKubeAPI:
-    """A stand-in Kubernetes API server for ray.io/v1 rayjobs: create, then each GET
-    returns the next scripted status (the last one repeats)."""
+class ScriptedKubeAPI(FakeKubeAPI):
+    """Each GET of a job returns the next scripted status (the last one repeats)."""
 
     def __init__(self, statuses):
+        super().__init__()
         self.statuses = list(statuses)
-        self.created: list[dict] = []
         self.gets = 0
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):  # /apis/ray.io/v1/namespaces/{ns}/rayjobs
-                obj = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.created.append(obj)
-                self._send(201, obj)
-
-            def do_GET(self):  # /apis/ray.io/v1/namespaces/{ns}/rayjobs/{name}
-                parts = self.path.split("?")[0].strip("/").split("/")
-                if parts[:2] != ["apis", "ray.io"] or parts[5] != "rayjobs" or not fake.created:
-                    return self._send(404, {"kind": "Status", "code": 404})
-                status = fake.statuses[min(fake.gets, len(fake.statuses) - 1)]
-                fake.gets += 1
-                self._send(200, {**fake.created[-1], "status": status})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        conf = client.Configuration(host=f"http://127.0.0.1:{self.server.server_port}")
-        self.api = client.CustomObjectsApi(client.ApiClient(conf))
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def status_of(self, name):
+        status = self.statuses[min(self.gets, len(self.statuses) - 1)]
+        self.gets += 1
+        return status
 
 
 RUNNING = [
@@ -196,7 +158,7 @@ def test_run_rayjob_submits_and_follows_to_success(caplog):
     cfg = _cfg("verl.poll_s=0.01")
     overrides = render_overrides(cfg, train_files="/checkpoints/data/train.parquet")
     done = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "message": "Job finished successfully."}
-    with caplog.at_level(logging.INFO, logger="dcgrpo"), FakeKubeAPI([*RUNNING, done]) as kube:
+    with caplog.at_level(logging.INFO, logger="dcgrpo"), ScriptedKubeAPI([*RUNNING, done]) as kube:
         status = run_rayjob(cfg, overrides, name="round-1", api=kube.api)
     assert status["jobStatus"] == "SUCCEEDED"
     assert kube.created == [render_rayjob(cfg, overrides, name="round-1")]
@@ -215,7 +177,7 @@ def test_failed_rayjob_raises_with_kuberays_message():
         "reason": "AppFailed",
         "message": "Job entrypoint command failed with exit code 1: CUDA out of memory",
     }
-    with FakeKubeAPI([*RUNNING[:3], failed]) as kube:
+    with ScriptedKubeAPI([*RUNNING[:3], failed]) as kube:
         kube.api.create_namespaced_custom_object("ray.io", "v1", "kubeflow", "rayjobs", _job(_cfg()))
         with pytest.raises(RayJobFailed, match=r"kubeflow/run-1 failed \(AppFailed\): .*CUDA out of memory"):
             follow_rayjob(kube.api, "run-1", "kubeflow", poll_s=0, sleep=lambda s: None)
@@ -227,7 +189,7 @@ def test_follow_gives_up_after_timeout():
     def sleep(s):
         now[0] += s
 
-    with FakeKubeAPI(RUNNING) as kube:
+    with ScriptedKubeAPI(RUNNING) as kube:
         kube.api.create_namespaced_custom_object("ray.io", "v1", "kubeflow", "rayjobs", _job(_cfg()))
         with pytest.raises(RayJobFailed, match="still Running after 30 s"):
             follow_rayjob(kube.api, "run-1", "kubeflow", poll_s=10, timeout_s=30, sleep=sleep, clock=lambda: now[0])

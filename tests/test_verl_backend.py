@@ -15,12 +15,9 @@ import os
 import shlex
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from kubernetes import client
 from mlflow.tracking import MlflowClient
 
 from dcgrpo.config import ConfigError, load_config
@@ -31,6 +28,7 @@ from dcgrpo.verl_plugin import rayjob
 from dcgrpo.verl_plugin.config import render_overrides
 from dcgrpo.verl_plugin.launch import local_dir_of, read_stop_step, write_round_file
 from dcgrpo.verl_plugin.rayjob import RayJobFailed
+from tests.kube_fake import FakeKubeAPI
 
 FAKE_VERL = Path(__file__).parent / "fake_verl"
 STEPS, ROUNDS = 2, 2
@@ -103,47 +101,12 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
     assert len(_launches(tmp_path)) == 2  # not launched again
 
 
-class RunningKubeAPI:
-    """A stand-in Kubernetes API server for ray.io/v1 rayjobs that runs each created job's
-    entrypoint (with its head pod's plain env) and reports KubeRay's status for the outcome."""
+class RunningKubeAPI(FakeKubeAPI):
+    """Runs each created RayJob's entrypoint (with its head pod's plain env) and reports KubeRay's
+    status for the outcome."""
 
-    def __init__(self):
-        self.jobs: dict[str, dict] = {}
-        self.created: list[dict] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _name(self):
-                return self.path.split("?")[0].strip("/").split("/")[-1]
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                name = body["metadata"]["name"]
-                if name in fake.jobs:
-                    return self._send(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"})
-                fake.created.append(body)
-                fake.jobs[name] = {**body, "status": fake.run(body)}
-                self._send(201, body)
-
-            def do_GET(self):
-                job = fake.jobs.get(self._name())
-                self._send(200, job) if job else self._send(404, {"kind": "Status", "code": 404})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        conf = client.Configuration(host=f"http://127.0.0.1:{self.server.server_port}")
-        self.api = client.CustomObjectsApi(client.ApiClient(conf))
+    def on_create(self, body):
+        self.jobs[body["metadata"]["name"]]["status"] = self.run(body)
 
     @staticmethod
     def run(body):
@@ -162,8 +125,8 @@ class RunningKubeAPI:
 def kube(monkeypatch):
     fake = RunningKubeAPI()
     monkeypatch.setattr(rayjob, "kube_custom_objects_api", lambda: fake.api)
-    yield fake
-    fake.server.shutdown()
+    with fake:
+        yield fake
 
 
 def test_rayjob_round_fails_with_the_jobs_error_then_a_retry_resubmits(

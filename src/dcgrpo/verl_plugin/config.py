@@ -113,15 +113,15 @@ def render_overrides(
     experiment_name: str | None = None,
     local_dir: str | None = None,
 ) -> list[str]:
-    """verl Hydra overrides for one training run (one pipeline round or a whole run).
+    """verl Hydra overrides for one training run (every pipeline round of it renders the same ones).
 
     Args:
         cfg: the run config.
         train_files / val_files: prepared parquet (verl schema) from the prep step.
         model_path: HF model directory; default ``cfg.model.path``.
-        total_steps: stop after this global step (verl resumes from the latest
-            checkpoint in ``verl.checkpoint_dir``, so round r passes
-            r x steps_per_round); default the whole run, rounds x steps_per_round.
+        total_steps: verl's ``trainer.total_training_steps`` (the LR schedule's
+            horizon); default the whole run, rounds x steps_per_round. A round
+            does not change it: the launcher's ``--stop-at-step`` ends the round.
         experiment_name: verl's experiment (the MLflow run name when no run id
             is attached); default ``tracking.run_name`` or the config hash.
         local_dir: verl's checkpoint directory for this run (every round of a
