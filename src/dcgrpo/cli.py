@@ -14,14 +14,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dcgrpo.config import ConfigError, RunConfig, load_config
+from dcgrpo.config import RunConfig, load_config
+from dcgrpo.errors import DcgrpoError
 from dcgrpo.verl_plugin import cli as verl_cli
 
 log = logging.getLogger("dcgrpo")
 
 
-class UserError(RuntimeError):
-    """A failure caused by input or environment, reported without a traceback."""
+class UserError(DcgrpoError):
+    """A failure caused by the command's arguments, reported without a traceback."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -333,6 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback).
+
+    Ours derive from ``DcgrpoError``; the third-party ones here mean a file, a
+    server or a credential is wrong, never our code.
+    """
+    if isinstance(exc, DcgrpoError | FileNotFoundError | IsADirectoryError | PermissionError):
+        return str(exc)
+    kind = f"{type(exc).__module__}.{type(exc).__name__}"
+    text = " ".join(str(getattr(exc, "message", exc)).split())[:1000]  # library messages can span pages
+    if isinstance(exc, ConnectionError) or kind.startswith(("requests.exceptions.", "urllib3.exceptions.")):
+        return f"server unreachable: {text}"
+    if kind.startswith("botocore.exceptions."):
+        return f"S3: {text}"
+    if kind == "mlflow.exceptions.MlflowException" or kind.startswith("mlflow.exceptions."):
+        return f"MLflow: {text}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -342,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
-        print(f"dcgrpo {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # the one error boundary: user-fixable errors -> one line, exit 2
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        if args.verbose:
+            log.exception("dcgrpo %s failed", args.command)
+        print(f"dcgrpo {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dcgrpo.errors import DcgrpoError
+
 Precision = Literal["bf16", "fp16", "fp32", "fp8"]
 MethodName = Literal["grpo", "dual-grpo", "dc-grpo", "tis", "mis", "icepop"]
 DiscrepancyKind = Literal["prob_diff", "ratio", "log_ratio"]
@@ -28,7 +30,7 @@ LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 PRESETS = ("tiny-cpu", "qwen3-8b", "qwen3-30b-a3b")
 
 
-class ConfigError(ValueError):
+class ConfigError(DcgrpoError, ValueError):
     """A configuration value is missing, malformed or inconsistent."""
 
 

@@ -36,13 +36,14 @@ from safetensors.torch import load_file, save_file
 from dcgrpo import storage
 from dcgrpo.config import ExportConfig
 from dcgrpo.engines.fp8 import is_quantisable, quantize_fp8
+from dcgrpo.errors import DcgrpoError
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class ExportError(RuntimeError):
+class ExportError(DcgrpoError, RuntimeError):
     """The source is not an exportable HF checkpoint (names the path and the reason)."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from dcgrpo import storage
 from dcgrpo.config import RegistryConfig
+from dcgrpo.errors import DcgrpoError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ TAG_COMPARED_TO = "promotion.compared_to"
 TAG_DECIDED_AT = "promotion.decided_at"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(DcgrpoError, RuntimeError):
     """Registration or promotion cannot proceed (names the model, version and reason)."""
 
 

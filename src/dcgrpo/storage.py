@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dcgrpo.errors import DcgrpoError
+
 COMPLETE_MARKER = "_COMPLETE"
 
 
-class StorageError(RuntimeError):
+class StorageError(DcgrpoError, RuntimeError):
     """A path cannot be read or written (names the URI and the reason)."""
 
 

@@ -37,12 +37,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dcgrpo.errors import ServiceUnavailable
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(ServiceUnavailable):
     """The tracking server stayed unreachable past the retry budget."""
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.errors import DataError
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(DataError):
     """A benchmark cannot be found or a row is malformed (names file, line, field)."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ PROMPT_TEMPLATES = {
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-class DapoSchemaError(ValueError):
+class DapoSchemaError(DataError):
     """The input is not a DAPO-Math file of a known schema (names the file and the field)."""
 
 

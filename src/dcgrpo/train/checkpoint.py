@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from dcgrpo import storage
+from dcgrpo.errors import DcgrpoError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,7 +41,7 @@ OPTIMIZER = "trainer/optimizer.safetensors"
 MODEL_FILES_SKIP = {MANIFEST, storage.COMPLETE_MARKER}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DcgrpoError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or from another config."""
 
 
