@@ -1,13 +1,24 @@
-"""The tiny-cpu defaults learn: RL improves held-out accuracy over the SFT warm start.
+"""RL improves held-out accuracy over the SFT warm start, judged by a paired test that holds on any machine.
 
 Real parts only: the default warm start (600 SFT steps), a real vLLM CPU
-engine (bf16 deploy) for rollouts and the held-out greedy evaluation, the
-default 2 x 8 DC-GRPO steps on a fixed seed. Measured on 2 shared CPU cores:
-0.746 -> 0.797 -> 0.836 (seed 0; seeds 1 and 2 end at 0.789 and 0.801).
+engine (bf16 deploy) for rollouts and the held-out greedy evaluation.
+
+Why paired, and why more steps than the demo: the warm start is not the same
+on every CPU (same seed and code: 0.746 held-out on one machine, 0.797 on
+another), so an absolute threshold ("+0.03 after 16 steps") fails on some
+machines by chance: at accuracy 0.8 on 256 problems one standard error is
+~0.025. Here every held-out problem is scored greedily before and after
+training by the same engine (the warm start re-evaluated is the control), and
+the net number of problems training fixed must exceed Z standard errors of the
+paired difference (McNemar's statistic). The run is long enough (LEARN_STEPS)
+that the effect is several standard errors wide on the machines we measured;
+absolute learning figures live in benchmarks/methods.py.
 A sign check on the surrogate runs on the same engine first.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -15,29 +26,54 @@ import torch
 from dcgrpo.algorithm.advantage import grpo_advantage
 from dcgrpo.algorithm.loss import ppo_clip_loss
 from dcgrpo.config import load_config
+from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import apply_chat_template
 from dcgrpo.reward import score_batch
 from dcgrpo.train.jobs import prepare_inputs
 from dcgrpo.train.rl import make_engine, train
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+LEARN_STEPS = 4 * 8  # 4 rounds of the default 8 steps at the default lr
+Z = 2.0  # the net gain must exceed this many paired standard errors
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
-    cfg = load_config()  # the tiny-cpu defaults, unchanged
+    cfg = load_config(overrides=[f"train.rounds={LEARN_STEPS // 8}"])  # tiny-cpu defaults, longer run
     model_dir, train_path, val_path = prepare_inputs(cfg, root / "work")
     engine = make_engine(cfg, str(model_dir))
     yield {"cfg": cfg, "root": root, "model": model_dir, "train": train_path, "val": val_path, "engine": engine}
     engine.close()
 
 
+def greedy_scores(engine, rows, max_tokens: int) -> list[float]:
+    """1/0 per held-out problem: greedy answer of the deploy engine, scored by the project's reward."""
+    prompts = [apply_chat_template(engine.tokenizer, r["prompt"]) for r in rows]
+    outs = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+    return score_batch([o[0].text for o in outs], [str(r["reward_model"]["ground_truth"]) for r in rows])
+
+
+def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
+    """(mean gain, its standard error) for paired 0/1 outcomes on the same problems (McNemar)."""
+    n = len(before)
+    fixed = sum(1 for b, a in zip(before, after, strict=True) if a > b)
+    broken = sum(1 for b, a in zip(before, after, strict=True) if b > a)
+    gain = (fixed - broken) / n
+    var = ((fixed + broken) / n - gain**2) / n  # variance of the mean of per-problem differences
+    return gain, math.sqrt(max(var, 0.0))
+
+
+def test_paired_gain_statistic():
+    assert paired_gain([0, 0, 1, 1], [0, 0, 1, 1]) == (0.0, 0.0)
+    gain, se = paired_gain([0, 0, 0, 1] * 25, [1, 0, 0, 1] * 25)  # 25 fixed, none broken, n = 100
+    assert gain == pytest.approx(0.25) and se == pytest.approx(math.sqrt((0.25 - 0.0625) / 100))
+
+
 def test_update_raises_logprob_of_positive_advantage_responses(setup):
     cfg, engine = setup["cfg"], setup["engine"]
-    from dcgrpo.data.synthetic import read_rows
-
     rows = read_rows(setup["train"])[:16]
     policy = HFEngine(str(setup["model"]))
     engine.sync_weights(policy.state_dict())
@@ -67,12 +103,18 @@ def test_update_raises_logprob_of_positive_advantage_responses(setup):
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
 
 
-def test_default_run_improves_heldout_accuracy(setup):
-    cfg = setup["cfg"]
-    res = train(cfg, model_dir=setup["model"], train_path=setup["train"], val_path=setup["val"],
-                out_dir=setup["root"] / "out", engine=setup["engine"], progress=False)  # fmt: skip
-    accs = [h["val/accuracy"] for h in res.history if "val/accuracy" in h]
-    assert len(accs) == cfg.train.rounds + 1
-    assert 0.2 <= accs[0] <= 0.9, f"warm start should leave room to learn: {accs}"
-    assert accs[-1] >= accs[0] + 0.03, f"held-out accuracy did not improve: {accs}"
+def test_training_beats_the_warm_start_on_the_same_problems(setup):
+    cfg, engine = setup["cfg"], setup["engine"]
+    val_rows = read_rows(setup["val"])
+    max_tokens = cfg.rollout.max_response_length
+    engine.sync_weights(HFEngine(str(setup["model"])).state_dict())  # the control: the warm start itself
+    before = greedy_scores(engine, val_rows, max_tokens)
+    res = train(cfg, model_dir=setup["model"], train_path=setup["train"], out_dir=setup["root"] / "out",
+                engine=setup["engine"], progress=False)  # fmt: skip
+    assert res.step == LEARN_STEPS
+    after = greedy_scores(engine, val_rows, max_tokens)  # train() left the final weights in the engine
+    gain, se = paired_gain(before, after)
+    acc0, acc1 = sum(before) / len(before), sum(after) / len(after)
+    assert 0.05 <= acc0 <= 0.95, f"warm start should leave room to learn: {acc0:.3f}"
+    assert gain > Z * se, f"held-out {acc0:.3f} -> {acc1:.3f}: gain {gain:+.3f} is not > {Z} x SE {se:.3f}"
     assert res.lam > 0  # bf16 discrepancy is above the default budget, so DC-GRPO's lambda moves

@@ -67,15 +67,17 @@ def test_score_batch_order_and_length_check():
 
 
 def test_small_batch_is_cheap():
-    """The RL loop calls score_batch every step: 32 short completions must not pay a pool start."""
+    """The RL loop calls score_batch every step: integer answers never reach the verifier pool, and
+    harder ones reuse its running workers (counters, not wall clocks: CI machines are shared)."""
+    pool = reward.get_pool()
+    sent, restarts = pool.items_verified, pool.restarts
     comps = [f"... so \\boxed{{{i % 7}}}" for i in range(32)]
-    t = time.perf_counter()
     assert sum(reward.score_batch(comps, [str(i % 5) for i in range(32)])) > 0
-    assert time.perf_counter() - t < 0.05  # integer answers: in-process
+    assert pool.items_verified == sent  # integer answers: scored in-process
     comps = [f"\\boxed{{\\frac{{{2 * i}}}{{2}}}}" for i in range(32)]
-    t = time.perf_counter()
     assert reward.score_batch(comps, [str(i) for i in range(32)]) == [1.0] * 32
-    assert time.perf_counter() - t < 2.0  # persistent workers, no pool start
+    assert reward.get_pool() is pool and pool.restarts == restarts  # the same workers, none restarted
+    assert pool.items_verified == sent + 32
 
 
 ADVERSARIAL = {
@@ -92,20 +94,22 @@ ADVERSARIAL = {
 }
 
 
+@pytest.mark.timeout(60)  # a hang fails here; the exact seconds are benchmarks/reward_sweep.py's business
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_returns_within_timeout(name):
     t = time.perf_counter()
     value = reward.score(ADVERSARIAL[name], "3", TIMEOUT)
     elapsed = time.perf_counter() - t
     assert value == 0.0
-    assert elapsed < TIMEOUT.timeout_s + 1.0, f"{name}: {elapsed:.2f}s"
+    # Loose on purpose (a shared CI core can stall a second or two): the point is the hard kill, not speed.
+    assert elapsed < 4 * TIMEOUT.timeout_s + 5.0, f"{name}: {elapsed:.2f}s"
 
 
 def test_adversarial_does_not_poison_the_batch():
     comps = [ADVERSARIAL["power tower"], "\\boxed{\\frac{6}{2}}", ADVERSARIAL["huge factorial"], "\\boxed{\\sqrt{9}}"]
     t = time.perf_counter()
     assert reward.score_batch(comps, ["3"] * 4, TIMEOUT) == [0.0, 1.0, 0.0, 1.0]
-    assert time.perf_counter() - t < 2 * TIMEOUT.timeout_s + 2.0
+    assert time.perf_counter() - t < 4 * TIMEOUT.timeout_s + 5.0  # two timeouts, not a hang
 
 
 def test_timeout_works_off_the_main_thread():
@@ -120,7 +124,7 @@ def test_timeout_works_off_the_main_thread():
     th.start()
     th.join(timeout=30)
     assert out["v"] == [0.0, 1.0]
-    assert out["t"] < TIMEOUT.timeout_s + 2.0
+    assert out["t"] < 4 * TIMEOUT.timeout_s + 5.0
 
 
 def _score_in_child(q):
