@@ -116,3 +116,51 @@ def test_flat_dict_hash_and_yaml_round_trip(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert RunConfig.model_validate(cfg.model_dump()) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, field, choices",
+    [
+        (["eval.benchmarks=[aime99]"], "eval.benchmarks", "choose from aime24, aime25, amc23"),
+        (["eval.k={aime99: 4}"], "eval.k", "choose from aime24"),
+        (["eval.k={aime24: 0}"], "eval.k", "must be >= 1"),
+        (["eval.benchmarks=[math500, MATH-500]"], "eval.benchmarks", "math500 is listed more than once"),
+        (["eval.gate_metric=eval/foo/avg@1"], "eval.gate_metric", "eval/synthetic/avg@1, eval/synthetic/pass@1_greedy"),
+        # The default gate (eval/synthetic/avg@1) is no longer measured: say so at load, not after training.
+        (
+            ["eval.benchmarks=[aime24]"],
+            "eval.gate_metric",
+            "choose one of: eval/aime24/avg@1, eval/aime24/pass@1_greedy",
+        ),
+        (["eval.default_k=4"], "eval.gate_metric", "eval/synthetic/avg@4"),
+        (
+            ["eval.greedy_pass1=false", "eval.gate_metric=eval/synthetic/pass@1_greedy"],
+            "eval.gate_metric",
+            "choose one of: eval/synthetic/avg@1, eval/math500/avg@1, eval/amc23/avg@1 ",
+        ),
+    ],
+)
+def test_eval_settings_evaluate_cannot_run_are_rejected(overrides, field, choices):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert f"  {field}: " in str(err.value) and choices in str(err.value)
+
+
+def test_eval_benchmark_aliases_are_canonical():
+    cfg = load_config(overrides=["eval.benchmarks=[synthetic, MATH-500]", "eval.k={math-500: 4}",
+                                 "eval.gate_metric=eval/math500/avg@4"])  # fmt: skip
+    assert cfg.eval.benchmarks == ["synthetic", "math500"] and cfg.eval.k_for("math500") == 4
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_gate_choices_are_metrics_evaluate_reports(name):
+    """The validator's key forms are BenchResult.metrics' (a drift here would reject every gate or none)."""
+    from dcgrpo.config import gate_metric_choices
+    from dcgrpo.evaluate import BenchResult
+
+    ev = load_config(preset=name).eval
+    reported = set()
+    for b in ev.benchmarks:
+        reported |= set(BenchResult(b, 1, ev.k_for(b), 0.5, (0.0, 1.0), pass1_greedy=0.5).metrics())
+    choices = gate_metric_choices(ev.benchmarks, ev.k, ev.default_k, ev.greedy_pass1)
+    assert set(choices) <= reported and ev.gate_metric in choices

@@ -91,9 +91,9 @@ def test_bad_rows_reported_by_index(tmp_path):
     s = prepare_dapo(str(src), str(tmp_path / "out"))
     assert s.bad_rows == 3 and s.rows_out == 11
     assert s.bad_row_examples == [
-        "row 1: empty prompt",
-        "row 2: missing answer",
-        "row 3: wrong types: problem str, answer int",
+        "row 1: problem is empty",
+        "row 2: answer is empty",
+        "row 3: answer is int, expected a string",
     ]
     with pytest.raises(DapoSchemaError, match="3 bad rows"):
         prepare_dapo(str(src), str(tmp_path / "strict"), max_bad_rows=0)
@@ -107,9 +107,9 @@ def test_bad_parquet_rows_reported(tmp_path):
     src = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
     s = prepare_dapo(str(src), str(tmp_path / "out"))
-    assert s.bad_row_examples == [
-        "row 2: missing answer (reward_model.ground_truth)",
-        "row 4: empty prompt (no messages)",
+    assert s.bad_row_examples == [  # the wording training uses when it refuses the same rows
+        "row 2: reward_model.ground_truth is null",
+        "row 4: prompt is empty (no messages)",
     ]
     assert s.rows_out == 3
 

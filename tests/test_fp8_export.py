@@ -30,6 +30,7 @@ from dcgrpo.engines.fp8 import (
     quantize_fp8,
 )
 from dcgrpo.export import ExportError, export_fp8, load_dequantized
+from dcgrpo.models import ModelFileError
 
 KEEP = ExportConfig().keep_high_precision
 
@@ -186,6 +187,23 @@ def test_export_rejects_bad_sources(tmp_path):
     with pytest.raises(ExportError, match="already quantised"):
         export_fp8(str(tmp_path / "fp8"), str(tmp_path / "fp8-again"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "fp8-again").exists()
+
+
+def test_export_names_a_corrupt_file_by_its_source(tmp_path, s3_server):
+    """A truncated shard or a broken config.json: one ModelFileError naming the file as the user gave it
+    (the s3:// URI, not the download cache), and nothing at the destination."""
+    src = _tiny_qwen3(tmp_path / "src")
+    shard = src / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    storage.upload_dir(src, "s3://dcgrpo-test/corrupt/src")
+    with pytest.raises(ModelFileError, match=r"^s3://dcgrpo-test/corrupt/src/model.safetensors: not a readable safe"):
+        export_fp8("s3://dcgrpo-test/corrupt/src", "s3://dcgrpo-test/corrupt/fp8")
+    assert not storage.exists("s3://dcgrpo-test/corrupt/fp8/_COMPLETE")
+    assert not storage.exists("s3://dcgrpo-test/corrupt/fp8/config.json")
+    (src / "config.json").write_text('{"model_type": "qwen3",')
+    with pytest.raises(ModelFileError, match=r"config.json: not valid JSON"):
+        export_fp8(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 # --- vLLM CPU ----------------------------------------------------------------------------------------------------------

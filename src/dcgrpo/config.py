@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dcgrpo.errors import DcgrpoError
 
@@ -221,11 +221,66 @@ class EvalConfig(_Section):
     (tiny model, 2 cores: 16 prompts x 2 samples ~230 tok/s, 128 x 2 ~1,700 tok/s)."""
     max_problems: int | None = Field(16, gt=0)
     """Cap per benchmark (None = all); the tiny preset samples to stay fast."""
-    gate_metric: str = "eval/synthetic/avg@1"
-    """Metric the promotion gate and method selection compare."""
+    gate_metric: str = Field("eval/synthetic/avg@1", validate_default=True)  # checked even when not set
+    """Metric the promotion gate and method selection compare: ``eval/<benchmark>/avg@<k>`` (k: ``k_for``)
+    or ``eval/<benchmark>/pass@1_greedy`` (with greedy_pass1) of a benchmark in ``benchmarks``."""
+
+    # Validated at load time: a typo here would otherwise surface only after training, in evaluate or promote.
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, names: list[str]) -> list[str]:
+        """Canonical names (aliases such as ``math-500`` resolved): the names evaluate's metrics carry."""
+        if not names:
+            raise ValueError("at least one benchmark is needed (the promotion gate reads one)")
+        canonical = [_benchmark_name(n) for n in names]
+        dup = next((b for b in canonical if canonical.count(b) > 1), None)
+        if dup:
+            raise ValueError(f"{dup} is listed more than once")
+        return canonical
+
+    @field_validator("k")
+    @classmethod
+    def _known_k(cls, k: dict[str, int]) -> dict[str, int]:
+        """Keys are benchmark names (canonicalised like ``benchmarks``, so ``k_for`` finds them); values >= 1."""
+        bad = {b: v for b, v in k.items() if v < 1}
+        if bad:
+            raise ValueError(f"samples per problem must be >= 1, got {bad}")
+        return {_benchmark_name(b): v for b, v in k.items()}
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _measured_gate(cls, metric: str, info: ValidationInfo) -> str:
+        """The gate must be a score evaluate() produces for these benchmarks, or promotion fails after training."""
+        fields = ("benchmarks", "k", "default_k", "greedy_pass1")
+        if not all(f in info.data for f in fields):  # one of them is invalid: that error is reported instead
+            return metric
+        choices = gate_metric_choices(*(info.data[f] for f in fields))
+        if metric not in choices:
+            raise ValueError(
+                f"{metric!r} is not a metric evaluate() produces for eval.benchmarks {info.data['benchmarks']}; "
+                f"choose one of: {', '.join(choices)}"
+            )
+        return metric
 
     def k_for(self, benchmark: str) -> int:
         return self.k.get(benchmark, self.default_k)
+
+
+def _benchmark_name(name: str) -> str:
+    """``dcgrpo.data.benchmarks.canonical_name`` (imported here: it needs no torch; its error lists the choices)."""
+    from dcgrpo.data.benchmarks import canonical_name
+
+    return canonical_name(name)
+
+
+def gate_metric_choices(benchmarks: list[str], k: dict[str, int], default_k: int, greedy_pass1: bool) -> list[str]:
+    """The score metrics ``dcgrpo.evaluate`` logs for these settings (``BenchResult.metrics``' key forms)."""
+    out = []
+    for b in benchmarks:
+        out.append(f"eval/{b}/avg@{k.get(b, default_k)}")
+        if greedy_pass1:
+            out.append(f"eval/{b}/pass@1_greedy")
+    return out
 
 
 class ExportConfig(_Section):

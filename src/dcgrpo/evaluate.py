@@ -292,6 +292,7 @@ class _engine_for:
         if self.engine is not None:
             return self.engine
         from dcgrpo.engines.vllm_engine import VLLMEngine
+        from dcgrpo.models import check_model_files
 
         path = str(self.model_path)
         if storage.is_s3(path):
@@ -299,6 +300,7 @@ class _engine_for:
             path = str(storage.download_dir(path, Path(self._tmp.name) / "model"))
         elif not Path(path).is_dir():
             raise FileNotFoundError(f"model {path}: no such directory")
+        check_model_files(path, str(self.model_path))  # a corrupt shard fails here, named, not inside vLLM
         self.engine = VLLMEngine(
             path,
             self.cfg.rollout.precision,

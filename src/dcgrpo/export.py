@@ -31,12 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dcgrpo import storage
 from dcgrpo.config import ExportConfig
 from dcgrpo.engines.fp8 import is_quantisable, quantize_fp8
 from dcgrpo.errors import DcgrpoError
+from dcgrpo.models import check_model_files, load_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def export_fp8(
         shards = sorted(src.glob("*.safetensors"))
         if not config_path.is_file() or not shards:
             raise ExportError(f"{source}: not an HF safetensors checkpoint (need config.json and *.safetensors)")
+        check_model_files(src, source)  # every shard's header before any work: a corrupt file fails in seconds
         hf_config = json.loads(config_path.read_text())
         if "quantization_config" in hf_config:
             raise ExportError(f"{source}: already quantised ({hf_config['quantization_config'].get('quant_method')})")
@@ -170,7 +172,8 @@ def export_fp8(
 
         n_quantized, kept, warnings, weight_map = 0, [], [], {}
         for shard in shards:
-            tensors, quantized, shard_kept = _quantize_shard(load_file(shard), cfg)
+            raw = load_safetensors(shard, storage.join(source, shard.name))
+            tensors, quantized, shard_kept = _quantize_shard(raw, cfg)
             warnings += _block_warnings(tensors, cfg)
             save_file(tensors, out_dir / shard.name, metadata={"format": "pt"})
             n_quantized += len(quantized)
@@ -231,7 +234,7 @@ def load_dequantized(path: str, endpoint_url: str | None = None) -> dict[str, to
         args = next(iter(QuantizationConfig.model_validate(qcfg).config_groups.values())).weights
         raw: dict[str, torch.Tensor] = {}
         for shard in sorted(d.glob("*.safetensors")):
-            raw.update(load_file(shard))
+            raw.update(load_safetensors(shard, storage.join(path, shard.name)))
     out: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
         if name.endswith(".weight_scale"):

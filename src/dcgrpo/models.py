@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from dcgrpo import storage
+from dcgrpo.errors import DcgrpoError
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -121,16 +122,19 @@ def build_tiny_model(model_cfg, out_dir: str | Path) -> Path:
 
 
 def load_model_dir(path_or_uri: str | Path, cache_dir: str | Path) -> Path:
-    """A local directory holding the HF-format model at ``path_or_uri``.
+    """A local directory holding the HF-format model at ``path_or_uri``, its files checked.
 
     Local paths are returned as they are; ``s3://`` prefixes are downloaded
-    once into ``cache_dir/<hash of the URI>`` (reused when complete).
+    once into ``cache_dir/<hash of the URI>`` (reused when complete). A corrupt
+    ``config.json`` or safetensors file fails here (``ModelFileError`` naming
+    it), before any engine or MLflow run starts.
     """
     uri = str(path_or_uri)
     if not storage.is_s3(uri):
         path = Path(uri)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{uri}: not an HF model directory (no config.json)")
+        check_model_files(path)
         return path
     target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     done = target / ".download_complete"
@@ -138,5 +142,59 @@ def load_model_dir(path_or_uri: str | Path, cache_dir: str | Path) -> Path:
         storage.download_dir(uri, target)
         if not (target / "config.json").is_file():
             raise FileNotFoundError(f"{uri}: not an HF model directory (no config.json)")
+        check_model_files(target, uri)  # a bad download is not marked complete
         done.write_text(json.dumps({"uri": uri}))
     return target
+
+
+# ----------------------------------------------------------------------------- checking weight files
+
+
+class ModelFileError(DcgrpoError, ValueError):
+    """A model file (config.json, a safetensors shard) is corrupt or truncated (names the file)."""
+
+
+def check_safetensors(path: str | Path, name: str | None = None) -> None:
+    """Parse ``path``'s safetensors header (reads only the header: cheap even for large shards).
+
+    safetensors itself checks that the header's offsets cover the file exactly, so
+    a truncated copy fails here too. Raises ``ModelFileError`` naming ``name``
+    (default: the path) instead of safetensors' message, which names no file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(f"{name or path}: not a readable safetensors file ({exc})") from None
+
+
+def load_safetensors(path: str | Path, name: str | None = None) -> dict:
+    """``safetensors.torch.load_file``, with a corrupt file reported as ``ModelFileError`` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(f"{name or path}: not a readable safetensors file ({exc})") from None
+
+
+def check_model_files(local_dir: str | Path, source: str | None = None) -> None:
+    """Check a local HF model directory's ``config.json`` and every safetensors header.
+
+    Engines and the exporter call this before loading, so a corrupt or
+    half-copied checkpoint is one line naming the file (``source`` + file name,
+    so an ``s3://`` model is named by its URI, not by a download cache path).
+    """
+    local_dir = Path(local_dir)
+    source = str(source or local_dir)
+    config = local_dir / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f"{storage.join(source, 'config.json')}: not valid JSON ({exc})") from None
+    for shard in sorted(local_dir.glob("*.safetensors")):
+        check_safetensors(shard, storage.join(source, shard.name))

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.data.schema import row_problem, text_problem
 from dcgrpo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _parquet_rows(name: str, data: bytes, bad: list[tuple[int, str]]) -> tuple[l
     if all(lengths):  # fast path: every prompt has a first message
         contents = pc.struct_field(pc.list_element(prompt, 0), "content").to_pylist()
     else:  # some prompts empty or null: row by row (rare)
-        contents = [(p[0].get("content") if p else None) for p in prompt.to_pylist()]
+        contents = [((p[0] or {}).get("content") if p else None) for p in prompt.to_pylist()]
     answers = pc.struct_field(table.column("reward_model").combine_chunks(), "ground_truth").to_pylist()
     indexes: list[Any] = [None] * len(answers)
     if "extra_info" in table.column_names and pa.types.is_struct(table.schema.field("extra_info").type):
@@ -172,16 +173,9 @@ def _parquet_rows(name: str, data: bytes, bad: list[tuple[int, str]]) -> tuple[l
     rows: list[_Row | None] = []
     templated = 0
     for i, (content, answer, idx) in enumerate(zip(contents, answers, indexes, strict=True)):
-        if not lengths[i]:
-            bad.append((i, "empty prompt (no messages)"))
-            rows.append(None)
-            continue
-        if not isinstance(content, str) or not content.strip():
-            bad.append((i, "empty prompt content"))
-            rows.append(None)
-            continue
-        if not isinstance(answer, str) or not answer.strip():
-            bad.append((i, "missing answer (reward_model.ground_truth)"))
+        why = row_problem(lengths[i], [content], answer)  # the rules training enforces
+        if why:
+            bad.append((i, why))
             rows.append(None)
             continue
         problem = strip_template(content)
@@ -208,14 +202,9 @@ def _jsonl_rows(name: str, data: bytes, bad: list[tuple[int, str]]) -> list[_Row
             rows.append(None)
             continue
         problem, answer = obj["problem"], obj["answer"]
-        if not isinstance(problem, str) or not isinstance(answer, str):
-            bad.append((len(rows), f"wrong types: problem {type(problem).__name__}, answer {type(answer).__name__}"))
-            rows.append(None)
-        elif not problem.strip():
-            bad.append((len(rows), "empty prompt"))
-            rows.append(None)
-        elif not answer.strip():
-            bad.append((len(rows), "missing answer"))
+        why = text_problem(problem, "problem") or text_problem(answer, "answer")  # the parquet rules, JSONL names
+        if why:
+            bad.append((len(rows), why))
             rows.append(None)
         else:
             rows.append(_Row(strip_template(problem).strip(), answer.strip(), str(obj.get("orig_index", len(rows)))))
@@ -277,6 +266,8 @@ def prepare_dapo(
         raise ValueError(f"template must be one of {sorted(PROMPT_TEMPLATES)}, got {template!r}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if max_bad_rows is not None and max_bad_rows < 0:
+        raise ValueError(f"max_bad_rows must be >= 0 (or None for no limit), got {max_bad_rows}")
     name, data = _read_input(source)
     bad: list[tuple[int, str]] = []
     if name.endswith((".jsonl", ".json")):
@@ -323,13 +314,27 @@ def prepare_dapo(
 # ----------------------------------------------------------------------------- CLI (`dcgrpo prepare`)
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: a count >= 0, so a bad value exits 2 with usage instead of failing mid-run."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_cli_args(p) -> None:
     p.add_argument("--source", default="hub", help="hub (BytedTsinghua-SIA/DAPO-Math-17k), a local path or s3:// URI")
     p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/data/dapo)")
     p.add_argument(
         "--template", choices=sorted(PROMPT_TEMPLATES), help="prompt template (default: data.prompt_template)"
     )
-    p.add_argument("--max-bad-rows", type=int, default=None, help="fail if more rows than this are bad")
+    p.add_argument("--max-bad-rows", type=_non_negative_int, default=None, metavar="N",
+                   help="fail if more than N rows are bad (N >= 0; default: no limit)")  # fmt: skip
     p.add_argument("--no-track", action="store_true", help="do not log the summary to MLflow")
 
 

@@ -167,20 +167,14 @@ def write_synthetic_splits(data_cfg, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read a verl-schema parquet (local or s3://) back into row dicts."""
-    import io
+    """Read a verl-schema parquet (local or s3://) back into row dicts, every row validated up front.
 
-    import pandas as pd
-
+    The RL loop, the SFT warm start and held-out accuracy all read here, so a
+    bad file (not parquet, empty, a null prompt or answer) fails before any
+    engine starts, with ``DataError`` naming the file, row and field
+    (``dcgrpo.data.schema``: the rules ``dcgrpo prepare`` applies).
+    """
     from dcgrpo import storage
+    from dcgrpo.data.schema import read_verl_parquet
 
-    df = pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
-    missing = {"prompt", "reward_model"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)} (expected verl's math schema)")
-    rows = df.to_dict(orient="records")
-    for i, row in enumerate(rows):
-        row["prompt"] = [dict(m) for m in row["prompt"]]
-        if not row["prompt"] or "ground_truth" not in (row["reward_model"] or {}):
-            raise ValueError(f"{path}: row {i} has an empty prompt or no reward_model.ground_truth")
-    return rows
+    return read_verl_parquet(storage.read_bytes(path), str(path))

@@ -9,10 +9,12 @@ is ``(B, T)`` aligned with the rollout's per-token log-probs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dcgrpo.algorithm.loss import entropy_from_logits
+from dcgrpo.models import check_model_files
 
 Tensor = torch.Tensor
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,6 +80,8 @@ class HFEngine:
         if precision not in TORCH_DTYPES:
             raise ValueError(f"train precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if Path(model_path).is_dir():  # a corrupt shard: one line naming it, not a transformers traceback
+            check_model_files(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[precision]).to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
