@@ -54,3 +54,38 @@ def test_train_smoke_writes_a_checkpoint_and_logs_to_a_local_store(tmp_path):
     assert list((tmp_path / "out").rglob("mlflow*.db")) or list((tmp_path / "out").rglob("*.db")), (
         "no local MLflow store"
     )
+
+
+def test_error_boundary_separates_user_errors_from_bugs():
+    """User-fixable errors (ours, files, servers) become one line; anything else is a bug and keeps its traceback."""
+    import requests
+    from botocore.exceptions import NoCredentialsError
+    from mlflow.exceptions import MlflowException
+
+    from dcgrpo.cli import user_error_message
+    from dcgrpo.errors import DataError
+    from dcgrpo.storage import StorageError
+
+    assert user_error_message(DataError("train.parquet: row 3: prompt is null")) == (
+        "train.parquet: row 3: prompt is null"
+    )
+    assert "s3://b" in user_error_message(StorageError("s3://b: no such bucket"))
+    assert user_error_message(FileNotFoundError("x.yaml")) == "x.yaml"
+    assert user_error_message(requests.exceptions.ConnectionError("http://h:9 refused")).startswith(
+        "server unreachable: http://h:9"
+    )
+    assert user_error_message(NoCredentialsError()).startswith("S3: Unable to locate credentials")
+    message = user_error_message(MlflowException("Run 'abc' not found\n  more\n  lines"))
+    assert message == "MLflow: Run 'abc' not found more lines"  # one line
+    for bug in (KeyError("k"), TypeError("t"), IndexError("i"), ValueError("v")):
+        assert user_error_message(bug) is None
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """A ValueError from inside a library call is not dressed up as a user error."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from dcgrpo import cli; "
+         "cli.COMMANDS['config'] = (lambda a: [][1], 'x', None); sys.exit(cli.main(['config']))"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "IndexError" in proc.stderr
