@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,7 +63,7 @@ def test_first_registration_becomes_champion(mlc, model_dir):
     assert mlc.get_model_version_by_alias(name, "challenger").version == mv.version
     assert mlc.list_artifacts(mv.run_id, "model")  # the directory is in the run's artifacts
 
-    decision = registry.promote(mlc, name, GATE, BUDGET)
+    decision = registry.promote(mlc, name, mv.version, GATE, BUDGET)
     assert decision.promoted and "first champion" in decision.reason
     champ = _champion(mlc, name)
     assert champ.version == mv.version and champ.tags[registry.TAG_DECISION] == "promoted"
@@ -67,22 +71,22 @@ def test_first_registration_becomes_champion(mlc, model_dir):
 
 def test_worse_is_rejected_better_is_promoted_force_overrides(mlc, model_dir):
     name = _name()
-    _register(mlc, name, model_dir, acc=0.5)
-    v1 = registry.promote(mlc, name, GATE, BUDGET).challenger
+    v1 = _register(mlc, name, model_dir, acc=0.5).version
+    assert registry.promote(mlc, name, v1, GATE, BUDGET).promoted
 
     worse = _register(mlc, name, model_dir, acc=0.3)
-    decision = registry.promote(mlc, name, GATE, BUDGET)
+    decision = registry.promote(mlc, name, worse.version, GATE, BUDGET)
     assert not decision.promoted and _champion(mlc, name).version == v1
     tags = mlc.get_model_version(name, worse.version).tags
     assert tags[registry.TAG_DECISION] == "rejected" and "0.3 < champion" in tags[registry.TAG_REASON]
     assert tags[registry.TAG_COMPARED_TO] == v1
 
     drifted = _register(mlc, name, model_dir, acc=0.9, d=0.2)
-    assert not registry.promote(mlc, name, GATE, BUDGET).promoted
+    assert not registry.promote(mlc, name, drifted.version, GATE, BUDGET).promoted
     assert "outside budget" in mlc.get_model_version(name, drifted.version).tags[registry.TAG_REASON]
 
     better = _register(mlc, name, model_dir, acc=0.6)
-    assert registry.promote(mlc, name, GATE, BUDGET).promoted
+    assert registry.promote(mlc, name, better.version, GATE, BUDGET).promoted
     assert _champion(mlc, name).version == better.version
     # Aliases are unique: exactly one champion, and the old one lost it.
     aliases = mlc.get_registered_model(name).aliases
@@ -90,7 +94,7 @@ def test_worse_is_rejected_better_is_promoted_force_overrides(mlc, model_dir):
     assert "champion" not in mlc.get_model_version(name, v1).aliases
 
     forced = _register(mlc, name, model_dir, acc=0.1)
-    decision = registry.promote(mlc, name, GATE, BUDGET, force=True)
+    decision = registry.promote(mlc, name, forced.version, GATE, BUDGET, force=True)
     assert decision.promoted and decision.reason.startswith("forced")
     assert _champion(mlc, name).version == forced.version
 
@@ -104,8 +108,8 @@ class _AliasFails(MlflowClient):
 
 def test_failure_midway_leaves_champion_untouched(mlc, mlflow_server, model_dir):
     name = _name()
-    _register(mlc, name, model_dir, acc=0.5)
-    v1 = registry.promote(mlc, name, GATE, BUDGET).challenger
+    v1 = _register(mlc, name, model_dir, acc=0.5).version
+    registry.promote(mlc, name, v1, GATE, BUDGET)
     broken = _AliasFails(tracking_uri=mlflow_server, registry_uri=mlflow_server)
 
     # Registration fails after the version was created: it is removed again.
@@ -118,14 +122,14 @@ def test_failure_midway_leaves_champion_untouched(mlc, mlflow_server, model_dir)
     # Promotion fails at the alias move: champion stays, the failure is on record.
     better = _register(mlc, name, model_dir, acc=0.9)
     with pytest.raises(RuntimeError, match="unavailable"):
-        registry.promote(broken, name, GATE, BUDGET)
+        registry.promote(broken, name, better.version, GATE, BUDGET)
     assert _champion(mlc, name).version == v1
     assert mlc.get_model_version(name, better.version).tags[registry.TAG_DECISION] == "failed"
 
     with pytest.raises(registry.RegistryError, match="non-finite"):
         _register(mlc, name, model_dir, acc=float("nan"))
-    with pytest.raises(registry.RegistryError, match="no version has alias"):
-        registry.promote(mlc, _name(), GATE, BUDGET)
+    with pytest.raises(registry.RegistryError, match="no version '1'"):
+        registry.promote(mlc, _name(), 1, GATE, BUDGET)
 
 
 def test_s3_export_registered_and_served(mlc, mlflow_server, model_dir, s3_server, tmp_path, monkeypatch):
@@ -157,3 +161,101 @@ def test_storage_uri_maps_served_artifacts():
     assert registry.storage_uri(MV, cfg) == "s3://mlflow/artifacts/1/abc/artifacts/model"
     with pytest.raises(registry.RegistryError, match="artifacts_destination"):
         registry.storage_uri(MV, RegistryConfig())
+
+
+# --- idempotent, all-or-nothing registration -----------------------------------------------------------------------
+
+
+def _run_id(mlc) -> str:
+    exp = mlc.get_experiment_by_name("registry-tests") or mlc.get_experiment(mlc.create_experiment("registry-tests"))
+    return mlc.create_run(exp.experiment_id).info.run_id
+
+
+def _register_run(mlc, name, run_id, model_dir, client=None, **kw):
+    return registry.register_model(
+        client or mlc, name, run_id, str(model_dir), metrics={GATE: 0.5}, final_lambda=0.1, discrepancy=1e-3,
+        config_hash="abc123", **kw,
+    )  # fmt: skip
+
+
+def test_registering_the_same_model_twice_returns_the_first_version(mlc, model_dir, tmp_path, caplog):
+    name, run_id = _name(), _run_id(mlc)
+    first = _register_run(mlc, name, run_id, model_dir)
+    assert first.tags[registry.TAG_SOURCE_DIR] == str(model_dir.resolve())
+    caplog.set_level("INFO", logger="dcgrpo.registry")
+    again = _register_run(mlc, name, run_id, str(model_dir) + "/")  # the same directory, spelled differently
+    assert again.version == first.version and "reused" in caplog.text
+    assert [v.version for v in mlc.search_model_versions(f"name='{name}'")] == [first.version]
+
+    # A different directory, quantization or run is a different version.
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    (other_dir / "config.json").write_text("{}")
+    versions = {
+        _register_run(mlc, name, run_id, other_dir).version,
+        _register_run(mlc, name, run_id, model_dir, quantization="bf16").version,
+        _register_run(mlc, name, _run_id(mlc), model_dir).version,
+    }
+    assert len(versions) == 3 and first.version not in versions
+    assert mlc.get_model_version_by_alias(name, "challenger").version == max(versions, key=int)
+
+
+class _CreateVersionFails(MlflowClient):
+    def create_model_version(self, *args, **kwargs):
+        raise RuntimeError("registry unavailable")
+
+
+def test_failed_first_registration_leaves_no_orphan_model(mlc, mlflow_server, model_dir):
+    for broken_client in (_CreateVersionFails, _AliasFails):
+        name = _name()
+        broken = broken_client(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            _register_run(mlc, name, _run_id(mlc), model_dir, client=broken)
+        assert not mlc.search_registered_models(f"name='{name}'"), broken_client.__name__
+        assert not mlc.search_model_versions(f"name='{name}'")
+
+
+# --- the CLI as a user runs it: one line, exit 2, nothing written --------------------------------------------------
+
+DCGRPO = str(Path(sys.executable).with_name("dcgrpo"))
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([DCGRPO, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _error_lines(proc) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if ": error: " in line]
+
+
+@pytest.mark.parametrize(
+    "metrics, bad_run, expected",
+    [
+        ("{not json", False, "--metrics: not JSON"),
+        ('["eval/x", 0.5]', False, "--metrics: expected a JSON object of numbers"),
+        ('{"eval/x": "high"}', False, "--metrics: expected a JSON object of numbers"),
+        (json.dumps({GATE: 0.5}), True, "run_id 'no-such-run'"),
+    ],
+)
+def test_cli_register_bad_input_exits_2_and_writes_nothing(mlc, mlflow_server, model_dir, metrics, bad_run, expected):
+    name = _name()
+    run_id = "no-such-run" if bad_run else _run_id(mlc)
+    proc = _cli("register", "--tracking-uri", mlflow_server, "--model-name", name, "--run-id", run_id,
+                "--model-dir", str(model_dir), "--metrics", metrics, "--final-lambda", "0.1",
+                "--discrepancy", "1e-3")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
+    assert not mlc.search_registered_models(f"name='{name}'")
+
+
+def test_cli_promote_with_unreachable_server_fails_fast():
+    uri = "http://127.0.0.1:9"  # discard port: nothing listens
+    start = time.monotonic()
+    proc = _cli("promote", "--tracking-uri", uri, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and uri in lines[0]
+    assert elapsed < 15, f"took {elapsed:.1f} s"

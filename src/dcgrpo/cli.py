@@ -170,25 +170,23 @@ def _tracking_client(cfg: RunConfig, uri: str | None):
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    """Register a model directory as a new version (alias challenger) with its gate tags."""
-    import json
+    """Register a model directory as a new version (alias challenger) with its gate tags.
 
-    from dcgrpo.registry import RegistryError, register_model
+    Registering the same run, directory and quantization again prints the existing version.
+    """
+    from dcgrpo.registry import load_metrics, register_model
 
     cfg = config_from_args(args)
     name = args.model_name or cfg.registry.model_name
     if args.quantization != "fp8":
         name += cfg.registry.bf16_suffix
-    metrics = json.loads(Path(args.metrics).read_text() if Path(args.metrics).is_file() else args.metrics)
-    try:
-        mv = register_model(
-            _tracking_client(cfg, args.tracking_uri), name, args.run_id, args.model_dir, metrics=metrics,
-            final_lambda=args.final_lambda, discrepancy=args.discrepancy, config_hash=cfg.config_hash(),
-            quantization=args.quantization, alias=cfg.registry.challenger_alias,
-            endpoint_url=cfg.storage.s3_endpoint_url,
-        )  # fmt: skip
-    except RegistryError as exc:
-        raise UserError(str(exc)) from exc
+    metrics = load_metrics(args.metrics, "--metrics")  # before any server call: a typo fails fast
+    mv = register_model(
+        _tracking_client(cfg, args.tracking_uri), name, args.run_id, args.model_dir, metrics=metrics,
+        final_lambda=args.final_lambda, discrepancy=args.discrepancy, config_hash=cfg.config_hash(),
+        quantization=args.quantization, alias=cfg.registry.challenger_alias,
+        endpoint_url=cfg.storage.s3_endpoint_url,
+    )  # fmt: skip
     print(f"{name} version {mv.version}")
     return 0
 
@@ -205,30 +203,30 @@ def _register_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    """Promote the challenger to champion if it passes the gate (or --force); render serving manifests."""
-    from dcgrpo.registry import RegistryError, promote, render_champion_manifests
+    """Promote a version (default: the challenger, resolved once) to champion if it passes the gate (or --force);
+    render serving manifests."""
+    from dcgrpo.registry import promote, render_champion_manifests, version_by_alias
 
     cfg = config_from_args(args)
     if args.model_name:
         cfg.registry.model_name = args.model_name
     reg = cfg.registry
-    budget = cfg.promotion_discrepancy_limit()
     mlc = _tracking_client(cfg, args.tracking_uri)
-    try:
-        decision = promote(mlc, reg.model_name, cfg.eval.gate_metric, budget, args.force,
-                           reg.champion_alias, reg.challenger_alias)  # fmt: skip
-        print(f"{reg.model_name} v{decision.challenger}: {'promoted' if decision.promoted else 'not promoted'}"
-              f" ({decision.reason}); champion: v{decision.champion_after}")  # fmt: skip
-        if args.manifests_dir and decision.champion_after:
-            render_champion_manifests(mlc, reg, args.manifests_dir)
-    except RegistryError as exc:
-        raise UserError(str(exc)) from exc
+    version = args.version or version_by_alias(mlc, reg.model_name, reg.challenger_alias)
+    decision = promote(mlc, reg.model_name, version, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(),
+                       args.force, reg.champion_alias, lock_wait_s=reg.promotion_lock_wait_s,
+                       lock_stale_s=reg.promotion_lock_stale_s)  # fmt: skip
+    print(f"{reg.model_name} v{decision.challenger}: {'promoted' if decision.promoted else 'not promoted'}"
+          f" ({decision.reason}); champion: v{decision.champion_after}")  # fmt: skip
+    if args.manifests_dir and decision.champion_after:
+        render_champion_manifests(mlc, reg, args.manifests_dir)
     return 0
 
 
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="registered model (default: registry.model_name)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: tracking.mlflow_uri, else $MLFLOW_TRACKING_URI)")
+    p.add_argument("--version", help="model version to gate (default: the version holding the challenger alias now)")
     p.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
     p.add_argument("--manifests-dir", help="write the champion's KServe + vllm-serve manifests here (local or s3://)")
 

@@ -328,6 +328,11 @@ class RegistryConfig(_Section):
     """Dual ascent holds the mean discrepancy *at* the budget, oscillating around it, so the gate allows this
     fraction above it by default; an unconstrained method typically sits well above (tiny-cpu: GRPO ~4e-4
     against a 3e-4 budget)."""
+    promotion_lock_wait_s: float = Field(60.0, gt=0)
+    """How long a promotion waits for another promotion of the same model to finish before giving up."""
+    promotion_lock_stale_s: float = Field(600.0, gt=0)
+    """A promotion lock older than this is taken to belong to a crashed run and is broken (with a warning);
+    a promotion itself takes seconds."""
     artifacts_destination: str | None = None
     """The MLflow server's --artifacts-destination (e.g. s3://mlflow/artifacts): maps mlflow-artifacts:/ sources to
     a storageUri KServe can fetch. None: only versions with a ``storage_uri`` tag can be served."""

@@ -2,15 +2,21 @@
 
 Lifecycle of a model version (aliases, not the deprecated stages):
 
-    register  -> version N with tags (run, metrics, lambda, d, config hash, quantization), alias ``challenger``
-    promote   -> reads challenger + champion, checks the gate, writes the decision as tags,
-                 then moves ``champion`` to N in ONE call (MLflow aliases are unique per model:
-                 never two champions), or leaves everything as it was
+    register  -> version N with tags (run, metrics, lambda, d, config hash, quantization, source), alias
+                 ``challenger``; registering the same (run, source, quantization) again returns N
+    promote N -> under the model's promotion lock: reads the champion, gates N against it, writes the
+                 decision as tags on N, then moves ``champion`` to N in ONE call (MLflow aliases are
+                 unique per model: never two champions), or leaves everything as it was
     serve     -> KServe InferenceService / `vllm serve` Deployment for ``models:/name@champion``
 
-Failure rules: a registration that fails after the version exists deletes that
-version; a promotion that fails before the alias move leaves the champion where
-it was and records ``promotion.decision=failed`` on the challenger.
+Promotion is bound to the version it gates, never to whatever holds an alias
+when it runs: two pipelines promoting at once each gate their own version, one
+after the other (the lock), so the better one ends as champion.
+
+Failure rules: a registration that fails writes nothing (inputs are checked
+first; a version or registered model it created is deleted again); a
+promotion that fails before the alias move leaves the champion where it was
+and records ``promotion.decision=failed`` on the version it gates.
 """
 
 from __future__ import annotations
@@ -18,15 +24,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import random
 import re
+import socket
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
 from dcgrpo.config import RegistryConfig
-from dcgrpo.errors import DcgrpoError
+from dcgrpo.errors import DcgrpoError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +50,15 @@ TAG_DISCREPANCY = "dc/discrepancy_final"
 TAG_CONFIG_HASH = "config_hash"
 TAG_QUANTIZATION = "quantization"
 TAG_STORAGE_URI = "storage_uri"
+TAG_SOURCE_DIR = "source_dir"  # the registered directory (absolute path or s3:// URI): the idempotency key
 TAG_DECISION = "promotion.decision"
 TAG_REASON = "promotion.reason"
 TAG_COMPARED_TO = "promotion.compared_to"
 TAG_DECIDED_AT = "promotion.decided_at"
+
+LOCK_SUFFIX = ".promotion-lock"
+HEALTH_TIMEOUT_S = 5.0
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 class RegistryError(DcgrpoError, RuntimeError):
@@ -49,9 +66,42 @@ class RegistryError(DcgrpoError, RuntimeError):
 
 
 def client(tracking_uri: str | None = None):
+    """An MLflow client that fails in seconds when the server is down.
+
+    MLflow's default HTTP retries wait minutes before an unreachable server
+    surfaces (248 s measured); like ``tracking.start_run`` we turn them off
+    (unless the environment says otherwise) and ask the server once up front.
+    """
+    import mlflow
     from mlflow import MlflowClient
 
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    check_server(tracking_uri or mlflow.get_tracking_uri())
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """One GET ``<uri>/health`` for http(s) URIs; ``ServiceUnavailable`` naming the URI if nobody answers.
+
+    Any HTTP answer below 500 counts as up (a proxy may guard /health); other
+    URI schemes (sqlite, file) have no server to ask.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:
+            return
+        reason = f"HTTP {exc.code} {exc.reason}"
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, malformed URLs
+        reason = str(getattr(exc, "reason", exc))
+    raise ServiceUnavailable(f"MLflow server {uri} unreachable ({reason}); check the tracking URI")
 
 
 def _tag_key(metric: str) -> str:
@@ -67,6 +117,7 @@ def version_tags(
     config_hash: str,
     quantization: str,
     storage_uri: str | None = None,
+    source_dir: str | None = None,
 ) -> dict[str, str]:
     """The tags a model version carries: what the gate compares and what an operator reads."""
     tags = {
@@ -80,7 +131,86 @@ def version_tags(
     tags.update({_tag_key(k): repr(float(v)) for k, v in metrics.items()})
     if storage_uri:
         tags[TAG_STORAGE_URI] = storage_uri
+    if source_dir:
+        tags[TAG_SOURCE_DIR] = source_dir
     return tags
+
+
+def load_metrics(value: str, what: str = "metrics") -> dict[str, float]:
+    """Eval metrics given as a JSON object of numbers, inline or in a file (the CLI's ``--metrics``).
+
+    Checked before anything is written, so a typo fails with one line naming
+    ``what`` instead of a traceback or a version with unusable gate tags.
+    """
+    text = value
+    try:
+        if Path(value).is_file():
+            text = Path(value).read_text()
+    except OSError:  # too long to be a path: inline JSON
+        pass
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{what}: not JSON ({exc}): {text[:80]!r}") from exc
+    numbers = isinstance(data, dict) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in data.values()
+    )
+    if not numbers or not data:
+        raise RegistryError(f'{what}: expected a JSON object of numbers, e.g. {{"eval/aime24/avg@16": 0.3}}; '
+                            f"got {text[:80]!r}")  # fmt: skip
+    return {str(k): float(v) for k, v in data.items()}
+
+
+def _source_id(model_dir: str) -> str:
+    """The registered directory as recorded in ``source_dir``: s3:// as given, local paths absolute."""
+    model_dir = str(model_dir).rstrip("/")
+    return model_dir if storage.is_s3(model_dir) else str(Path(model_dir).resolve())
+
+
+def _get_run(mlflow_client, name: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            raise RegistryError(f"{name}: run_id {run_id!r}: no such MLflow run") from exc
+        raise
+
+
+def _existing_version(mlflow_client, name: str, run_id: str, source_dir: str, quantization: str):
+    """The version already registered from this run, directory and quantization, if any (oldest first)."""
+    found = [
+        mv
+        for mv in mlflow_client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if mv.tags.get(TAG_SOURCE_DIR) == source_dir and mv.tags.get(TAG_QUANTIZATION) == quantization
+    ]
+    return min(found, key=lambda mv: int(mv.version), default=None)
+
+
+def _ensure_registered_model(mlflow_client, name: str) -> bool:
+    """Create the registered model if it is missing; True if this call created it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+
+
+def _undo_registration(mlflow_client, name: str, version: str | None, created_model: bool) -> None:
+    """Best-effort removal of what a failed registration wrote (the caller re-raises its error)."""
+    try:
+        if version is not None:
+            mlflow_client.delete_model_version(name, version)
+        # Only a model this call created, and only while empty: another run may have registered meanwhile.
+        if created_model and not mlflow_client.search_model_versions(f"name='{name}'"):
+            mlflow_client.delete_registered_model(name)
+    except Exception as exc:  # the registry may be what failed
+        log.warning("registry: could not undo the failed registration of %s v%s: %s", name, version, exc)
 
 
 def register_model(
@@ -100,36 +230,42 @@ def register_model(
 ):
     """Log ``model_dir`` (local or s3://) as run artifacts, register it as a new version, alias it.
 
-    Tags go in with ``create_model_version`` (one request); the alias follows.
-    If the alias cannot be set the new version is deleted again, so a failed
-    registration leaves the registry as it was.
+    Idempotent: if this run already registered this directory with this
+    quantization (a retried pipeline step, a repeated command), that version
+    gets the alias and is returned; nothing is uploaded or created again.
+    Inputs (values, run, directory) are checked before anything is written;
+    if a later write fails, the version (and a registered model this call
+    created) is deleted again, so a failed registration leaves the registry as it was.
     """
-    from mlflow.exceptions import MlflowException
-
     for key, value in {"final_lambda": final_lambda, "discrepancy": discrepancy, **metrics}.items():
         if not math.isfinite(float(value)):
             raise RegistryError(f"{name}: {key} is {value}; refusing to register a version with a non-finite value")
-    run = mlflow_client.get_run(run_id)
+    run = _get_run(mlflow_client, name, run_id)
+    source_dir = _source_id(model_dir)
+    mv = _existing_version(mlflow_client, name, run_id, source_dir, quantization)
+    if mv is not None:
+        mlflow_client.set_registered_model_alias(name, alias, mv.version)
+        log.info("registry: %s version %s reused (same run %s, %s, %s), alias %s",
+                 name, mv.version, run_id, source_dir, quantization, alias)  # fmt: skip
+        return mv
     with storage.local_copy(model_dir, endpoint_url) as local:
         if not (Path(local) / "config.json").is_file():
             raise RegistryError(f"{model_dir}: not a model directory (no config.json)")
         mlflow_client.log_artifacts(run_id, str(local), artifact_path)
-    try:
-        mlflow_client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
     tags = version_tags(
         run_id, metrics, final_lambda, discrepancy, config_hash, quantization,
-        storage_uri=str(model_dir) if storage.is_s3(model_dir) else None,
+        storage_uri=str(model_dir) if storage.is_s3(model_dir) else None, source_dir=source_dir,
     )  # fmt: skip
-    mv = mlflow_client.create_model_version(
-        name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, tags=tags
-    )
+    created_model = _ensure_registered_model(mlflow_client, name)
+    version = None
     try:
-        mlflow_client.set_registered_model_alias(name, alias, mv.version)
+        mv = mlflow_client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, tags=tags
+        )
+        version = mv.version
+        mlflow_client.set_registered_model_alias(name, alias, version)
     except Exception:
-        mlflow_client.delete_model_version(name, mv.version)
+        _undo_registration(mlflow_client, name, version, created_model)
         raise
     log.info("registry: %s version %s registered (%s), alias %s", name, mv.version, quantization, alias)
     return mv
@@ -141,8 +277,27 @@ def _alias_version(mlflow_client, name: str, alias: str):
     try:
         return mlflow_client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if exc.error_code in _MISSING:
             return None
+        raise
+
+
+def version_by_alias(mlflow_client, name: str, alias: str) -> str:
+    """The version number ``alias`` points at now (resolved once, e.g. for ``dcgrpo promote``)."""
+    mv = _alias_version(mlflow_client, name, alias)
+    if mv is None:
+        raise RegistryError(f"{name}: no version has alias {alias!r}; register one first")
+    return str(mv.version)
+
+
+def _model_version(mlflow_client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            raise RegistryError(f"{name}: no version {version!r} to promote") from exc
         raise
 
 
@@ -154,9 +309,135 @@ def _metric(mv, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+# --- the promotion lock ----------------------------------------------------------------------------------------------
+#
+# MLflow has no compare-and-set, but registered-model names are unique in its store: creating
+# "<name>.promotion-lock" succeeds for exactly one caller (the others get RESOURCE_ALREADY_EXISTS).
+# The lock model carries its holder in tags; the server's creation time dates it.
+
+
+@dataclass
+class _Held:
+    token: str
+    holder: str
+    age_s: float
+
+
+def _lock_state(mlflow_client, lock: str) -> _Held | None:
+    """Who holds ``lock`` and for how long (None: nobody)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = mlflow_client.get_registered_model(lock)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return None
+        raise
+    age = max(0.0, time.time() - (rm.creation_timestamp or 0) / 1000)
+    return _Held(rm.tags.get("token", ""), rm.tags.get("holder", "unknown"), age)
+
+
+def _try_create(mlflow_client, lock: str, token: str, holder: str) -> bool:
+    """Atomically create the lock model; False if it exists."""
+    from mlflow.exceptions import MlflowException
+
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        mlflow_client.create_registered_model(
+            lock, tags={"token": token, "holder": holder, "acquired_at": since},
+            description=f"dcgrpo promotion lock held by {holder} since {since}; deleted when the promotion ends",
+        )  # fmt: skip
+        return True
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+
+
+def _delete_quietly(mlflow_client, model: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.delete_registered_model(model)
+    except MlflowException as exc:
+        if exc.error_code not in _MISSING:
+            raise
+
+
+def _break_stale(mlflow_client, lock: str, stale: _Held, stale_s: float) -> None:
+    """Delete a lock left by a crashed holder, unless someone else is already doing so.
+
+    The breaker holds ``<lock>.breaking`` (itself a create-once model) and
+    re-reads the lock under it, so two breakers that saw the same stale lock
+    cannot delete a fresh one the first breaker's successor just took.
+    """
+    marker = lock + ".breaking"
+    token = uuid.uuid4().hex
+    if not _try_create(mlflow_client, marker, token, _holder("breaking a stale lock")):
+        held = _lock_state(mlflow_client, marker)
+        if held is not None and held.age_s > stale_s:  # a breaker crashed mid-break
+            _delete_quietly(mlflow_client, marker)
+        return
+    try:
+        now = _lock_state(mlflow_client, lock)
+        if now is not None and now.token == stale.token:
+            log.warning("registry: breaking stale promotion lock %s held by %s for %.0f s (> %.0f s)",
+                        lock, now.holder, now.age_s, stale_s)  # fmt: skip
+            _delete_quietly(mlflow_client, lock)
+    finally:
+        _delete_quietly(mlflow_client, marker)
+
+
+def _holder(purpose: str) -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}: {purpose}"
+
+
+@contextmanager
+def promotion_lock(
+    mlflow_client, name: str, purpose: str = "promotion", wait_s: float = 60.0, stale_s: float = 600.0
+) -> Iterator[None]:
+    """Hold ``<name>.promotion-lock`` for the block: one promotion of a model at a time.
+
+    Waits up to ``wait_s`` for another holder (then ``RegistryError`` naming
+    it), breaks a lock older than ``stale_s`` with a warning, and always
+    releases its own lock (only its own: a lock broken as stale and re-taken
+    by someone else is left alone).
+    """
+    lock, token, holder = name + LOCK_SUFFIX, uuid.uuid4().hex, _holder(purpose)
+    deadline = time.monotonic() + wait_s
+    while not _try_create(mlflow_client, lock, token, holder):
+        held = _lock_state(mlflow_client, lock)
+        if held is None:
+            continue  # released between our create and our read: try again at once
+        if held.age_s > stale_s:
+            _break_stale(mlflow_client, lock, held, stale_s)
+        elif time.monotonic() >= deadline:
+            raise RegistryError(
+                f"{name}: another promotion holds {lock!r} ({held.holder}, for {held.age_s:.0f} s); gave up after "
+                f"{wait_s:.0f} s. If no promotion is running, delete that registered model or wait {stale_s:.0f} s"
+            )
+        time.sleep(random.uniform(0.05, 0.3))  # jitter: waiters do not retry in lockstep
+    try:
+        yield
+    finally:
+        _release(mlflow_client, lock, token, holder)
+
+
+def _release(mlflow_client, lock: str, token: str, holder: str) -> None:
+    """Delete our own lock; best effort (an error here must not mask the promotion's own outcome)."""
+    try:
+        held = _lock_state(mlflow_client, lock)
+        if held is not None and held.token == token:
+            _delete_quietly(mlflow_client, lock)
+        else:
+            log.warning("registry: promotion lock %s was broken while %s held it", lock, holder)
+    except Exception as exc:
+        log.warning("registry: could not release %s (%s); it counts as stale after the stale timeout", lock, exc)
+
+
 @dataclass
 class Decision:
-    """The outcome of one promotion attempt (also written as tags on the challenger)."""
+    """The outcome of one promotion attempt (also written as tags on the version it gates)."""
 
     model_name: str
     challenger: str
@@ -191,53 +472,67 @@ def gate(challenger, champion, gate_metric: str, max_discrepancy: float) -> tupl
     return True, f"{gate_metric} {value:.4g} >= champion v{champion.version}'s {shown}; discrepancy {d:.4g}"
 
 
+def _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champion_alias) -> Decision:
+    """Read the champion, gate ``mv`` against it, tag ``mv`` with the decision, move the alias if it passed."""
+    champion = _alias_version(mlflow_client, name, champion_alias)
+    before = None if champion is None else str(champion.version)
+    if before == str(mv.version):
+        return Decision(name, before, before, False, "already the champion")
+    ok, reason = gate(mv, champion, gate_metric, max_discrepancy)
+    if force and not ok:
+        ok, reason = True, f"forced (gate said: {reason})"
+    for key, value in {
+        TAG_DECISION: "promoted" if ok else "rejected",
+        TAG_REASON: reason,
+        TAG_COMPARED_TO: before or "none",
+        TAG_DECIDED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }.items():
+        mlflow_client.set_model_version_tag(name, mv.version, key, value)
+    if ok:
+        # The commit point: a single alias move (aliases are unique, so the old champion loses it).
+        mlflow_client.set_registered_model_alias(name, champion_alias, mv.version)
+    return Decision(name, str(mv.version), before, ok, reason)
+
+
 def promote(
     mlflow_client,
     name: str,
+    version: str | int,
     gate_metric: str,
     max_discrepancy: float,
     force: bool = False,
     champion_alias: str = "champion",
-    challenger_alias: str = "challenger",
+    *,
+    lock_wait_s: float = 60.0,
+    lock_stale_s: float = 600.0,
 ) -> Decision:
-    """Compare the challenger with the champion and move ``champion`` if the gate passes (or ``force``).
+    """Gate ``version`` against the champion and move ``champion`` to it if the gate passes (or ``force``).
 
-    Order: read both versions -> decide -> write decision tags -> one alias
-    move. Any exception before the move leaves the champion alias untouched;
-    the challenger then carries ``promotion.decision=failed`` (best effort).
+    Bound to ``version``: never to whatever holds an alias by the time this
+    runs. Under the model's promotion lock: read the champion -> decide ->
+    tag ``version`` -> one alias move. Any exception before the move leaves the
+    champion alias untouched, and ``version`` (only it) carries
+    ``promotion.decision=failed`` (best effort).
     """
-    challenger = _alias_version(mlflow_client, name, challenger_alias)
-    if challenger is None:
-        raise RegistryError(f"{name}: no version has alias {challenger_alias!r}; register one first")
-    champion = _alias_version(mlflow_client, name, champion_alias)
-    before = None if champion is None else str(champion.version)
-    if before == str(challenger.version):
-        return Decision(name, str(challenger.version), before, False, "challenger is already the champion")
-
-    ok, reason = gate(challenger, champion, gate_metric, max_discrepancy)
-    if force and not ok:
-        ok, reason = True, f"forced (gate said: {reason})"
-    decision = Decision(name, str(challenger.version), before, ok, reason)
-    try:
-        for key, value in {
-            TAG_DECISION: "promoted" if ok else "rejected",
-            TAG_REASON: reason,
-            TAG_COMPARED_TO: before or "none",
-            TAG_DECIDED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }.items():
-            mlflow_client.set_model_version_tag(name, challenger.version, key, value)
-        if ok:
-            # The commit point: a single alias move (aliases are unique, so the old champion loses it).
-            mlflow_client.set_registered_model_alias(name, champion_alias, challenger.version)
-    except Exception as exc:
+    version = str(version)
+    with promotion_lock(mlflow_client, name, f"promoting v{version}", lock_wait_s, lock_stale_s):
+        mv = _model_version(mlflow_client, name, version)
         try:
-            mlflow_client.set_model_version_tag(name, challenger.version, TAG_DECISION, "failed")
-            mlflow_client.set_model_version_tag(name, challenger.version, TAG_REASON, f"{type(exc).__name__}: {exc}")
-        except Exception:  # the registry may be what failed; the alias has not moved either way
-            log.warning("registry: could not record the failed promotion of %s v%s", name, challenger.version)
-        raise
-    log.info("registry: %s v%s %s: %s", name, challenger.version, "PROMOTED" if ok else "not promoted", reason)
+            decision = _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champion_alias)
+        except Exception as exc:
+            _record_failure(mlflow_client, name, version, exc)
+            raise
+    log.info("registry: %s v%s %s: %s", name, version, "PROMOTED" if decision.promoted else "not promoted",
+             decision.reason)  # fmt: skip
     return decision
+
+
+def _record_failure(mlflow_client, name: str, version: str, exc: Exception) -> None:
+    try:
+        mlflow_client.set_model_version_tag(name, version, TAG_DECISION, "failed")
+        mlflow_client.set_model_version_tag(name, version, TAG_REASON, f"{type(exc).__name__}: {exc}"[:5000])
+    except Exception:  # the registry may be what failed; the alias has not moved either way
+        log.warning("registry: could not record the failed promotion of %s v%s", name, version)
 
 
 def storage_uri(mv, cfg: RegistryConfig) -> str:

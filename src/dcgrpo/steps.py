@@ -397,25 +397,25 @@ def register_step(
 
 
 def _alias(mlc, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
+    """The version holding ``alias``, None if none does (a server error is raised, not read as "no champion")."""
+    from dcgrpo.registry import _alias_version
 
-    try:
-        return mlc.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    return _alias_version(mlc, name, alias)
 
 
 def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name: str, version: str, force: bool) -> str:
-    """Promote ``version`` (the challenger) to champion through the registry's gate."""
+    """Promote ``version`` (the one register_step returned) through the registry's gate.
+
+    Bound to that version even if another run has registered a newer challenger
+    meanwhile; the registry's promotion lock orders concurrent runs.
+    """
     from dcgrpo.registry import promote
 
     cfg = step_config(preset, overrides, mlflow_uri)
-    mlc = _mlflow_client(cfg)
-    challenger = _alias(mlc, model_name, cfg.registry.challenger_alias)
-    if challenger is None or str(challenger.version) != str(version):
-        raise RuntimeError(f"{model_name}: challenger is not version {version}; refusing to promote another one")
-    decision = promote(mlc, model_name, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(), force,
-                       cfg.registry.champion_alias, cfg.registry.challenger_alias)  # fmt: skip
+    reg = cfg.registry
+    decision = promote(_mlflow_client(cfg), model_name, version, cfg.eval.gate_metric,
+                       cfg.promotion_discrepancy_limit(), force, reg.champion_alias,
+                       lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s)  # fmt: skip
     return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
 
 
