@@ -22,10 +22,11 @@ from components.register_model import register_model
 from components.select_best import select_best
 from components.train_round import train_round
 from components.warm_start import warm_start
+from dcgrpo.deploy import DeploymentContract
 
-# Images built from containers/ (tags follow the package version).
-DEFAULT_IMAGE = "ghcr.io/dcgrpo/dcgrpo-cpu:0.1.0"
-DEFAULT_TRAINER_IMAGE = "ghcr.io/dcgrpo/dcgrpo-trainer:0.1.0"
+# Images built from containers/: the deployment contract's names (dcgrpo.deploy).
+DEFAULT_IMAGE = DeploymentContract().light_image
+DEFAULT_TRAINER_IMAGE = DeploymentContract().gpu_image
 
 LIGHT_STEPS = {
     "prepare_data": prepare_data,

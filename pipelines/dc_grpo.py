@@ -9,56 +9,49 @@ round) with retries; methods run in a ParallelFor; the best method by the gate
 metric is registered; promotion runs only under dsl.If; an exit handler marks
 the MLflow runs failed when anything fails.
 
-Cluster settings (through kfp-kubernetes, ignored by kfp.local): GPU
-accelerator type and limit on train/eval/export/warm-start, node selector and
-toleration for the GPU pool, a PVC for the model cache (and one for verl's
-checkpoints on the training rounds, used when ``train.backend=verl``), S3 and MLflow
-credentials from Kubernetes Secrets as env vars (only secret *names* are in
-the YAML), CPU/memory limits on the light steps.
+Round count: ``prepare_data`` resolves the ``rounds`` parameter (0 = the
+preset's ``train.rounds``) and refuses more than the ``max_rounds`` compiled
+in, before any GPU pod starts. The rounds of one method are a nested pipeline
+(``train-rounds``) holding one If/Elif/Else branch per possible count, each an
+unrolled chain of exactly that many round tasks: only the chosen branch is
+scheduled, so a run never starts a pod for a round it does not train, and the
+branch's last model leaves through ``dsl.OneOf``.
+
+Cluster names (images, GPU pool, secrets, PVCs) come from the deployment
+contract (``dcgrpo.deploy.DeploymentContract``), applied through
+kfp-kubernetes (ignored by kfp.local); the contract also travels to the round
+tasks as ``$DCGRPO_DEPLOYMENT`` so the RayJobs they start use the same names.
 """
 
 # No `from __future__ import annotations` here: KFP reads the pipeline signature at runtime.
 
 from dataclasses import dataclass, field
 
-from components import DEFAULT_IMAGE, DEFAULT_TRAINER_IMAGE, build_components
+from components import build_components
 from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Input, Model
+
+from dcgrpo.deploy import ENV_VAR, DeploymentContract
 
 PIPELINE_NAME = "dc-grpo"
+ROUND_TASK = "train-round-{}"
+"""Display name of round k (1-based): ``dcgrpo.pipeline.compiled_max_rounds`` counts them."""
+
+
+def default_max_rounds() -> int:
+    """Enough rounds for every preset (qwen3-8b and qwen3-30b-a3b ask for 10)."""
+    from dcgrpo.config import PRESETS, load_config
+
+    return max(load_config(preset=p).train.rounds for p in PRESETS)
 
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Compile-time cluster settings (what the compiled YAML carries)."""
+    """Compile-time settings: the deployment contract plus sizes and retries (what the compiled YAML carries)."""
 
-    image: str = DEFAULT_IMAGE
-    trainer_image: str = DEFAULT_TRAINER_IMAGE
-    max_rounds: int = 4
-    accelerator_type: str = "nvidia.com/gpu"
+    contract: DeploymentContract = field(default_factory=DeploymentContract)
+    max_rounds: int = field(default_factory=default_max_rounds)
     accelerator_limit: int = 1
-    gpu_node_selector: tuple[str, str] = ("cloud.google.com/gke-nodepool", "gpu-pool")
-    gpu_toleration_key: str = "nvidia.com/gpu"
-    model_cache_pvc: str = "dcgrpo-model-cache"
-    model_cache_mount: str = "/cache"
-    checkpoint_pvc: str = "dcgrpo-checkpoints"
-    """verl's checkpoint volume (train.backend=verl), mounted on the train rounds; "" = none."""
-    checkpoint_mount: str = "/checkpoints"
-    """Where the train rounds see it: must equal verl.checkpoint_dir (its default)."""
-    s3_secret: str = "dcgrpo-s3"
-    s3_secret_keys: dict[str, str] = field(
-        default_factory=lambda: {
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-            "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3",
-        }
-    )
-    mlflow_secret: str = "dcgrpo-mlflow"
-    mlflow_secret_keys: dict[str, str] = field(
-        default_factory=lambda: {
-            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-        }
-    )
     light_cpu_limit: str = "2"
     light_memory_limit: str = "4G"
     gpu_cpu_limit: str = "16"
@@ -66,39 +59,88 @@ class ClusterSettings:
     retries: int = 2
 
 
-def _secrets(task: dsl.PipelineTask, s: ClusterSettings) -> dsl.PipelineTask:
+def _secrets(task: dsl.PipelineTask, c: DeploymentContract) -> dsl.PipelineTask:
     # Optional: a cluster with IRSA/workload identity or an open MLflow needs neither secret.
-    kubernetes.use_secret_as_env(task, s.s3_secret, s.s3_secret_keys, optional=True)
-    kubernetes.use_secret_as_env(task, s.mlflow_secret, s.mlflow_secret_keys, optional=True)
+    kubernetes.use_secret_as_env(task, c.s3_secret, {k: k for k in c.s3_keys}, optional=True)
+    kubernetes.use_secret_as_env(task, c.mlflow_secret, {k: k for k in c.mlflow_keys}, optional=True)
     return task
 
 
 def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.PipelineTask:
-    task.set_accelerator_type(s.accelerator_type).set_accelerator_limit(s.accelerator_limit)
+    c = s.contract
+    task.set_accelerator_type(c.gpu_resource).set_accelerator_limit(s.accelerator_limit)
     task.set_cpu_limit(s.gpu_cpu_limit).set_memory_limit(s.gpu_memory_limit)
-    kubernetes.add_node_selector(task, *s.gpu_node_selector)
-    kubernetes.add_toleration(task, key=s.gpu_toleration_key, operator="Exists", effect="NoSchedule")
-    kubernetes.mount_pvc(task, s.model_cache_pvc, s.model_cache_mount)
-    task.set_env_variable("DCGRPO_MODEL_CACHE", s.model_cache_mount)
+    for key, value in c.gpu_node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    for tol in c.gpu_tolerations:
+        kubernetes.add_toleration(task, key=tol["key"], operator=tol["operator"], effect=tol.get("effect"))
+    kubernetes.mount_pvc(task, c.model_cache_pvc, c.model_cache_mount)
+    task.set_env_variable("DCGRPO_MODEL_CACHE", c.model_cache_mount)
     if retry and s.retries > 0:
         task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
-    return _secrets(task, s)
+    return _secrets(task, c)
 
 
-def _light(task: dsl.PipelineTask, s: ClusterSettings) -> dsl.PipelineTask:
+def _light(task: dsl.PipelineTask, s: ClusterSettings, cache: bool = True) -> dsl.PipelineTask:
     task.set_cpu_limit(s.light_cpu_limit).set_memory_limit(s.light_memory_limit)
-    return _secrets(task, s)
+    if not cache:  # a side effect (registry, alias, run state) must happen on every run
+        task.set_caching_options(False)
+    return _secrets(task, s.contract)
+
+
+def _branch(n: int, rounds, max_rounds: int):
+    """The If/Elif/Else group of the chain of ``n`` rounds (Else: the largest count; prepare_data bounds it)."""
+    name = f"{n}-rounds"
+    if n == max_rounds:
+        return dsl.Else(name=name)
+    return dsl.If(rounds == n, name=name) if n == 1 else dsl.Elif(rounds == n, name=name)
+
+
+def build_train_rounds(c, s: ClusterSettings):
+    """The nested pipeline of one method's rounds: returns the last round's model."""
+
+    @dsl.pipeline(name="train-rounds", description="Training rounds 1..rounds of one method, one task per round.")
+    def train_rounds(
+        preset: str, overrides: list, method: str, rounds: int, mlflow_uri: str, kfp_run_id: str,
+        dataset: Input[Dataset], base_model: Input[Model],
+    ) -> Model:  # fmt: skip
+        def chain(n: int):
+            model = base_model
+            for k in range(n):
+                step = _gpu(
+                    c.train_round(
+                        preset=preset, overrides=overrides, method=method, round_index=k, rounds=rounds,
+                        mlflow_uri=mlflow_uri, kfp_run_id=kfp_run_id, dataset=dataset, model_in=model,
+                    ),
+                    s,
+                ).set_display_name(ROUND_TASK.format(k + 1))  # fmt: skip
+                step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl round starts uses these names
+                if s.contract.checkpoint_pvc:  # verl backend: every round resumes from the same volume
+                    kubernetes.mount_pvc(step, s.contract.checkpoint_pvc, s.contract.checkpoint_mount)
+                model = step.outputs["model"]
+            return model
+
+        if s.max_rounds == 1:
+            return chain(1)
+        finals = []
+        for n in range(1, s.max_rounds + 1):
+            with _branch(n, rounds, s.max_rounds):
+                finals.append(chain(n))
+        return dsl.OneOf(*finals)
+
+    return train_rounds
 
 
 def build_pipeline(settings: ClusterSettings | None = None):
-    """The pipeline function for ``settings`` (images, GPU pool, secrets, max rounds)."""
+    """The pipeline function for ``settings`` (contract, max rounds, sizes)."""
     s = settings or ClusterSettings()
-    c = build_components(s.image, s.trainer_image)
+    c = build_components(s.contract.light_image, s.contract.gpu_image)
+    train_rounds = build_train_rounds(c, s)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="DC-GRPO post-training: data prep, warm start, training rounds per method, "
-        "FP8 export, vLLM evaluation, MLflow registration and gated promotion.",
+        f"FP8 export, vLLM evaluation, MLflow registration and gated promotion (1 to {s.max_rounds} rounds).",
     )
     def dc_grpo(
         preset: str = "tiny-cpu",
@@ -106,38 +148,46 @@ def build_pipeline(settings: ClusterSettings | None = None):
         data_uri: str = "",
         model_uri: str = "",
         methods: list = ["grpo", "dc-grpo"],  # noqa: B006
-        rounds: int = 2,
+        rounds: int = 0,
         mlflow_uri: str = "",
-        model_name: str = "dcgrpo-tiny",
+        model_name: str = "",
         force_promotion: bool = False,
     ):
+        """DC-GRPO post-training of one preset, compared across methods, FP8 export, gated promotion.
+
+        Args:
+            preset: Run config preset: tiny-cpu, qwen3-8b or qwen3-30b-a3b. Every empty or 0 parameter below takes this preset's value.
+            overrides: Config overrides on top of the preset, e.g. ["train.lr=1e-6", "eval.max_problems=64"].
+            data_uri: DAPO-Math-17K parquet (raw or prepared), s3:// or a path in the image; empty = the synthetic arithmetic task.
+            model_uri: HF-format base model (s3:// or a path); empty = the preset's model.path (tiny-cpu: a tiny model with an SFT warm start).
+            methods: Methods trained side by side; the best by the gate metric is registered (grpo, dual-grpo, dc-grpo, tis, mis, icepop).
+            rounds: Training rounds per method (each its own task); 0 = the preset's train.rounds. At most the count compiled in (dcgrpo compile --max-rounds).
+            mlflow_uri: MLflow tracking URI as seen from the pipeline pods, e.g. http://mlflow:5000; empty = the preset's tracking.mlflow_uri, else $MLFLOW_TRACKING_URI.
+            model_name: Registered model name in MLflow; empty = the preset's registry.model_name (the champion it is gated against).
+            force_promotion: Promote even when the gate refuses (recorded as forced on the model version).
+        """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        exit_task = _light(c.mark_failed(mlflow_uri=mlflow_uri, kfp_run_id=run_id), s)
+        exit_task = _light(c.mark_failed(mlflow_uri=mlflow_uri, kfp_run_id=run_id), s, cache=False)
         with dsl.ExitHandler(exit_task, name="dc-grpo-run"):
             data = _light(
                 c.prepare_data(
-                    preset=preset, overrides=overrides, data_uri=data_uri, mlflow_uri=mlflow_uri, kfp_run_id=run_id
+                    preset=preset, overrides=overrides, data_uri=data_uri, mlflow_uri=mlflow_uri, kfp_run_id=run_id,
+                    rounds=rounds, model_name=model_name, max_rounds=s.max_rounds,
                 ),
                 s,
-            )
+                cache=False,  # resolves and checks the run's parameters: never reuse another run's answer
+            )  # fmt: skip
+            n_rounds, registered_name = data.outputs["rounds"], data.outputs["model_name"]
             base = _gpu(
                 c.warm_start(preset=preset, overrides=overrides, model_uri=model_uri, dataset=data.outputs["dataset"]),
                 s,
             )
             with dsl.ParallelFor(methods, name="methods") as method:
-                model = base.outputs["model"]
-                for k in range(s.max_rounds):
-                    step = _gpu(
-                        c.train_round(
-                            preset=preset, overrides=overrides, method=method, round_index=k, rounds=rounds,
-                            mlflow_uri=mlflow_uri, kfp_run_id=run_id, dataset=data.outputs["dataset"],
-                            model_in=model,
-                        ),
-                        s,
-                    ).set_display_name(f"train-round-{k + 1}")  # fmt: skip
-                    if s.checkpoint_pvc:  # verl backend: every round resumes from the same volume
-                        kubernetes.mount_pvc(step, s.checkpoint_pvc, s.checkpoint_mount)
-                    model = step.outputs["model"]
+                trained = train_rounds(
+                    preset=preset, overrides=overrides, method=method, rounds=n_rounds, mlflow_uri=mlflow_uri,
+                    kfp_run_id=run_id, dataset=data.outputs["dataset"], base_model=base.outputs["model"],
+                ).set_display_name("train-rounds")  # fmt: skip
+                model = trained.output
                 fp8 = _gpu(c.export_fp8(preset=preset, overrides=overrides, model=model), s)
                 evaluation = _gpu(
                     c.evaluate(
@@ -159,18 +209,20 @@ def build_pipeline(settings: ClusterSettings | None = None):
             )
             registered = _light(
                 c.register_model(
-                    preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=model_name,
+                    preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=registered_name,
                     model=best.outputs["best_model"], fp8_model=best.outputs["best_fp8_model"],
                 ),
                 s,
+                cache=False,
             )  # fmt: skip
             with dsl.If(registered.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
                 _light(
                     c.promote(
-                        preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=model_name,
+                        preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=registered_name,
                         version=registered.outputs["version"], force=force_promotion,
                     ),
                     s,
+                    cache=False,
                 )  # fmt: skip
 
     return dc_grpo

@@ -1,7 +1,7 @@
 """manifests/ (kustomize bases) and containers/ (Dockerfiles), checked without a cluster or a Docker daemon.
 
-- every kustomization builds: its resources/patches resolve (an equivalent of
-  `kubectl kustomize`, which is not installed here), no duplicate objects;
+- every kustomization builds (`kubectl kustomize` when installed, else a Python equivalent), with
+  the secret env files filled from their committed templates; no duplicate objects;
 - core kinds validate against the Kubernetes OpenAPI schema (kubernetes-validate);
 - custom resources (InferenceService, RayJob) have their required fields;
 - the rendered serving manifests validate the same way;
@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -34,19 +35,29 @@ def _kustomization_dirs() -> list[Path]:
     return sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
 
 
-def kustomize_build(directory: Path) -> list[dict]:
-    """Resolve a kustomization: resources (files or directories, recursively) and patches must exist;
-    namespace and labels applied as kustomize would. Returns the objects."""
+def _env_keys(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a kustomize env file (comments and blank lines skipped)."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.partition("=")[::2] for line in lines if line and not line.startswith("#"))
+
+
+def _python_kustomize(directory: Path) -> list[dict]:
+    """What `kubectl kustomize` does with our bases, for machines without kubectl: resources (files or
+    directories, recursively), secretGenerator over env files (the committed ``*.env.example``),
+    patches must exist, namespace (parent wins; RoleBinding subjects without one get it), labels."""
     kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
     assert kz["kind"] == "Kustomization", directory
     objects: list[dict] = []
     for res in kz.get("resources", []):
         path = directory / res
         assert path.exists(), f"{directory}/kustomization.yaml: resource {res} does not exist"
-        if path.is_dir():
-            objects += kustomize_build(path)
-        else:
-            objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+        objects += _python_kustomize(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for gen in kz.get("secretGenerator", []):
+        data = {}
+        for env in gen.get("envs", []):
+            data |= _env_keys(directory / f"{env}.example")
+        objects.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                        "metadata": {"name": gen["name"]}, "stringData": data})  # fmt: skip
     for patch in kz.get("patches", []) + kz.get("patchesStrategicMerge", []):
         target = patch.get("path") if isinstance(patch, dict) else patch
         if target:
@@ -54,8 +65,30 @@ def kustomize_build(directory: Path) -> list[dict]:
     for obj in objects:
         if kz.get("namespace") and obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             obj["metadata"]["namespace"] = kz["namespace"]
+            for subject in obj.get("subjects", []) if obj["kind"] == "RoleBinding" else []:
+                subject.setdefault("namespace", kz["namespace"])
         for entry in kz.get("labels", []):
             obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
+    return objects
+
+
+def kustomize_build(directory: Path) -> list[dict]:
+    """The objects ``kubectl apply -k directory`` would send: `kubectl kustomize` on a copy of manifests/
+    whose secret env files are the committed templates (real ones are gitignored), else a Python
+    equivalent. No duplicate objects."""
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "manifests"
+            shutil.copytree(MANIFESTS, copy, ignore=shutil.ignore_patterns("*.env"))
+            for example in copy.rglob("*.env.example"):
+                shutil.copy(example, example.with_suffix(""))
+            target = copy / directory.relative_to(MANIFESTS)
+            out = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, f"kubectl kustomize {directory}: {out.stderr}"
+            objects = [d for d in yaml.safe_load_all(out.stdout) if d]
+    else:
+        objects = _python_kustomize(directory)
     ids = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
     assert len(ids) == len(set(ids)), f"{directory}: duplicate objects {ids}"
     return objects
@@ -94,20 +127,20 @@ def test_top_level_builds_everything():
 
 
 def test_volumes_the_pipeline_and_rayjobs_mount_exist():
-    from pipelines.dc_grpo import ClusterSettings
-
     from dcgrpo.config import VerlConfig
+    from dcgrpo.deploy import DeploymentContract
 
     claims = {o["metadata"]["name"]: o for o in kustomize_build(MANIFESTS) if o["kind"] == "PersistentVolumeClaim"}
-    settings, verl = ClusterSettings(), VerlConfig()
-    assert {settings.model_cache_pvc, settings.checkpoint_pvc, verl.checkpoint_pvc} <= set(claims)
-    assert settings.checkpoint_mount == verl.checkpoint_dir  # the step and the Ray nodes see one path
+    contract = DeploymentContract()
+    assert {contract.model_cache_pvc, contract.checkpoint_pvc} <= set(claims)
+    assert contract.checkpoint_mount == VerlConfig().checkpoint_dir  # the step and the Ray nodes see one path
     for claim in claims.values():  # a new pod per round, several Ray nodes: shared read-write
-        assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["metadata"]["namespace"] == "kubeflow"
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert claim["metadata"]["namespace"] == contract.namespace
 
 
 def test_rbac_is_least_privilege():
-    objects = kustomize_build(MANIFESTS / "rbac")
+    objects = kustomize_build(MANIFESTS)
     allowed = {
         "ray.io": {"rayjobs", "rayjobs/status"},
         "serving.kserve.io": {"inferenceservices", "inferenceservices/status"},
@@ -121,9 +154,18 @@ def test_rbac_is_least_privilege():
 
 
 def test_secrets_come_from_secret_refs_only():
-    """No credential values in git: env that looks like a credential is a secretKeyRef."""
+    """No credential values in git: env that looks like a credential is a secretKeyRef, and every Secret
+    is generated from a gitignored env file whose committed template has no values."""
+    committed = {o["metadata"]["name"] for d in _kustomization_dirs() for f in d.glob("*.yaml")
+                 for o in yaml.safe_load_all(f.read_text()) if o and o.get("kind") == "Secret"}  # fmt: skip
+    assert not committed, f"Secret objects committed under manifests/: {committed}"
+    for example in MANIFESTS.rglob("*.env.example"):
+        values = {k: v for k, v in _env_keys(example).items() if v and k != "POSTGRES_USER"}
+        assert not values, f"{example}: template with values {values}"
+        real = example.with_suffix("")
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(real)], cwd=ROOT).returncode == 0
+        assert ignored, f"{real.relative_to(ROOT)} must be gitignored"
     for obj in kustomize_build(MANIFESTS):
-        assert obj["kind"] != "Secret", "secrets are created out of band"
         spec = obj.get("spec", {}).get("template", {}).get("spec", {})
         for container in spec.get("containers", []) + spec.get("initContainers", []):
             for env in container.get("env", []):
@@ -164,10 +206,19 @@ def test_committed_inferenceservice_is_the_rendered_one():
 
 
 def test_recurring_run_example():
-    rr = yaml.safe_load((MANIFESTS / "kfp" / "recurring-run.yaml").read_text())
+    """The example names files and parameters that exist, the contract's service account, KFP's cron."""
+    from dcgrpo import pipeline
+    from dcgrpo.deploy import DeploymentContract
+
+    text = (MANIFESTS / "kfp" / "recurring-run.yaml").read_text()
+    rr = yaml.safe_load(text)
     assert rr["max_concurrency"] == "1" and rr["no_catchup"] is True
     assert len(rr["trigger"]["cron_schedule"]["cron"].split()) == 6  # KFP cron: seconds first
-    assert rr["service_account"] == "dcgrpo-pipeline"
+    for path in re.findall(r"\b(?:pipelines|manifests)/[\w./-]+\.yaml", text):
+        assert (ROOT / path).is_file(), f"recurring-run.yaml names {path}, which does not exist"
+    spec, _ = pipeline.load_compiled(pipeline.COMPILED_PATH)
+    assert set(rr["runtime_config"]["parameters"]) <= set(spec.root.input_definitions.parameters)
+    assert rr["service_account"] == DeploymentContract().service_account
     rbac_sas = {o["metadata"]["name"] for o in kustomize_build(MANIFESTS / "rbac") if o["kind"] == "ServiceAccount"}
     assert rr["service_account"] in rbac_sas
 

@@ -1,6 +1,7 @@
 """The compiled pipeline: fresh, parseable, and carrying the cluster settings."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -8,6 +9,7 @@ import yaml
 from dcgrpo import pipeline
 from dcgrpo.cli import main
 from dcgrpo.config import ConfigError
+from dcgrpo.deploy import DeploymentContract
 
 GPU_STEPS = ("warm-start", "train-round", "export-fp8", "evaluate")
 LIGHT_STEPS = ("prepare-data", "select-best", "register-model", "promote", "mark-failed")
@@ -51,7 +53,7 @@ def test_gpu_steps_request_gpus_on_the_gpu_pool_with_cache_and_secrets(compiled)
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", step
         assert int(resources["accelerator"]["resourceCount"]) == 1, step
         cfg = k8s[name]
-        assert cfg["nodeSelector"]["labels"] == {"cloud.google.com/gke-nodepool": "gpu-pool"}, step
+        assert cfg["nodeSelector"]["labels"] == DeploymentContract().gpu_node_selector, step
         assert cfg["tolerations"][0]["key"] == "nvidia.com/gpu", step
         assert cfg["pvcMount"][0]["mountPath"] == "/cache", step
         secrets = {s["secretName"] for s in cfg["secretAsEnv"]}
@@ -61,12 +63,12 @@ def test_gpu_steps_request_gpus_on_the_gpu_pool_with_cache_and_secrets(compiled)
 def test_train_rounds_share_the_verl_checkpoint_volume(compiled, tmp_path):
     _, k8s = _executors(compiled)
     rounds = [name for name in k8s if name.startswith("exec-train-round")]
-    assert len(rounds) == 4  # --max-rounds default
+    assert len(rounds) == 10 * 11 // 2  # one chain of n rounds per possible count n = 1..10
     for name in rounds:
         mounts = {m["mountPath"]: m for m in k8s[name]["pvcMount"]}
         assert mounts["/checkpoints"]["constant"] == "dcgrpo-checkpoints", name  # = verl.checkpoint_dir's default
     assert all("/checkpoints" not in json.dumps(k8s[n]) for n in k8s if not n.startswith("exec-train-round"))
-    bare = pipeline.compile_yaml(tmp_path / "bare.yaml", checkpoint_pvc="", accelerator_limit=8)
+    bare = pipeline.compile_yaml(tmp_path / "bare.yaml", DeploymentContract(checkpoint_pvc=""), accelerator_limit=8)
     containers, k8s = _executors(bare)
     assert "/checkpoints" not in json.dumps(k8s)
     assert int(containers["exec-train-round"]["container"]["resources"]["accelerator"]["resourceCount"]) == 8
@@ -86,8 +88,8 @@ def test_retries_rounds_and_no_secret_values(compiled):
     docs = list(yaml.safe_load_all(text))
     tasks = docs[0]["root"]["dag"]["tasks"]
     body = json.dumps(docs[0])
-    assert body.count('"retryPolicy"') >= 4 + 1 + 1 + 1  # 4 rounds, warm start, export, evaluate
-    assert all(f"train-round-{k}" in body for k in range(1, 5))
+    assert body.count('"retryPolicy"') >= 55 + 1 + 1 + 1  # every round task, warm start, export, evaluate
+    assert all(f"train-round-{k}" in body for k in range(1, 11))
     assert "exit-handler-1" in tasks or any("exit" in t for t in tasks)
     # Only secret names and key names appear; no credential values.
     assert "testing" not in text and "password:" not in text.lower()
@@ -99,7 +101,7 @@ def test_compile_cli_writes_yaml_with_custom_images(tmp_path, capsys):
                  "--max-rounds", "2", "--gpu-pool", "pool=a100"]) == 0  # fmt: skip
     text = out.read_text()
     assert "reg/cpu:1" in text and "reg/gpu:1" in text and "a100" in text
-    assert "train-round-3" not in text
+    assert pipeline.compiled_max_rounds(out) == 2
     assert main(["compile", "--output", str(out), "--gpu-pool", "nokey"]) == 2
 
 
@@ -117,8 +119,239 @@ def test_schedule_rejects_five_field_cron():
         pipeline.schedule("http://127.0.0.1:9", "0 3 * * 0", {})
 
 
-def test_retrain_workflow_compiles_and_submits_with_the_cli():
-    workflow = yaml.safe_load((pipeline.COMPILED_PATH.parents[2] / ".github/workflows/retrain.yml").read_text())
-    steps = " ".join(s.get("run", "") for s in workflow["jobs"]["submit"]["steps"])
-    assert "dcgrpo compile" in steps and "dcgrpo submit --host" in steps
+def test_retrain_workflow_is_least_privilege_and_follows_the_run():
+    """retrain.yml: read-only token, inputs through env (never spliced into a shell line), only the
+    submit tooling installed with pyproject's pins, and `submit --wait` so the job fails with the run."""
+    import tomllib
+
+    root = pipeline.COMPILED_PATH.parents[2]
+    workflow = yaml.safe_load((root / ".github/workflows/retrain.yml").read_text())
+    assert workflow["permissions"] == {"contents": "read"}
     assert workflow[True]["schedule"][0]["cron"]  # YAML 1.1 reads the key `on` as True
+    steps = workflow["jobs"]["submit"]["steps"]
+    runs = " ".join(s.get("run", "") for s in steps)
+    assert "${{" not in runs, "expressions belong in env:, not in run: (script injection)"
+    assert "dcgrpo compile" in runs and "dcgrpo submit" in runs and "--wait" in runs
+    submit = next(s for s in steps if "dcgrpo submit" in s.get("run", ""))
+    assert "inputs.rounds" in submit["env"]["ROUNDS"] and submit["env"]["KFP_HOST"] == "${{ vars.KFP_HOST }}"
+    install = next(s["run"] for s in steps if "pip install" in s.get("run", ""))
+    assert "torch" not in install and "pip install --no-deps ." in install and "-e ." not in install
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(re.findall(r'"([a-z-]+)([=<>][^"]+)"', install))
+    for name, spec in pins.items():  # the same pins as pyproject's base dependencies
+        assert any(re.sub(r"\s*#.*", "", d).replace(" ", "") == name + spec for d in deps), (name, spec)
+    assert {"kfp", "kfp-kubernetes", "pydantic", "pyyaml"} <= set(pins)
+
+
+def test_submit_path_imports_no_engine_or_torch(tmp_path):
+    """What retrain.yml installs is enough: compile and submit import none of the heavy dependencies."""
+    import subprocess
+    import sys
+
+    blocked = "torch,transformers,vllm,mlflow,boto3,botocore,pandas,pyarrow,numpy,matplotlib,math_verify,rich"
+    script = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked.split(",")!r}:
+            raise ImportError("submit path imported " + name)
+sys.meta_path.insert(0, Block())
+from dcgrpo.cli import main
+assert main(["compile", "--output", {str(tmp_path / "p.yaml")!r}]) == 0
+sys.exit(main(["submit", "--host", "http://127.0.0.1:9", "--preset", "qwen3-8b"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "127.0.0.1:9 is unreachable" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- round counts (issue 12, point 5) ------------------------------------------------------------------------------
+
+
+def _dag(spec, component):
+    return spec["components"][component]["dag"]["tasks"]
+
+
+def test_compiled_rounds_cover_every_preset_and_only_the_asked_ones_are_scheduled(compiled):
+    """One If/Elif/Else branch per round count, each a chain of exactly that many round tasks:
+    a run schedules the rounds it trains and no copy-through task for the others."""
+    from pipelines.dc_grpo import default_max_rounds
+
+    from dcgrpo.config import PRESETS, load_config
+
+    assert pipeline.compiled_max_rounds(compiled) == default_max_rounds() == 10
+    assert all(load_config(preset=p).train.rounds <= 10 for p in PRESETS)
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    branches = _dag(spec, "comp-condition-branches-1")
+    sizes = {}
+    for task in branches.values():
+        condition = task["triggerPolicy"]["condition"]
+        rounds = [t for t in _dag(spec, task["componentRef"]["name"]).values()
+                  if t["taskInfo"]["name"].startswith("train-round-")]  # fmt: skip
+        asked = re.findall(r"\['pipelinechannel--rounds'\]\) == (\d+)$", condition)
+        n = int(asked[0]) if asked else 10  # the Else branch: the largest count (prepare_data bounds rounds)
+        sizes[n] = sorted(int(t["taskInfo"]["name"].rsplit("-", 1)[1]) for t in rounds)
+    assert sizes == {n: list(range(1, n + 1)) for n in range(1, 11)}
+    # Rounds branch on prepare_data's resolved count (0 -> the preset's), not on the raw parameter.
+    method_loop = _dag(spec, "comp-for-loop-2")["train-rounds"]
+    source = method_loop["inputs"]["parameters"]["rounds"]
+    assert "prepare-data" in json.dumps(source) and "Output" not in json.dumps(source)
+
+
+def test_rounds_above_the_compiled_maximum_are_refused_before_anything_starts(capsys, tmp_path):
+    small = pipeline.compile_yaml(tmp_path / "small.yaml", max_rounds=3)
+    assert pipeline.compiled_max_rounds(small) == 3
+    # qwen3-8b asks for 10: refused naming rounds, before any request (the host is unreachable anyway)
+    assert main(["submit", "--host", "http://127.0.0.1:9", "--preset", "qwen3-8b", "--package", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rounds=10" in err and "at most 3" in err and "127.0.0.1" not in err
+    assert main(["schedule", "--host", "http://127.0.0.1:9", "--cron", "0 0 3 * * 0", "--rounds", "4",
+                 "--package", str(small)]) == 2  # fmt: skip
+    assert "rounds=4" in capsys.readouterr().err
+    # The pipeline's own first step refuses the same way (a run started from the UI)
+    with pytest.raises(ConfigError, match=r"rounds=11.*1 to 10"):
+        pipeline.resolve_run_parameters("tiny-cpu", [], 11, "", 10)
+    with pytest.raises(ConfigError, match=r"rounds=10 \(preset qwen3-8b's train.rounds\)"):
+        pipeline.resolve_run_parameters("qwen3-8b", [], 0, "", 3)
+
+
+# --- UI defaults (point 13) ----------------------------------------------------------------------------------------
+
+
+def test_ui_defaults_mean_the_presets_values_and_every_parameter_is_described(compiled):
+    spec, _ = pipeline.load_compiled(compiled)
+    params = spec.root.input_definitions.parameters
+    for name, param in params.items():
+        assert len(param.description) > 20, f"parameter {name} has no description for the UI"
+    assert params["rounds"].default_value.number_value == 0 and params["model_name"].default_value.string_value == ""
+    assert pipeline.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b")
+    assert pipeline.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny")
+    assert pipeline.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine")
+    # register and promote take the resolved name, not the raw parameter
+    spec_dict = next(yaml.safe_load_all(compiled.read_text()))
+    tasks = _dag(spec_dict, "comp-exit-handler-1")
+    source = tasks["register-model"]["inputs"]["parameters"]["model_name"]
+    assert source["taskOutputParameter"] == {"outputParameterKey": "model_name", "producerTask": "prepare-data"}
+
+
+def test_side_effect_steps_are_never_cached(compiled):
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    tasks = {**_dag(spec, "comp-exit-handler-1"), **spec["root"]["dag"]["tasks"]}
+    condition = next(c for c in spec["components"] if "promote" in json.dumps(spec["components"][c].get("dag", {})))
+    tasks |= _dag(spec, condition)
+    for name in ("register-model", "promote", "mark-failed", "prepare-data"):
+        assert not tasks[name].get("cachingOptions", {}).get("enableCache"), name
+    assert tasks["warm-start"]["cachingOptions"]["enableCache"] is True  # the rest may be cached
+
+
+# --- submit and schedule as a cluster user expects (points 6, 11, 12) -------------------------------------------
+
+
+def test_submit_to_an_unreachable_host_prints_one_line_and_exits_2(capsys, monkeypatch):
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    assert main(["submit", "--host", "http://127.0.0.1:9", "--preset", "qwen3-8b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "http://127.0.0.1:9" in err and "unreachable" in err
+    monkeypatch.setenv("KFP_HOST", "http://127.0.0.1:9")  # --host is optional when KFP_HOST is set
+    assert main(["submit", "--preset", "qwen3-8b"]) == 2
+    assert "http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
+
+
+class _FakeKFP:
+    """A KFP API front (healthz only) on a real socket: what a refused token or a host looks like."""
+
+    def __init__(self, status: int, body: dict):
+        import http.server
+        import threading
+
+        outer = self
+        self.headers = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                outer.headers.append(dict(self.headers))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_refused_token_and_multi_user_without_namespace_are_one_line_errors(capsys, monkeypatch):
+    fake = _FakeKFP(401, {"error": "unauthenticated"})
+    try:
+        monkeypatch.setenv("KFP_TOKEN", "expired")
+        assert main(["submit", "--host", fake.url]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fake.url in err and "refused the credentials" in err and "KFP_TOKEN" in err
+        assert fake.headers[-1]["Authorization"] == "Bearer expired"
+    finally:
+        fake.close()
+    fake = _FakeKFP(200, {"multi_user": True})
+    try:
+        assert main(["schedule", "--host", fake.url, "--cron", "0 0 3 * * 0"]) == 2
+        assert "--namespace" in capsys.readouterr().err
+    finally:
+        fake.close()
+
+
+def test_kfp_api_refusals_become_one_line_errors():
+    from kfp_server_api.exceptions import ApiException
+
+    from dcgrpo.errors import ServiceUnavailable
+
+    with pytest.raises(
+        ServiceUnavailable, match=r"h: creating a run in experiment 'x' failed \(HTTP 404.*--experiment"
+    ):
+        with pipeline._kfp_errors("h", "creating a run in experiment 'x'"):
+            raise ApiException(status=404, reason="experiment not found")
+    with pytest.raises(KeyError):  # a bug stays a bug
+        with pipeline._kfp_errors("h", "x"):
+            raise KeyError("k")
+
+
+def test_submit_wait_follows_the_run_and_fails_when_it_fails(capsys, monkeypatch):
+    """``--wait``: kfp.Client's wait_for_run_completion decides the exit status (the client is the
+    third-party part replaced here; the health check goes to a real socket)."""
+    import types
+
+    import kfp
+
+    calls = {}
+
+    class Client:
+        def __init__(self, host, existing_token=None, namespace="kubeflow"):
+            calls["client"] = (host, namespace)
+
+        def create_run_from_pipeline_package(self, package, **kwargs):
+            calls["run"] = kwargs
+            return types.SimpleNamespace(run_id="run-1")
+
+        def wait_for_run_completion(self, run_id, timeout, sleep_duration=5):
+            return types.SimpleNamespace(state=calls["final"])
+
+    monkeypatch.setattr(kfp, "Client", Client)
+    fake = _FakeKFP(200, {"multi_user": False})
+    try:
+        calls["final"] = "FAILED"
+        assert main(["submit", "--host", fake.url, "--wait", "--namespace", "team-a"]) == 1
+        assert "run-1 ended FAILED" in capsys.readouterr().err
+        assert calls["client"] == (fake.url, "team-a")
+        assert calls["run"]["service_account"] == DeploymentContract().service_account
+        assert calls["run"]["namespace"] == "team-a" and calls["run"]["arguments"]["rounds"] == 2
+        calls["final"] = "SUCCEEDED"
+        assert main(["submit", "--host", fake.url, "--wait"]) == 0
+        assert capsys.readouterr().out.strip() == "run-1 SUCCEEDED"
+    finally:
+        fake.close()

@@ -16,6 +16,7 @@ import yaml
 
 from dcgrpo.cli import main as cli_main
 from dcgrpo.config import ConfigError, load_config
+from dcgrpo.deploy import ENV_VAR, DeploymentContract
 from dcgrpo.verl_plugin.config import render_env, render_overrides
 from dcgrpo.verl_plugin.rayjob import RayJobFailed, follow_rayjob, job_name, render_rayjob, run_rayjob
 from tests.kube_fake import FakeKubeAPI
@@ -65,14 +66,17 @@ def test_multi_node_rayjob_validates_and_targets_the_gpu_pool():
     assert workers["replicas"] == 3  # 4 nodes = head + 3 GPU workers
     for template in _pod_templates(job):
         spec = template["spec"]
-        assert spec["nodeSelector"] == {"dcgrpo/pool": "gpu"}
+        assert spec["nodeSelector"] == DeploymentContract().gpu_node_selector == {"dcgrpo/pool": "gpu"}
         assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
         (c,) = spec["containers"]
-        assert c["image"] == cfg.verl.image and c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert c["image"] == DeploymentContract().verl_image and c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
         env = {e["name"]: e for e in c["env"]}
-        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "dcgrpo-s3", "key": "secret-key"}
+        # the pipeline's keys, optional like the pipeline's: an unused key cannot stop the pod
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "dcgrpo-s3", "key": "AWS_SECRET_ACCESS_KEY", "optional": True
+        }  # fmt: skip
         assert env["MLFLOW_RUN_ID"]["value"] == "abc123"
     entry = job["spec"]["entrypoint"]
     for part in (
@@ -100,8 +104,10 @@ def test_bad_configs_fail_naming_fields():
         render_overrides(_cfg("verl.gpus_per_node=3"), train_files="x.parquet")
     with pytest.raises(ConfigError, match="model.path"):
         render_overrides(load_config(), train_files="x.parquet")
-    with pytest.raises(ConfigError, match="secret_env"):
-        _cfg("verl.secret_env={A: no-key}")
+    with pytest.raises(ConfigError, match="verl.image"):  # deployment names are not run config
+        _cfg("verl.image=x")
+    with pytest.raises(ConfigError, match="checkpoint_pvc"):
+        render_rayjob(_cfg("verl.nnodes=2"), [], name="x", contract=DeploymentContract(checkpoint_pvc=""))
     with pytest.raises(ConfigError, match="needs dc_grpo"):
         render_overrides(_cfg("verl.trainer_mode=sync"), train_files="x.parquet")
     assert render_env(_cfg("tracking.mlflow_uri=http://m:5000"), mlflow_run_id="r") == {
@@ -214,3 +220,22 @@ def test_cli_round_stops_at_the_rounds_step_with_the_whole_runs_total(capsys):
     assert "trainer.total_training_steps=200" in entry  # 10 rounds x 20: the LR horizon of the whole run
     assert cli_main([*common, "--round", "11", "--dry-run"]) == 2
     assert "--round 11: must be between 1 and train.rounds (10)" in capsys.readouterr().err
+
+
+def test_rayjob_takes_the_pipelines_contract_and_the_pods_namespace(monkeypatch, tmp_path):
+    """In a pipeline pod: the contract the pipeline was compiled with ($DCGRPO_DEPLOYMENT) and the
+    pod's own namespace (a Kubeflow profile's), not the defaults."""
+    from dcgrpo import deploy
+
+    contract = DeploymentContract(verl_image="reg/t:9", gpu_node_selector={"pool": "h100"}, namespace="ns-x")
+    monkeypatch.setenv(ENV_VAR, contract.to_env())
+    job = _job(_cfg("verl.nnodes=2"))
+    assert job["metadata"]["namespace"] == "ns-x"
+    for template in _pod_templates(job):
+        assert template["spec"]["nodeSelector"] == {"pool": "h100"}
+        assert template["spec"]["containers"][0]["image"] == "reg/t:9"
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text("team-a\n")
+    monkeypatch.setattr(deploy, "POD_NAMESPACE_FILE", ns_file)
+    assert _job(_cfg())["metadata"]["namespace"] == "team-a"
+    assert _cfg().config_hash() == load_config(overrides=["model.path=/models/m"]).config_hash()

@@ -61,10 +61,26 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    import os
+
+    from dcgrpo.deploy import DeploymentContract
+
+    host = os.environ.get("KFP_HOST") or None
+    p.add_argument("--host", default=host, required=host is None,
+                   help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (default: $KFP_HOST); "
+                   "a bearer token comes from $KFP_TOKEN")  # fmt: skip
     p.add_argument("--experiment", default="dcgrpo", help="KFP experiment name")
+    p.add_argument("--namespace", help="Kubeflow profile namespace of the run (multi-user Kubeflow needs it)")
+    p.add_argument("--service-account", default=DeploymentContract().service_account,
+                   help="service account of the run's pods (manifests/rbac: may create RayJobs)")  # fmt: skip
     p.add_argument("--package", default=None, help="compiled pipeline YAML (default: pipelines/compiled/dc_grpo.yaml)")
     _pipeline_args(p)
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    _cluster_args(p)
+    p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 unless it succeeds")
+    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, help="seconds --wait follows the run")
 
 
 def _arguments(args: argparse.Namespace) -> dict:
@@ -78,15 +94,17 @@ def _arguments(args: argparse.Namespace) -> dict:
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="where to write the YAML (default: pipelines/compiled/dc_grpo.yaml)")
-    p.add_argument("--image", help="image of the light (CPU) steps (default: components.DEFAULT_IMAGE)")
-    p.add_argument("--trainer-image", help="image of the GPU steps (default: components.DEFAULT_TRAINER_IMAGE)")
-    p.add_argument("--max-rounds", type=int, default=4, help="round tasks compiled in (runs use <= this many)")
-    p.add_argument("--gpu-pool", default="cloud.google.com/gke-nodepool=gpu-pool", help="node selector KEY=VALUE")
+    p.add_argument("--image", help="image of the light steps (default: the deployment contract's light_image)")
+    p.add_argument("--trainer-image", help="image of the GPU steps (default: the contract's gpu_image)")
+    p.add_argument("--verl-image", help="image of the RayJobs' Ray nodes (default: the contract's verl_image)")
+    p.add_argument("--max-rounds", type=int,
+                   help="most rounds a run may ask for (default: the most any preset asks for)")  # fmt: skip
+    p.add_argument("--gpu-pool", help="GPU pool node selector KEY=VALUE (default: the deployment contract's)")
     p.add_argument("--accelerator-limit", type=int, default=1,
                    help="GPUs per GPU step (verl.launch=single-node trains on these: set verl.gpus_per_node)")  # fmt: skip
-    p.add_argument("--checkpoint-pvc", default="dcgrpo-checkpoints",
+    p.add_argument("--checkpoint-pvc",
                    help="PVC for verl's checkpoints, mounted on the train rounds ('' = none; train.backend=verl)")  # fmt: skip
-    p.add_argument("--checkpoint-mount", default="/checkpoints", help="its mount path (= verl.checkpoint_dir)")
+    p.add_argument("--checkpoint-mount", help="its mount path (= verl.checkpoint_dir)")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -96,21 +114,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "compile takes no run config: preset and overrides are pipeline parameters, given at "
             "submit/schedule time or in the Kubeflow UI"
         )
-    from components import DEFAULT_IMAGE, DEFAULT_TRAINER_IMAGE
-
+    from dcgrpo.deploy import DeploymentContract
     from dcgrpo.pipeline import COMPILED_PATH, compile_yaml
 
-    key, _, value = args.gpu_pool.partition("=")
-    if not value:
-        raise UserError(f"--gpu-pool {args.gpu_pool!r}: expected KEY=VALUE")
+    update: dict = {"light_image": args.image, "gpu_image": args.trainer_image, "verl_image": args.verl_image,
+                    "checkpoint_pvc": args.checkpoint_pvc, "checkpoint_mount": args.checkpoint_mount}  # fmt: skip
+    if args.gpu_pool is not None:
+        key, _, value = args.gpu_pool.partition("=")
+        if not key or not value:
+            raise UserError(f"--gpu-pool {args.gpu_pool!r}: expected KEY=VALUE")
+        update["gpu_node_selector"] = {key: value}
     if args.accelerator_limit < 1:
         raise UserError(f"--accelerator-limit {args.accelerator_limit}: must be >= 1")
-    path = compile_yaml(
-        args.output or COMPILED_PATH, image=args.image or DEFAULT_IMAGE,
-        trainer_image=args.trainer_image or DEFAULT_TRAINER_IMAGE,
-        max_rounds=args.max_rounds, gpu_node_selector=(key, value), accelerator_limit=args.accelerator_limit,
-        checkpoint_pvc=args.checkpoint_pvc, checkpoint_mount=args.checkpoint_mount,
-    )  # fmt: skip
+    if args.max_rounds is not None and args.max_rounds < 1:
+        raise UserError(f"--max-rounds {args.max_rounds}: must be >= 1")
+    defaults = DeploymentContract().model_dump()
+    contract = DeploymentContract(**defaults | {k: v for k, v in update.items() if v is not None})
+    settings = {"max_rounds": args.max_rounds} if args.max_rounds else {}
+    path = compile_yaml(args.output or COMPILED_PATH, contract, accelerator_limit=args.accelerator_limit, **settings)
     print(path)
     return 0
 
@@ -119,7 +140,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one pipeline run to a Kubeflow Pipelines endpoint."""
     from dcgrpo.pipeline import COMPILED_PATH, submit
 
-    print(submit(args.host, _arguments(args), args.experiment, Path(args.package or COMPILED_PATH)))
+    run_id, state = submit(
+        args.host, _arguments(args), args.experiment, Path(args.package or COMPILED_PATH), namespace=args.namespace,
+        service_account=args.service_account, wait_s=args.wait_timeout if args.wait else None,
+    )  # fmt: skip
+    print(run_id if state is None else f"{run_id} {state}")
+    if state is not None and state.upper() != "SUCCEEDED":
+        print(f"dcgrpo submit: run {run_id} ended {state}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -129,7 +157,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     try:
         job_id = schedule(args.host, args.cron, _arguments(args), args.experiment, args.job_name,
-                          Path(args.package or COMPILED_PATH))  # fmt: skip
+                          Path(args.package or COMPILED_PATH), args.namespace, args.service_account)  # fmt: skip
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     print(job_id)
@@ -311,7 +339,7 @@ COMMANDS: dict[
     "evaluate": (cmd_evaluate, "avg@k on math benchmarks with vLLM", _evaluate_args),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
     "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", _compile_args),
-    "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _cluster_args),
+    "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _submit_args),
     "schedule": (cmd_schedule, "schedule recurring retraining on Kubeflow", _schedule_args),
     "export": (cmd_export, "export a checkpoint to FP8 (compressed-tensors)", _export_args),
     "register": (cmd_register, "register a model version (alias challenger)", _register_args),

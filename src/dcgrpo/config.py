@@ -391,30 +391,13 @@ class VerlConfig(_Section):
     """Steps between verl checkpoints; None = train.steps_per_round (one per pipeline round)."""
     extra_overrides: list[str] = Field(default_factory=list)
     """Raw Hydra overrides appended last (escape hatch; prefer a typed field)."""
-    image: str = "ghcr.io/dcgrpo/trainer:0.1.0"
-    """Trainer image (containers/trainer: CUDA + vLLM + verl + dcgrpo): every Ray node runs it."""
-    namespace: str = "kubeflow"
     ray_version: str = "2.60.0"
-    """Ray version of the image, for KubeRay."""
-    node_selector: dict[str, str] = Field(default_factory=lambda: {"dcgrpo/pool": "gpu"})
-    """Labels of the GPU node pool."""
-    tolerations: list[dict[str, str]] = Field(
-        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    )
+    """Ray version of the image, for KubeRay. Image, namespace, GPU pool, secrets and the checkpoint PVC are
+    not run config: they are the deployment contract's (``dcgrpo.deploy``), outside ``config_hash``."""
     cpu_per_node: int = Field(16, gt=0)
     memory_gib_per_node: int = Field(128, gt=0)
     shm_gib: int = Field(64, gt=0)
     """/dev/shm size (Ray object store, NCCL, vLLM): the 64 MiB container default is far too small."""
-    checkpoint_pvc: str | None = "dcgrpo-checkpoints"
-    """PVC mounted at checkpoint_dir on every node; None = pod-local (single-node only)."""
-    secret_env: dict[str, str] = Field(
-        default_factory=lambda: {
-            "AWS_ACCESS_KEY_ID": "dcgrpo-s3/access-key",
-            "AWS_SECRET_ACCESS_KEY": "dcgrpo-s3/secret-key",
-            "MLFLOW_TRACKING_TOKEN": "dcgrpo-mlflow/token",
-        }
-    )
-    """Env var -> ``secret/key``, injected with secretKeyRef (values never appear in the manifest)."""
     timeout_s: int = Field(86_400, gt=0)
     """RayJob activeDeadlineSeconds and the follow loop's limit."""
     poll_s: float = Field(10.0, gt=0)
@@ -422,15 +405,6 @@ class VerlConfig(_Section):
     launch: Literal["rayjob", "single-node"] = "rayjob"
     """With ``train.backend=verl``: ``rayjob`` submits a KubeRay RayJob on the GPU pool and follows it;
     ``single-node`` runs verl inside the pipeline step's pod (its GPUs: compile with ``--accelerator-limit``)."""
-
-    @model_validator(mode="after")
-    def _secret_refs(self) -> VerlConfig:
-        for env, ref in self.secret_env.items():
-            if ref.count("/") != 1 or not all(ref.split("/")):
-                raise ValueError(f"secret_env[{env}] must be 'secret-name/key' (got {ref!r})")
-        if self.nnodes > 1 and self.checkpoint_pvc is None:
-            raise ValueError("nnodes > 1 needs checkpoint_pvc: every node must see the same checkpoint_dir")
-        return self
 
     @model_validator(mode="after")
     def _megatron_layout(self) -> VerlConfig:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dcgrpo import storage
 
@@ -18,13 +21,18 @@ log = logging.getLogger(__name__)
 COMPILED_PATH = Path(__file__).resolve().parents[2] / "pipelines" / "compiled" / "dc_grpo.yaml"
 
 
-def compile_yaml(out_path: str | Path = COMPILED_PATH, **settings: Any) -> Path:
-    """Compile the pipeline (with ``ClusterSettings(**settings)``) to ``out_path``."""
+def compile_yaml(out_path: str | Path = COMPILED_PATH, contract: Any = None, **settings: Any) -> Path:
+    """Compile the pipeline (with ``ClusterSettings(contract, **settings)``) to ``out_path``.
+
+    ``contract``: a ``dcgrpo.deploy.DeploymentContract`` (default: its defaults, the names manifests/ use).
+    """
     from pipelines.dc_grpo import ClusterSettings, compile_pipeline
+
+    from dcgrpo.deploy import DeploymentContract
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(str(out_path), ClusterSettings(**settings))
+    compile_pipeline(str(out_path), ClusterSettings(contract=contract or DeploymentContract(), **settings))
     log.info("compiled pipeline to %s", out_path)
     return out_path
 
@@ -60,6 +68,56 @@ def load_compiled(path: str | Path) -> tuple[Any, Any]:
     return spec, executors
 
 
+class RunParameters(NamedTuple):
+    """The pipeline parameters that default to the preset's value, resolved."""
+
+    rounds: int
+    model_name: str
+
+
+def resolve_run_parameters(
+    preset: str, overrides: list[str] | None, rounds: int, model_name: str, max_rounds: int
+) -> RunParameters:
+    """``rounds`` 0 -> the preset's ``train.rounds``, ``model_name`` '' -> its ``registry.model_name``.
+
+    One function for both paths: ``pipeline_arguments`` (CLI, CI) and the
+    pipeline's first step (a run started in the Kubeflow UI with only a preset
+    chosen). Raises ``ConfigError`` naming ``rounds`` when the count is more
+    than the compiled pipeline can run, before anything trains.
+    """
+    from dcgrpo.config import ConfigError, load_config
+
+    cfg = load_config(preset=preset or None, overrides=list(overrides or []))
+    n = int(rounds) or cfg.train.rounds
+    if not 1 <= n <= max_rounds:
+        source = "" if rounds else f" (preset {cfg.preset}'s train.rounds)"
+        raise ConfigError(
+            f"rounds={n}{source}: this compiled pipeline runs 1 to {max_rounds} rounds; ask for fewer, or "
+            f"recompile with `dcgrpo compile --max-rounds {n}` and upload or submit that YAML"
+        )
+    return RunParameters(n, model_name or cfg.registry.model_name)
+
+
+def compiled_max_rounds(package: str | Path = COMPILED_PATH) -> int:
+    """How many rounds a compiled pipeline can run: its highest ``train-round-K`` task."""
+    import yaml
+    from pipelines.dc_grpo import ROUND_TASK
+
+    from dcgrpo.config import ConfigError
+
+    spec = next(yaml.safe_load_all(Path(package).read_text()))
+    pattern = re.compile(re.escape(ROUND_TASK).replace(r"\{\}", r"(\d+)") + "$")
+    found = [
+        int(m[1])
+        for component in spec.get("components", {}).values()
+        for task in component.get("dag", {}).get("tasks", {}).values()
+        if (m := pattern.match(task.get("taskInfo", {}).get("name", "")))
+    ]
+    if not found:
+        raise ConfigError(f"{package}: no {ROUND_TASK.format('K')} tasks; is this the dc_grpo pipeline?")
+    return max(found)
+
+
 def pipeline_arguments(
     preset: str,
     overrides: list[str] | None = None,
@@ -70,45 +128,155 @@ def pipeline_arguments(
     mlflow_uri: str = "",
     model_name: str | None = None,
     force_promotion: bool = False,
+    max_rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Pipeline parameters, validated through the one config before anything is submitted."""
+    """Pipeline parameters, validated through the one config before anything is submitted.
+
+    ``max_rounds``: what the package to submit can run (``compiled_max_rounds``); None = no bound.
+    """
     from dcgrpo.config import load_config
 
     overrides = list(overrides or [])
-    cfg = load_config(preset=preset, overrides=overrides)  # fail here, not in a pod
+    load_config(preset=preset, overrides=overrides)  # fail here, not in a pod
     methods = methods or ["grpo", "dc-grpo"]
     for method in methods:
         load_config(preset=preset, overrides=[*overrides, f"method.name={method}"])
+    resolved = resolve_run_parameters(preset, overrides, rounds or 0, model_name or "", max_rounds or 10**9)
     return {
         "preset": preset,
         "overrides": overrides,
         "methods": methods,
-        "rounds": rounds or cfg.train.rounds,
+        "rounds": resolved.rounds,
         "data_uri": data_uri,
         "model_uri": model_uri,
         "mlflow_uri": mlflow_uri,
-        "model_name": model_name or cfg.registry.model_name,
+        "model_name": resolved.model_name,
         "force_promotion": force_promotion,
     }
 
 
-def _client(host: str):
-    """``kfp.Client`` for ``host``; a bearer token comes from ``$KFP_TOKEN`` when set."""
+def check_rounds(arguments: dict[str, Any], package: str | Path) -> None:
+    """Refuse a ``rounds`` argument the package cannot run (``ConfigError`` naming ``rounds``), before any request."""
+    from dcgrpo.config import ConfigError
+
+    rounds, most = int(arguments.get("rounds") or 0), compiled_max_rounds(package)
+    if rounds > most:
+        raise ConfigError(
+            f"rounds={rounds}: {package} runs at most {most} rounds; ask for fewer, or recompile with "
+            f"`dcgrpo compile --max-rounds {rounds} --output FILE` and pass --package FILE"
+        )
+
+
+HEALTH_PATH = "/apis/v2beta1/healthz"
+
+
+def check_kfp(host: str, token: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    """One quick request to ``<host>/apis/v2beta1/healthz`` before ``kfp.Client`` (which retries for minutes).
+
+    Returns the health JSON (``multi_user`` says whether runs need a namespace).
+    Raises ``ServiceUnavailable`` naming the host: unreachable, token refused, or no KFP API there.
+    """
+    import urllib.error
+    import urllib.request
+
+    from dcgrpo.errors import ServiceUnavailable
+
+    url = host.rstrip("/") + HEALTH_PATH
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (the user's KFP host)
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ServiceUnavailable(
+                f"Kubeflow Pipelines at {host} refused the credentials (HTTP {exc.code}): set KFP_TOKEN to a "
+                "valid bearer token"
+            ) from exc
+        raise ServiceUnavailable(
+            f"Kubeflow Pipelines at {host}: HTTP {exc.code} from {HEALTH_PATH}; is the host the KFP API "
+            "endpoint (e.g. https://kubeflow.example.com/pipeline)?"
+        ) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServiceUnavailable(
+            f"Kubeflow Pipelines at {host} is unreachable ({reason}); check --host or KFP_HOST"
+        ) from exc
+    try:
+        return json.loads(body)
+    except ValueError:
+        log.warning("%s answered with a non-JSON page (a login redirect?); going on", url)
+        return {}
+
+
+@contextmanager
+def _kfp_errors(host: str, what: str) -> Iterator[None]:
+    """KFP API refusals as one-line ``ServiceUnavailable``: a refused token, a missing experiment or namespace."""
+    from dcgrpo.errors import ServiceUnavailable
+
+    try:
+        yield
+    except Exception as exc:
+        status = getattr(exc, "status", None)
+        if type(exc).__name__ != "ApiException" or status is None:
+            raise
+        detail = " ".join(str(getattr(exc, "body", "") or getattr(exc, "reason", "")).split())[:300]
+        hint = {401: "set KFP_TOKEN to a valid token", 403: "this token or service account may not do that here",
+                404: "check --experiment and --namespace"}.get(status, "")  # fmt: skip
+        raise ServiceUnavailable(
+            f"Kubeflow Pipelines at {host}: {what} failed (HTTP {status}: {detail}); {hint}"
+        ) from exc
+
+
+def _client(host: str, namespace: str | None = None):
+    """``kfp.Client`` for ``host`` after a health check; a bearer token comes from ``$KFP_TOKEN`` when set.
+
+    Multi-user Kubeflow (the health check says so) needs the profile namespace.
+    """
     import os
 
     import kfp
 
-    return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+    from dcgrpo.config import ConfigError
+
+    token = os.environ.get("KFP_TOKEN") or None
+    health = check_kfp(host, token)
+    if health.get("multi_user") and not namespace:
+        raise ConfigError(f"{host} is multi-user Kubeflow: pass --namespace <your profile namespace>")
+    with _kfp_errors(host, "connecting"):
+        return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
 
 
-def submit(host: str, arguments: dict[str, Any], experiment: str = "dcgrpo", package: Path = COMPILED_PATH) -> str:
-    """Submit one run of the compiled pipeline through ``kfp.Client``; returns the run id."""
-    client = _client(host)
-    result = client.create_run_from_pipeline_package(
-        str(package), arguments=arguments, experiment_name=experiment, enable_caching=False
-    )
+def submit(
+    host: str,
+    arguments: dict[str, Any],
+    experiment: str = "dcgrpo",
+    package: Path = COMPILED_PATH,
+    namespace: str | None = None,
+    service_account: str | None = None,
+    wait_s: float | None = None,
+) -> tuple[str, str | None]:
+    """Submit one run of the compiled pipeline; returns (run id, final state or None when not waited for).
+
+    ``wait_s``: follow the run up to that many seconds (``wait_for_run_completion``).
+    """
+    check_rounds(arguments, package)
+    client = _client(host, namespace)
+    with _kfp_errors(host, f"creating a run in experiment {experiment!r}"):
+        result = client.create_run_from_pipeline_package(
+            str(package), arguments=arguments, experiment_name=experiment, namespace=namespace,
+            enable_caching=False, service_account=service_account,
+        )  # fmt: skip
     log.info("submitted run %s to %s (experiment %s)", result.run_id, host, experiment)
-    return result.run_id
+    if wait_s is None:
+        return result.run_id, None
+    try:
+        with _kfp_errors(host, f"following run {result.run_id}"):
+            run = client.wait_for_run_completion(result.run_id, timeout=int(wait_s), sleep_duration=30)
+        state = str(getattr(run, "state", "") or "UNKNOWN")
+    except TimeoutError:  # the run goes on; the caller's wait is over
+        state = f"STILL RUNNING after {wait_s:.0f} s"
+    log.info("run %s ended: %s", result.run_id, state)
+    return result.run_id, state
 
 
 def schedule(
@@ -118,6 +286,8 @@ def schedule(
     experiment: str = "dcgrpo",
     job_name: str = "dcgrpo-retrain",
     package: Path = COMPILED_PATH,
+    namespace: str | None = None,
+    service_account: str | None = None,
 ) -> str:
     """A recurring run: max concurrency 1 and no catch-up (a missed slot is not replayed).
 
@@ -125,17 +295,21 @@ def schedule(
     """
     if len(cron.split()) != 6:
         raise ValueError(f"cron {cron!r}: KFP expects 6 fields, seconds first (e.g. '0 0 3 * * 0')")
-    client = _client(host)
-    experiment_id = client.create_experiment(name=experiment).experiment_id
-    job = client.create_recurring_run(
-        experiment_id=experiment_id,
-        job_name=job_name,
-        cron_expression=cron,
-        max_concurrency=1,
-        no_catchup=True,
-        pipeline_package_path=str(package),
-        params=arguments,
-    )
+    check_rounds(arguments, package)
+    client = _client(host, namespace)
+    with _kfp_errors(host, f"creating experiment {experiment!r}"):
+        experiment_id = client.create_experiment(name=experiment, namespace=namespace).experiment_id
+    with _kfp_errors(host, f"creating recurring run {job_name!r}"):
+        job = client.create_recurring_run(
+            experiment_id=experiment_id,
+            job_name=job_name,
+            cron_expression=cron,
+            max_concurrency=1,
+            no_catchup=True,
+            pipeline_package_path=str(package),
+            params=arguments,
+            service_account=service_account,
+        )
     log.info("scheduled %s (%s) on %s", job_name, cron, host)
     return job.recurring_run_id
 

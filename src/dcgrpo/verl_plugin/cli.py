@@ -17,7 +17,9 @@ import sys
 
 import yaml
 
+from dcgrpo import deploy
 from dcgrpo.config import ConfigError, load_config
+from dcgrpo.deploy import DeploymentContract
 from dcgrpo.verl_plugin.config import ray_env_overrides, render_env, render_overrides, train_command
 from dcgrpo.verl_plugin.rayjob import RayJobFailed, render_rayjob, run_rayjob, run_single_node
 
@@ -34,6 +36,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: tracking.mlflow_uri)")
     p.add_argument("--mlflow-run-id", help="attach verl's MLflow logger to this run")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    p.add_argument("--namespace", help="RayJob namespace (default: this pod's, else the deployment contract's)")
+    p.add_argument("--image", help="image of the Ray nodes (default: the deployment contract's verl_image)")
+
+
+def _contract(args: argparse.Namespace) -> DeploymentContract:
+    """The deployment contract (``dcgrpo.deploy.current()``) with this command's --namespace/--image."""
+    update = {"namespace": args.namespace, "verl_image": args.image}
+    return deploy.current().model_copy(update={k: v for k, v in update.items() if v})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
             run_single_node(overrides, env=env, stop_at_step=stop)
         else:
             if args.dry_run:
-                body = render_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop)
+                body = render_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop, contract=_contract(args))
                 yaml.safe_dump(body, sys.stdout, sort_keys=False)
                 return 0
-            run_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop)
+            run_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop, contract=_contract(args))
     except RayJobFailed as exc:
         print(f"dcgrpo train-verl: {exc}", file=sys.stderr)
         return 1

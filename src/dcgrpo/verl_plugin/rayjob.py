@@ -4,7 +4,8 @@
 ``ray.io/v1`` RayJob: the trainer image on a head group and a GPU worker group
 (``verl.nnodes`` nodes in all; the head trains too), pinned to the GPU pool
 with nodeSelector/tolerations, a memory-backed /dev/shm, the checkpoint PVC
-and secrets as env through secretKeyRef. ``follow_rayjob`` polls it through
+and secrets as env through secretKeyRef: the names come from the deployment
+contract (``dcgrpo.deploy``), the sizes from the run config. ``follow_rayjob`` polls it through
 the Kubernetes ``CustomObjectsApi`` until it finishes, logging each status
 change, and raises ``RayJobFailed`` with KubeRay's message when it fails.
 ``run_single_node`` is the one-machine variant: verl started as a child process
@@ -25,7 +26,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from dcgrpo.config import RunConfig
+from dcgrpo import deploy
+from dcgrpo.config import ConfigError, RunConfig
+from dcgrpo.deploy import DeploymentContract
 from dcgrpo.verl_plugin.config import TRAIN_MAIN, ray_env_overrides, train_command
 
 log = logging.getLogger(__name__)
@@ -47,31 +50,37 @@ def job_name(run_name: str) -> str:
     return (name[:53].rstrip("-")) or "dcgrpo-verl"
 
 
-def _pod_template(cfg: RunConfig, role: str, env: dict[str, str]) -> dict[str, Any]:
-    v = cfg.verl
+def _secret_env(contract: DeploymentContract) -> list[dict[str, Any]]:
+    """S3 and MLflow credentials as secretKeyRefs, optional like the pipeline's: a key the cluster does
+    not use (IRSA, an open MLflow) is left out of the Secret and the pod still starts."""
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        for env, (secret, key) in sorted(contract.secret_env().items())
+    ]
+
+
+def _pod_template(cfg: RunConfig, contract: DeploymentContract, role: str, env: dict[str, str]) -> dict[str, Any]:
+    v, c = cfg.verl, contract
     resources = {
         "cpu": str(v.cpu_per_node),
         "memory": f"{v.memory_gib_per_node}Gi",
-        "nvidia.com/gpu": str(v.gpus_per_node),
+        c.gpu_resource: str(v.gpus_per_node),
     }
-    container_env: list[dict[str, Any]] = [{"name": k, "value": val} for k, val in sorted(env.items())]
-    for name, ref in sorted(v.secret_env.items()):
-        secret, key = ref.split("/")
-        container_env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    container_env = [{"name": k, "value": val} for k, val in sorted(env.items())] + _secret_env(c)
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{v.shm_gib}Gi"}}]
-    if v.checkpoint_pvc:
+    if c.checkpoint_pvc:
         mounts.append({"name": "checkpoints", "mountPath": v.checkpoint_dir})
-        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": v.checkpoint_pvc}})
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": c.checkpoint_pvc}})
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "dcgrpo-verl", "dcgrpo/role": role}},
         "spec": {
-            "nodeSelector": dict(v.node_selector),
-            "tolerations": [dict(t) for t in v.tolerations],
+            "nodeSelector": dict(c.gpu_node_selector),
+            "tolerations": [dict(t) for t in c.gpu_tolerations],
             "containers": [
                 {
                     "name": f"ray-{role}",
-                    "image": v.image,
+                    "image": c.verl_image,
                     "imagePullPolicy": "IfNotPresent",
                     "env": container_env,
                     "resources": {"requests": dict(resources), "limits": dict(resources)},
@@ -90,22 +99,29 @@ def render_rayjob(
     name: str,
     env: dict[str, str] | None = None,
     stop_at_step: int | None = None,
+    contract: DeploymentContract | None = None,
 ) -> dict[str, Any]:
     """The RayJob for one verl training run (or one round of it, ending after ``stop_at_step``).
 
     Args:
-        cfg: run config (``verl`` section: image, pool, sizes, secrets).
+        cfg: run config (``verl`` section: sizes and launch).
         overrides: verl Hydra overrides (``config.render_overrides``).
         name: RayJob name (made DNS-safe).
         env: plain env for every node and forwarded to Ray actors (MLflow URI, run id).
+        contract: image, namespace, GPU pool, secrets, checkpoint PVC; default ``deploy.current()``
+            (the pipeline's, in a pipeline pod).
     """
-    v = cfg.verl
+    v, c = cfg.verl, contract or deploy.current()
+    if v.nnodes > 1 and not c.checkpoint_pvc:
+        raise ConfigError(
+            f"verl.nnodes={v.nnodes} needs the deployment's checkpoint_pvc: every node must see one checkpoint_dir"
+        )
     env = dict(env or {})
     entrypoint = shlex.join(train_command(overrides + ray_env_overrides(env), stop_at_step=stop_at_step))
     head_params = {"dashboard-host": "0.0.0.0", "num-gpus": str(v.gpus_per_node)}
     cluster: dict[str, Any] = {
         "rayVersion": v.ray_version,
-        "headGroupSpec": {"rayStartParams": head_params, "template": _pod_template(cfg, "head", env)},
+        "headGroupSpec": {"rayStartParams": head_params, "template": _pod_template(cfg, c, "head", env)},
     }
     workers = v.nnodes - 1
     if workers:
@@ -116,7 +132,7 @@ def render_rayjob(
                 "minReplicas": workers,
                 "maxReplicas": workers,
                 "rayStartParams": {"num-gpus": str(v.gpus_per_node)},
-                "template": _pod_template(cfg, "worker", env),
+                "template": _pod_template(cfg, c, "worker", env),
             }
         ]
     return {
@@ -124,7 +140,7 @@ def render_rayjob(
         "kind": "RayJob",
         "metadata": {
             "name": job_name(name),
-            "namespace": v.namespace,
+            "namespace": c.namespace,
             "labels": {"app.kubernetes.io/name": "dcgrpo-verl", "dcgrpo/config-hash": cfg.config_hash()},
         },
         "spec": {
@@ -240,10 +256,11 @@ def run_rayjob(
     env: dict[str, str] | None = None,
     api: Any = None,
     stop_at_step: int | None = None,
+    contract: DeploymentContract | None = None,
 ) -> dict[str, Any]:
     """Render, submit and follow one RayJob to completion (the pipeline's verl backend)."""
     api = api or kube_custom_objects_api()
-    body = render_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop_at_step)
+    body = render_rayjob(cfg, overrides, name=name, env=env, stop_at_step=stop_at_step, contract=contract)
     submitted = submit_rayjob(api, body)
     return follow_rayjob(
         api, submitted, body["metadata"]["namespace"], poll_s=cfg.verl.poll_s, timeout_s=cfg.verl.timeout_s
