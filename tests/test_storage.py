@@ -1,9 +1,17 @@
 """The storage layer against local disk and a real S3 endpoint (moto server)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from dcgrpo import storage
+from dcgrpo.config import ConfigError, load_config
+from dcgrpo.data.synthetic import read_rows, write_synthetic_splits
 from tests.conftest import TEST_BUCKET
+
+DCGRPO = str(Path(sys.executable).with_name("dcgrpo"))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -65,3 +73,34 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
         storage.write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"], "no temp file left behind"
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3:///runs", "s3:/bucket/runs"])
+def test_s3_uri_without_bucket_is_refused_not_made_local(uri):
+    with pytest.raises(storage.StorageError, match="names no bucket"):
+        storage.join(uri, "runs", "x")
+    with pytest.raises(storage.StorageError, match="names no bucket"):
+        storage.split_s3(uri)
+    with pytest.raises(ConfigError, match="storage.root: an s3:// root must name a bucket"):
+        load_config(overrides=[f"storage.root={uri}"])
+
+
+def test_train_with_a_bucketless_root_exits_2_naming_the_field(tmp_path):
+    proc = subprocess.run([DCGRPO, "train", "--set", "storage.root=s3://"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "storage.root" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing written locally"
+
+
+def test_every_read_honours_the_configured_endpoint(s3_server, tmp_path, monkeypatch):
+    """Data on MinIO: the endpoint comes from the config (or $AWS_ENDPOINT_URL_S3), not only $DCGRPO_S3_ENDPOINT_URL."""
+    cfg = load_config(overrides=["data.synthetic_train_size=8", "data.synthetic_val_size=4"])
+    train, _ = write_synthetic_splits(cfg.data, tmp_path)
+    uri = f"s3://{TEST_BUCKET}/endpoint/train.parquet"
+    storage.write_bytes(uri, train.read_bytes())
+    monkeypatch.delenv("DCGRPO_S3_ENDPOINT_URL")  # what a user with only storage.s3_endpoint_url set has
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert len(read_rows(uri, endpoint_url=s3_server)) == 8
+    assert "endpoint" in storage.list_dirs(f"s3://{TEST_BUCKET}", endpoint_url=s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    assert storage.read_bytes(uri) == train.read_bytes()

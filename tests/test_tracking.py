@@ -67,3 +67,59 @@ def test_server_goes_away_then_comes_back_loses_no_metrics(tmp_path):
         assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
     finally:
         stop_local_server(proc)
+
+
+CHILD = """
+import sys, time
+from dcgrpo.config import TrackingConfig
+from dcgrpo.tracking import start_run
+with start_run(TrackingConfig(), storage_root=sys.argv[1], run_name="job", tags={"config_hash": "h1"}) as run:
+    print(run.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_runs_left_running_by_a_killed_process_are_closed_and_live_ones_kept(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from dcgrpo.tracking import PROCESS_TAG, close_orphaned_runs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    procs, ids = [], []
+    try:
+        for _ in range(2):  # one after the other: two first users of a sqlite store race on its schema
+            procs.append(subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                                          text=True))  # fmt: skip
+            ids.append(procs[-1].stdout.readline().strip())
+        dead, alive = ids
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        cfg = TrackingConfig()
+        assert close_orphaned_runs(cfg, storage_root=str(tmp_path), config_hash="h1") == [dead]
+        client = MlflowClient(resolve_tracking_uri(cfg, str(tmp_path)))
+        assert client.get_run(dead).info.status == "FAILED"
+        assert client.get_run(alive).info.status == "RUNNING", "a live process's run is left alone"
+        assert client.get_run(alive).data.tags[PROCESS_TAG].split(":")[1] == str(procs[1].pid)
+        assert close_orphaned_runs(cfg, storage_root=str(tmp_path), config_hash="other") == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_resumed_run_does_not_send_points_the_server_has(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(flush_every=1)
+    with pytest.raises(RuntimeError, match="killed"):
+        with start_run(cfg, storage_root=str(tmp_path), run_name="r") as run:
+            for step in (1, 2, 3):  # checkpoint at 2; step 3 sent before the crash
+                run.log_metrics({"m": step * 1.0}, step=step)
+            raise RuntimeError("killed")
+    with start_run(cfg, storage_root=str(tmp_path), run_id=run.run_id) as again:
+        assert again.skip_logged_after(2) == 1
+        for step in (3, 4):
+            again.log_metrics({"m": step * 1.0}, step=step)
+    hist = MlflowClient(resolve_tracking_uri(cfg, str(tmp_path))).get_metric_history(run.run_id, "m")
+    assert sorted(m.step for m in hist) == [1, 2, 3, 4]

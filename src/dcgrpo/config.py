@@ -309,7 +309,26 @@ class StorageConfig(_Section):
     root: str = "outputs"
     """Where artifacts go: a local directory or s3://bucket/prefix."""
     s3_endpoint_url: str | None = None
-    """For MinIO / moto; None uses AWS's default resolution ($AWS_ENDPOINT_URL_S3 included)."""
+    """For MinIO / moto, used by every s3:// read and write (data, models, checkpoints). None:
+    $DCGRPO_S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL_S3, else AWS's default resolution."""
+
+    @field_validator("root")
+    @classmethod
+    def _root_names_a_bucket(cls, root: str) -> str:
+        # "s3://" without a bucket once became a local directory "./s3:/..." and the run exited 0.
+        bucket = root[len("s3://") :].partition("/")[0] if root.startswith("s3://") else ""
+        if root.startswith("s3:") and not bucket:
+            raise ValueError("an s3:// root must name a bucket: s3://bucket/prefix")
+        if not root.strip():
+            raise ValueError("must be a local directory or s3://bucket/prefix")
+        return root
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://minio:9000")
+        return url
 
 
 class RegistryConfig(_Section):

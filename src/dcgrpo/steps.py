@@ -42,7 +42,7 @@ def step_config(preset: str, overrides: list[str], mlflow_uri: str = "", **field
 
 
 def _local_root(cfg: RunConfig) -> Path:
-    return Path("outputs") if storage.is_s3(cfg.storage.root) else Path(cfg.storage.root)
+    return storage.local_root(cfg.storage.root)
 
 
 def _mlflow_client(cfg: RunConfig):
@@ -147,6 +147,10 @@ def train_round_step(
         shutil.copytree(model_in_dir, out_dir, dirs_exist_ok=True)
         return {**model_in_meta, "skipped_round": round_index + 1}, {}
     cfg = step_config(preset, overrides, mlflow_uri, method__name=method, train__rounds=rounds)
+    from dcgrpo.preflight import check_run_environment
+
+    # Its inputs and outputs are artifacts: what can still be wrong before the round's compute is the server.
+    check_run_environment(cfg, need_storage=False, check_inputs=False)
     if cfg.train.backend == "verl":
         return _train_round_verl(cfg, method, round_index, rounds, kfp_run_id, dataset_dir, model_in_dir,
                                  model_in_meta, out_dir)  # fmt: skip

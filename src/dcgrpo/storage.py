@@ -9,8 +9,14 @@ an S3 object appears only when its upload completes. A directory upload to
 S3 writes a ``_COMPLETE`` marker last, and ``download_dir`` refuses a prefix
 without it, so a half-uploaded checkpoint is never mistaken for a whole one.
 
-The S3 endpoint comes from the argument, else ``$DCGRPO_S3_ENDPOINT_URL``,
-else boto3's own resolution (``$AWS_ENDPOINT_URL_S3``, config files).
+The S3 endpoint comes from the argument (callers pass
+``cfg.storage.s3_endpoint_url``), else ``$DCGRPO_S3_ENDPOINT_URL``, else
+``$AWS_ENDPOINT_URL_S3``, else boto3's own resolution (config files, AWS).
+Every reader and writer takes ``endpoint_url``: data on MinIO must not be
+looked for on the public AWS endpoint.
+
+``s3://`` URIs must name a bucket: ``s3://`` or ``s3:///x`` is refused rather
+than joined into a local path such as ``./s3:/runs``.
 """
 
 from __future__ import annotations
@@ -32,35 +38,59 @@ class StorageError(DcgrpoError, RuntimeError):
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith("s3://")
+    """True for anything spelled ``s3:...``: a malformed S3 URI is an error, never a local path."""
+    return str(uri).startswith("s3:")
+
+
+def check_s3_uri(uri: str, field: str | None = None) -> str:
+    """Return ``uri`` if it is ``s3://bucket[/key]``; else raise naming ``field`` (or the URI)."""
+    bucket = uri[len("s3://") :].partition("/")[0] if uri.startswith("s3://") else ""
+    if not bucket:
+        where = f"{field}: " if field else ""
+        raise StorageError(f"{where}{uri!r} names no bucket (expected s3://bucket/prefix)")
+    return uri
 
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     if not is_s3(uri):
         raise StorageError(f"{uri}: not an s3:// URI")
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri}: missing bucket name")
+    bucket, _, key = check_s3_uri(uri)[len("s3://") :].partition("/")
     return bucket, key.strip("/")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """Join path parts for local paths and s3:// URIs alike."""
+    """Join path parts for local paths and s3:// URIs alike (an s3:// base must name a bucket)."""
     base = str(base)
     if is_s3(base):
+        check_s3_uri(base)
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(base, *parts))
 
 
-def s3_client(endpoint_url: str | None = None):
+def local_root(root: str | os.PathLike) -> Path:
+    """Where local-only state of a run lives (work dirs, sqlite MLflow store): ``root``, or ``./outputs``
+    when ``root`` is on S3 (a sqlite file or a vLLM model directory cannot live in a bucket)."""
+    return Path("outputs") if is_s3(root) else Path(root)
+
+
+def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint: the argument, else ``$DCGRPO_S3_ENDPOINT_URL``, else ``$AWS_ENDPOINT_URL_S3``."""
+    return endpoint_url or os.environ.get("DCGRPO_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or None
+
+
+def s3_client(endpoint_url: str | None = None, *, connect_timeout: float = 5, read_timeout: float = 60,
+              max_attempts: int = 3, fresh: bool = False):  # fmt: skip
+    """A boto3 S3 client on the resolved endpoint. Short connect timeout: an unreachable endpoint
+    fails in seconds, not minutes (preflight uses even shorter ones). ``fresh``: a new session, which
+    resolves the credentials again (the default session caches the first ones it found)."""
     import boto3
     from botocore.config import Config
 
-    endpoint_url = endpoint_url or os.environ.get("DCGRPO_S3_ENDPOINT_URL")
-    # Fail in seconds, not minutes, when the endpoint is unreachable.
-    config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+    config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                    retries={"max_attempts": max_attempts, "mode": "standard"})  # fmt: skip
+    factory = boto3.session.Session().client if fresh else boto3.client
+    return factory("s3", endpoint_url=resolve_endpoint(endpoint_url), config=config)
 
 
 def _s3_call(uri: str, fn, *args, **kwargs):
@@ -91,6 +121,23 @@ def exists(uri: str | os.PathLike, endpoint_url: str | None = None) -> bool:
     except FileNotFoundError:
         listing = _s3_call(uri, client.list_objects_v2, Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
         return listing.get("KeyCount", 0) > 0
+
+
+def list_dirs(uri: str | os.PathLike, endpoint_url: str | None = None) -> list[str]:
+    """Names of the immediate subdirectories of ``uri`` (S3: common prefixes); [] if there is none."""
+    uri = str(uri)
+    if not is_s3(uri):
+        path = Path(uri)
+        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    names: list[str] = []
+    pages = (
+        s3_client(endpoint_url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    )
+    for page in _s3_call(uri, list, pages):
+        names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
 
 
 def read_bytes(uri: str | os.PathLike, endpoint_url: str | None = None) -> bytes:
@@ -171,7 +218,8 @@ def download_dir(uri: str, local_dir: str | os.PathLike, endpoint_url: str | Non
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
     keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+    for page in _s3_call(uri, list, pages):
         keys += [obj["Key"] for obj in page.get("Contents", [])]
     if not keys:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")

@@ -20,6 +20,19 @@ Server-goes-away behaviour (decided here for the whole project):
 - A run that ends with an exception is marked FAILED (KILLED for Ctrl-C),
   best effort when the server is gone.
 
+Crashes (kill -9, OOM, a lost node) get no chance to mark their run, so:
+- every run carries the tag ``dcgrpo.process`` (``host:pid:start time``) of
+  the process writing to it, renewed when a resume re-attaches it;
+  ``close_orphaned_runs`` (called by the next ``dcgrpo train`` of the same
+  config) marks FAILED the RUNNING runs of that config whose process is gone
+  from this host. Runs of another host are left alone (a pod cannot see
+  another pod's processes): the pipeline's exit handler
+  (``dcgrpo.steps.mark_failed_step``) closes those.
+- a resumed run recomputes the steps after its checkpoint, some of which the
+  crashed process had already sent: ``Run.skip_logged_after`` reads what the
+  server holds past the checkpoint once, and those (key, step) points are not
+  sent again (the recomputed values are the same; exact resume).
+
 Metrics become Python floats in exactly one place, ``scalarize``.
 """
 
@@ -29,6 +42,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +56,8 @@ from dcgrpo.errors import ServiceUnavailable
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+PROCESS_TAG = "dcgrpo.process"
+"""``host:pid:start time`` of the process writing to a run (see module docstring)."""
 
 
 class TrackingUnavailable(ServiceUnavailable):
@@ -67,8 +83,9 @@ def resolve_tracking_uri(tracking_cfg, storage_root: str) -> str:
 
 def _local_root(storage_root: str) -> Path:
     # An s3:// storage root cannot hold a sqlite file: keep the local store in ./outputs.
-    root = Path("outputs") if str(storage_root).startswith("s3://") else Path(storage_root)
-    root = root.resolve()
+    from dcgrpo.storage import local_root
+
+    root = local_root(storage_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -83,6 +100,7 @@ class Run:
         self.retry_timeout_s = retry_timeout_s
         self.flush_every = flush_every
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, timestamp_ms, step)
+        self._logged: set[tuple[str, int]] = set()  # (key, step) the server already holds (see skip_logged_after)
         self._calls = 0
         self.num_failed_flushes = 0
 
@@ -91,7 +109,8 @@ class Run:
         """Buffer metrics (floats; non-finite values are kept, MLflow stores NaN)."""
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
-            self._buffer.append((k, float(v), ts, int(step or 0)))
+            if (k, int(step or 0)) not in self._logged:
+                self._buffer.append((k, float(v), ts, int(step or 0)))
         self._calls += 1
         if self._calls % self.flush_every == 0:
             self.flush()
@@ -144,6 +163,24 @@ class Run:
         self.spill_path.unlink()
         log.info("replayed %d spilled metric values into run %s", len(lines), self.run_id)
         return len(lines)
+
+    def skip_logged_after(self, step: int) -> int:
+        """Do not send again the points past ``step`` that the server already holds; returns how many.
+
+        For a resume from the checkpoint at ``step``: the crashed process may
+        have flushed steps after it, which the resumed loop recomputes. One
+        metric-history request per key, once per resume. Best effort: if the
+        server cannot be read, duplicates are possible but nothing is lost.
+        """
+        try:
+            keys = self.client.get_run(self.run_id).data.metrics.keys()
+            for key in keys:
+                self._logged |= {
+                    (key, m.step) for m in self.client.get_metric_history(self.run_id, key) if m.step > step
+                }
+        except Exception as exc:  # network errors come as several exception types
+            log.warning("could not read run %s's metrics past step %d (points may repeat): %s", self.run_id, step, exc)
+        return len(self._logged)
 
     # -- params, tags, artifacts -----------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -207,7 +244,11 @@ def start_run(
             if uri.startswith("sqlite:"):
                 artifact_location = (_local_root(storage_root) / "mlartifacts").as_uri()
             exp_id = client.create_experiment(tracking_cfg.experiment, artifact_location=artifact_location)
-        all_tags = {"mlflow.runName": run_name or tracking_cfg.run_name or "dcgrpo", **(tags or {})}
+        all_tags = {
+            "mlflow.runName": run_name or tracking_cfg.run_name or "dcgrpo",
+            PROCESS_TAG: this_process(),
+            **(tags or {}),
+        }
         run_id = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name).info.run_id
         resumed = False
     else:
@@ -222,8 +263,7 @@ def start_run(
     )
     if resumed:
         run.replay_spilled()
-        if tags:
-            run.set_tags(tags)
+        run.set_tags({**(tags or {}), PROCESS_TAG: this_process()})  # the run's writer is this process now
     elif params:
         run.log_params(params)
     status = "FINISHED"
@@ -245,6 +285,66 @@ def start_run(
             client.set_terminated(run_id, status)
         except Exception as exc:  # the server may be what failed
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "" elsewhere: tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def process_gone(tag: str) -> bool:
+    """True only when ``tag`` names a process of this host that no longer runs (unknown hosts: False)."""
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(started) and _start_time(int(pid)) != started  # the pid was reused by another process
+
+
+def close_orphaned_runs(tracking_cfg, *, storage_root: str, config_hash: str, keep: str | None = None) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``config_hash`` left behind by a crashed process of this host.
+
+    Called by a new training job of the same config before it starts: a
+    ``kill -9`` gives the crashed process no chance to close its run. ``keep``
+    is the run a resume is about to re-attach. Best effort (a warning if the
+    server cannot be searched); returns the ids it closed.
+    """
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg, storage_root))
+        exp = client.get_experiment_by_name(tracking_cfg.experiment)
+        if exp is None:
+            return []
+        runs = client.search_runs(
+            [exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.config_hash = '{config_hash}'"
+        )
+        closed = []
+        for r in runs:
+            tag = r.data.tags.get(PROCESS_TAG, "")
+            if r.info.run_id == keep or not process_gone(tag):
+                continue
+            client.set_tag(r.info.run_id, "dcgrpo.closed_reason", f"process {tag} ended without closing the run")
+            client.set_terminated(r.info.run_id, "FAILED")
+            closed.append(r.info.run_id)
+            log.warning("MLflow run %s was left RUNNING by crashed process %s: marked FAILED", r.info.run_id, tag)
+        return closed
+    except Exception as exc:  # never stop a job over bookkeeping of an older one
+        log.warning("could not look for runs left RUNNING by crashed jobs: %s", exc)
+        return []
 
 
 def start_local_server(

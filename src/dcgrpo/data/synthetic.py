@@ -166,7 +166,7 @@ def write_synthetic_splits(data_cfg, out_dir: str | Path) -> tuple[Path, Path]:
     return train_path, val_path
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
+def read_rows(path: str | Path, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Read a verl-schema parquet (local or s3://) back into row dicts, every row validated up front.
 
     The RL loop, the SFT warm start and held-out accuracy all read here, so a
@@ -177,4 +177,4 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     from dcgrpo import storage
     from dcgrpo.data.schema import read_verl_parquet
 
-    return read_verl_parquet(storage.read_bytes(path), str(path))
+    return read_verl_parquet(storage.read_bytes(path, endpoint_url), str(path))

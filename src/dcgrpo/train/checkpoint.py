@@ -14,6 +14,11 @@ Atomicity: the directory is assembled in a local temp dir and published by
 marker last on S3). ``<out_dir>/checkpoints/latest`` names the newest one and
 is rewritten (atomically) only after it is complete. ``load_checkpoint``
 verifies every checksum and raises ``CheckpointError`` naming the bad file.
+
+Resuming from a ``checkpoints/`` directory takes its newest *complete*
+checkpoint, not blindly ``latest``: a kill during an S3 upload leaves a
+newer prefix without its marker, and a kill between publishing a checkpoint
+and rewriting ``latest`` leaves the pointer one behind.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,9 @@ STATE = "state.json"
 # *.safetensors of a model directory as weights.
 OPTIMIZER = "trainer/optimizer.safetensors"
 MODEL_FILES_SKIP = {MANIFEST, storage.COMPLETE_MARKER}
+STEP_DIR = re.compile(r"step_(\d+)")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(DcgrpoError, RuntimeError):
@@ -131,12 +141,36 @@ def save_checkpoint(
     return uri
 
 
+def is_complete(uri: str, endpoint_url: str | None = None) -> bool:
+    """Whether ``uri`` holds a fully published checkpoint: its manifest locally (directories appear by
+    rename), the completion marker on S3 (objects appear one by one; the marker is written last)."""
+    if storage.is_s3(uri):
+        return storage.exists(storage.join(uri, storage.COMPLETE_MARKER), endpoint_url)
+    return (Path(uri) / MANIFEST).is_file()
+
+
 def resolve_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
-    """A checkpoint URI, or a ``checkpoints/`` directory (follows its ``latest`` pointer)."""
-    latest = storage.join(uri, "latest")
-    if storage.exists(latest, endpoint_url) and not storage.exists(storage.join(uri, MANIFEST), endpoint_url):
-        return storage.join(uri, storage.read_text(latest, endpoint_url).strip())
-    return uri
+    """A complete checkpoint URI as is; for a ``checkpoints/`` directory, its newest complete checkpoint.
+
+    Raises ``CheckpointError`` naming the directory when it holds none (a run
+    killed before or during its first checkpoint): there is nothing to resume.
+    """
+    uri = str(uri).rstrip("/")
+    if is_complete(uri, endpoint_url):
+        return uri
+    steps = sorted((n for n in storage.list_dirs(uri, endpoint_url) if STEP_DIR.fullmatch(n)), reverse=True)
+    for name in steps:
+        candidate = storage.join(uri, name)
+        if is_complete(candidate, endpoint_url):
+            if name != steps[0]:
+                log.warning("%s: newest checkpoint %s is incomplete (killed while writing?); resuming %s",
+                            uri, steps[0], name)  # fmt: skip
+            return candidate
+    found = f"only incomplete ones: {', '.join(steps)}" if steps else "none"
+    raise CheckpointError(
+        f"{uri}: no complete checkpoint to resume from (no {MANIFEST} here; step_* checkpoints under it: {found}); "
+        "a run killed before its first checkpoint leaves none: start it fresh (without --resume)"
+    )
 
 
 def verify_dir(local_dir: Path, uri: str) -> dict[str, Any]:
@@ -164,8 +198,6 @@ def load_checkpoint(uri: str, cache_dir: str | Path, endpoint_url: str | None = 
         storage.download_dir(uri, local, endpoint_url)
     else:
         local = Path(uri)
-        if not local.is_dir():
-            raise CheckpointError(f"{uri}: no such checkpoint directory")
     verify_dir(local, uri)
     state = json.loads((local / STATE).read_text())
     if state.get("format_version") != FORMAT_VERSION:

@@ -96,6 +96,11 @@ def heldout_accuracy(engine: VLLMEngine, rows: list[dict], max_tokens: int) -> f
     return sum(scores) / max(len(scores), 1)
 
 
+def rounds_left(train_cfg, step: int) -> int:
+    """Rounds of ``train_cfg.rounds`` still to run after global step ``step``."""
+    return train_cfg.rounds - step // train_cfg.steps_per_round
+
+
 def make_engine(cfg, model_dir: str) -> VLLMEngine:
     return VLLMEngine(
         model_dir,
@@ -116,12 +121,14 @@ def train(
     model_dir: str | Path,
     train_path: str | Path,
     out_dir: str | Path,
-    resume_from: str | None = None,
+    resume_from: str | ckpt.LoadedCheckpoint | None = None,
     run=None,
     rounds: int | None = None,
     val_path: str | Path | None = None,
     engine: VLLMEngine | None = None,
     progress: bool = True,
+    rows: list[dict] | None = None,
+    val_rows: list[dict] | None = None,
 ) -> TrainResult:
     """Run DC-GRPO (or any registered method) for ``rounds`` rounds.
 
@@ -130,12 +137,14 @@ def train(
         model_dir: HF model directory to start from (ignored when resuming).
         train_path: training parquet (verl schema), local or s3://.
         out_dir: where ``checkpoints/`` and ``plots/`` go, local or s3://.
-        resume_from: a checkpoint (or a ``checkpoints/`` dir) to continue.
+        resume_from: a checkpoint (or a ``checkpoints/`` dir) to continue, or one already loaded
+            (``train_job`` loads it before creating the MLflow run, to fail before any trace).
         run: a ``dcgrpo.tracking.Run`` to log to (None: log nowhere but the history).
         rounds: rounds to run in this call (default: the rest of ``cfg.train.rounds``).
         val_path: held-out parquet; greedy accuracy is measured before the first
             round and after each (``val/accuracy``).
         engine: an existing ``VLLMEngine`` to reuse (weights are synced into it).
+        rows, val_rows: ``train_path``'s / ``val_path``'s rows when the caller has read them already.
     """
     tc, mc = cfg.train, cfg.method
     method = get_method(mc.name)
@@ -144,14 +153,17 @@ def train(
     out_dir = str(out_dir)
     endpoint = cfg.storage.s3_endpoint_url
     cache_dir = Path(tempfile.mkdtemp(prefix="dcgrpo-train-"))
-    rows = read_rows(train_path)
-    val_rows = read_rows(val_path) if val_path else []
+    rows = read_rows(train_path, endpoint) if rows is None else rows
+    if val_rows is None:
+        val_rows = read_rows(val_path, endpoint) if val_path else []
 
     # ---- state: policy, optimiser, multiplier, data cursor (fresh or resumed) ----
     lam = LagrangeMultiplier(mc.lambda_init, mc.dual_lr if method.dual_ascent else 0.0, mc.budget, mc.lambda_max)
     sampler = PromptSampler(len(rows), cfg.data.seed + tc.seed)
     step, history = 0, []
-    loaded = ckpt.load_checkpoint(resume_from, cache_dir, endpoint) if resume_from else None
+    loaded = resume_from
+    if isinstance(resume_from, str | Path):
+        loaded = ckpt.load_checkpoint(str(resume_from), cache_dir, endpoint)
     policy = HFEngine(str(loaded.local_dir if loaded else model_dir), tc.train_precision)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     if loaded:
@@ -169,10 +181,11 @@ def train(
         step = int(loaded.state["step"])
         history = list(loaded.state.get("history", []))
         log.info("resumed %s at step %d, lambda %.4g", loaded.uri, step, lam.value)
-    rounds_done = step // tc.steps_per_round
-    rounds = tc.rounds - rounds_done if rounds is None else rounds
+        if run is not None:  # steps after the checkpoint the crashed process already sent are not sent twice
+            run.skip_logged_after(step)
+    rounds = rounds_left(tc, step) if rounds is None else rounds
     if rounds <= 0:
-        raise ValueError(f"nothing to do: {rounds_done} of {tc.rounds} rounds already done")
+        raise ValueError(f"nothing to do: {step // tc.steps_per_round} of {tc.rounds} rounds already done")
     own_engine = engine is None
     if engine is None:
         engine = make_engine(cfg, str(loaded.local_dir if loaded else model_dir))

@@ -33,7 +33,9 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
     none at all the model is copied unchanged. Deterministic by ``cfg.model.seed``.
     """
     out_dir = Path(out_dir)
-    rows = [r for r in read_rows(train_path) if (r.get("extra_info") or {}).get("solution")]
+    rows = [
+        r for r in read_rows(train_path, cfg.storage.s3_endpoint_url) if (r.get("extra_info") or {}).get("solution")
+    ]
     if cfg.model.sft_steps == 0 or not rows:
         log.info("SFT skipped (%d steps, %d rows with solutions)", cfg.model.sft_steps, len(rows))
         shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
