@@ -17,8 +17,8 @@ def train_round(
     """One DC-GRPO (or baseline) round resuming ``model_in``'s checkpoint: the single-machine loop in this pod,
     or verl (a RayJob, or in this pod) when ``train.backend=verl`` (``dcgrpo.steps.train_round_step``).
 
-    Rounds past ``rounds`` pass the checkpoint through untouched, so one
-    compiled pipeline serves any round count up to the number compiled in.
+    The pipeline schedules round tasks only up to ``rounds`` (one If/Elif/Else branch per count in
+    ``pipelines/dc_grpo.py``), so one compiled pipeline serves any count up to the number compiled in.
     """
     from dcgrpo.steps import train_round_step
 

@@ -11,11 +11,14 @@ the MLflow runs failed when anything fails.
 
 Round count: ``prepare_data`` resolves the ``rounds`` parameter (0 = the
 preset's ``train.rounds``) and refuses more than the ``max_rounds`` compiled
-in, before any GPU pod starts. The rounds of one method are a nested pipeline
-(``train-rounds``) holding one If/Elif/Else branch per possible count, each an
-unrolled chain of exactly that many round tasks: only the chosen branch is
-scheduled, so a run never starts a pod for a round it does not train, and the
-branch's last model leaves through ``dsl.OneOf``.
+in, before any GPU pod starts. After the warm start the pipeline holds one
+If/Elif/Else branch per possible count (``<n>-rounds``), each the rest of the
+run with an unrolled chain of exactly n round tasks per method: only the chosen
+branch is scheduled, so a run never starts a pod for a round it does not train.
+(One branch per count rather than a single chain ending in ``dsl.OneOf``: the
+branches need no output of each other, and kfp.local replaces any task-output
+parameter fed into a ParallelFor with the loop item, so the count cannot enter
+the method loop as a parameter; inside branch n it is the constant n.)
 
 Cluster names (images, GPU pool, secrets, PVCs) come from the deployment
 contract (``dcgrpo.deploy.DeploymentContract``), applied through
@@ -25,11 +28,11 @@ tasks as ``$DCGRPO_DEPLOYMENT`` so the RayJobs they start use the same names.
 
 # No `from __future__ import annotations` here: KFP reads the pipeline signature at runtime.
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from components import build_components
 from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Input, Model
 
 from dcgrpo.deploy import ENV_VAR, DeploymentContract
 
@@ -96,46 +99,69 @@ def _branch(n: int, rounds, max_rounds: int):
     return dsl.If(rounds == n, name=name) if n == 1 else dsl.Elif(rounds == n, name=name)
 
 
-def build_train_rounds(c, s: ClusterSettings):
-    """The nested pipeline of one method's rounds: returns the last round's model."""
+def _train_chain(c, s: ClusterSettings, n: int, p: dict, method, dataset, base_model):
+    """Rounds 1..n of one method, one task each, each resuming the previous one's model; returns the last model."""
+    model = base_model
+    for k in range(n):
+        step = _gpu(
+            c.train_round(
+                preset=p["preset"], overrides=p["overrides"], method=method, round_index=k, rounds=n,
+                mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], dataset=dataset, model_in=model,
+            ),
+            s,
+        ).set_display_name(ROUND_TASK.format(k + 1))  # fmt: skip
+        step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl round starts uses these names
+        if s.contract.checkpoint_pvc:  # verl backend: every round resumes from the same volume
+            kubernetes.mount_pvc(step, s.contract.checkpoint_pvc, s.contract.checkpoint_mount)
+        model = step.outputs["model"]
+    return model
 
-    @dsl.pipeline(name="train-rounds", description="Training rounds 1..rounds of one method, one task per round.")
-    def train_rounds(
-        preset: str, overrides: list, method: str, rounds: int, mlflow_uri: str, kfp_run_id: str,
-        dataset: Input[Dataset], base_model: Input[Model],
-    ) -> Model:  # fmt: skip
-        def chain(n: int):
-            model = base_model
-            for k in range(n):
-                step = _gpu(
-                    c.train_round(
-                        preset=preset, overrides=overrides, method=method, round_index=k, rounds=rounds,
-                        mlflow_uri=mlflow_uri, kfp_run_id=kfp_run_id, dataset=dataset, model_in=model,
-                    ),
-                    s,
-                ).set_display_name(ROUND_TASK.format(k + 1))  # fmt: skip
-                step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl round starts uses these names
-                if s.contract.checkpoint_pvc:  # verl backend: every round resumes from the same volume
-                    kubernetes.mount_pvc(step, s.contract.checkpoint_pvc, s.contract.checkpoint_mount)
-                model = step.outputs["model"]
-            return model
 
-        if s.max_rounds == 1:
-            return chain(1)
-        finals = []
-        for n in range(1, s.max_rounds + 1):
-            with _branch(n, rounds, s.max_rounds):
-                finals.append(chain(n))
-        return dsl.OneOf(*finals)
-
-    return train_rounds
+def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, model_name) -> None:
+    """Everything after the warm start for a run of ``n`` rounds: per method (side by side) the rounds, FP8 export
+    and evaluation; then the best method is registered and, if the gate passes, promoted."""
+    dataset = data.outputs["dataset"]
+    with dsl.ParallelFor(p["methods"], name=f"methods-{n}-rounds") as method:
+        model = _train_chain(c, s, n, p, method, dataset, base.outputs["model"])
+        fp8 = _gpu(c.export_fp8(preset=p["preset"], overrides=p["overrides"], model=model), s)
+        evaluation = _gpu(
+            c.evaluate(
+                preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], dataset=dataset,
+                model=model, fp8_model=fp8.outputs["fp8_model"],
+            ),
+            s,
+        )  # fmt: skip
+    best = _light(
+        c.select_best(
+            preset=p["preset"], overrides=p["overrides"], methods=p["methods"],
+            gate_values=dsl.Collected(evaluation.outputs["Output"]), models=dsl.Collected(model),
+            fp8_models=dsl.Collected(fp8.outputs["fp8_model"]),
+        ),
+        s,
+    )  # fmt: skip
+    registered = _light(
+        c.register_model(
+            preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], model_name=model_name,
+            model=best.outputs["best_model"], fp8_model=best.outputs["best_fp8_model"],
+        ),
+        s,
+        cache=False,
+    )  # fmt: skip
+    with dsl.If(registered.outputs["Output"] == True, name=f"gate-passed-{n}-rounds"):  # noqa: E712 (KFP condition)
+        _light(
+            c.promote(
+                preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], model_name=model_name,
+                version=registered.outputs["version"], force=p["force_promotion"],
+            ),
+            s,
+            cache=False,
+        )  # fmt: skip
 
 
 def build_pipeline(settings: ClusterSettings | None = None):
     """The pipeline function for ``settings`` (contract, max rounds, sizes)."""
     s = settings or ClusterSettings()
     c = build_components(s.contract.light_image, s.contract.gpu_image)
-    train_rounds = build_train_rounds(c, s)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -182,48 +208,11 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 c.warm_start(preset=preset, overrides=overrides, model_uri=model_uri, dataset=data.outputs["dataset"]),
                 s,
             )
-            with dsl.ParallelFor(methods, name="methods") as method:
-                trained = train_rounds(
-                    preset=preset, overrides=overrides, method=method, rounds=n_rounds, mlflow_uri=mlflow_uri,
-                    kfp_run_id=run_id, dataset=data.outputs["dataset"], base_model=base.outputs["model"],
-                ).set_display_name("train-rounds")  # fmt: skip
-                model = trained.output
-                fp8 = _gpu(c.export_fp8(preset=preset, overrides=overrides, model=model), s)
-                evaluation = _gpu(
-                    c.evaluate(
-                        preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, dataset=data.outputs["dataset"],
-                        model=model, fp8_model=fp8.outputs["fp8_model"],
-                    ),
-                    s,
-                )  # fmt: skip
-            best = _light(
-                c.select_best(
-                    preset=preset,
-                    overrides=overrides,
-                    methods=methods,
-                    gate_values=dsl.Collected(evaluation.outputs["Output"]),
-                    models=dsl.Collected(model),
-                    fp8_models=dsl.Collected(fp8.outputs["fp8_model"]),
-                ),
-                s,
-            )
-            registered = _light(
-                c.register_model(
-                    preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=registered_name,
-                    model=best.outputs["best_model"], fp8_model=best.outputs["best_fp8_model"],
-                ),
-                s,
-                cache=False,
-            )  # fmt: skip
-            with dsl.If(registered.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-                _light(
-                    c.promote(
-                        preset=preset, overrides=overrides, mlflow_uri=mlflow_uri, model_name=registered_name,
-                        version=registered.outputs["version"], force=force_promotion,
-                    ),
-                    s,
-                    cache=False,
-                )  # fmt: skip
+            p = {"preset": preset, "overrides": overrides, "methods": methods, "mlflow_uri": mlflow_uri,
+                 "run_id": run_id, "force_promotion": force_promotion}  # fmt: skip
+            for n in range(1, s.max_rounds + 1):
+                with _branch(n, n_rounds, s.max_rounds) if s.max_rounds > 1 else nullcontext():
+                    _train_select_promote(c, s, n, p, data, base, registered_name)
 
     return dc_grpo
 

@@ -171,8 +171,26 @@ def _dag(spec, component):
     return spec["components"][component]["dag"]["tasks"]
 
 
+def _all_tasks(spec) -> list[tuple[str, dict]]:
+    """(task name, task) of every DAG in the spec: root, exit handler, branches, loops."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return [item for dag in dags for item in dag["tasks"].items()]
+
+
+def _round_tasks_under(spec, component) -> list[int]:
+    """Round numbers of the train-round tasks anywhere under ``component`` (nested loops included)."""
+    found = []
+    for task in _dag(spec, component).values():
+        ref = task["componentRef"]["name"]
+        if task["taskInfo"]["name"].startswith("train-round-"):
+            found.append(int(task["taskInfo"]["name"].rsplit("-", 1)[1]))
+        elif "dag" in spec["components"][ref]:
+            found += _round_tasks_under(spec, ref)
+    return sorted(found)
+
+
 def test_compiled_rounds_cover_every_preset_and_only_the_asked_ones_are_scheduled(compiled):
-    """One If/Elif/Else branch per round count, each a chain of exactly that many round tasks:
+    """One If/Elif/Else branch per round count, each a chain of exactly that many round tasks per method:
     a run schedules the rounds it trains and no copy-through task for the others."""
     from pipelines.dc_grpo import default_max_rounds
 
@@ -181,20 +199,18 @@ def test_compiled_rounds_cover_every_preset_and_only_the_asked_ones_are_schedule
     assert pipeline.compiled_max_rounds(compiled) == default_max_rounds() == 10
     assert all(load_config(preset=p).train.rounds <= 10 for p in PRESETS)
     spec = next(yaml.safe_load_all(compiled.read_text()))
-    branches = _dag(spec, "comp-condition-branches-1")
+    (branches_name,) = [n for n in _dag(spec, "comp-exit-handler-1") if n.startswith("condition-branches")]
+    branches_task = _dag(spec, "comp-exit-handler-1")[branches_name]
     sizes = {}
-    for task in branches.values():
+    for task in _dag(spec, branches_task["componentRef"]["name"]).values():
         condition = task["triggerPolicy"]["condition"]
-        rounds = [t for t in _dag(spec, task["componentRef"]["name"]).values()
-                  if t["taskInfo"]["name"].startswith("train-round-")]  # fmt: skip
-        asked = re.findall(r"\['pipelinechannel--rounds'\]\) == (\d+)$", condition)
+        asked = re.findall(r"\['pipelinechannel--prepare-data-rounds'\]\) == (\d+)$", condition)
         n = int(asked[0]) if asked else 10  # the Else branch: the largest count (prepare_data bounds rounds)
-        sizes[n] = sorted(int(t["taskInfo"]["name"].rsplit("-", 1)[1]) for t in rounds)
+        sizes[n] = _round_tasks_under(spec, task["componentRef"]["name"])
     assert sizes == {n: list(range(1, n + 1)) for n in range(1, 11)}
-    # Rounds branch on prepare_data's resolved count (0 -> the preset's), not on the raw parameter.
-    method_loop = _dag(spec, "comp-for-loop-2")["train-rounds"]
-    source = method_loop["inputs"]["parameters"]["rounds"]
-    assert "prepare-data" in json.dumps(source) and "Output" not in json.dumps(source)
+    # The branches test prepare_data's resolved count (0 -> the preset's), not the raw parameter.
+    source = branches_task["inputs"]["parameters"]["pipelinechannel--prepare-data-rounds"]
+    assert source["taskOutputParameter"] == {"outputParameterKey": "rounds", "producerTask": "prepare-data"}
 
 
 def test_rounds_above_the_compiled_maximum_are_refused_before_anything_starts(capsys, tmp_path):
@@ -228,19 +244,24 @@ def test_ui_defaults_mean_the_presets_values_and_every_parameter_is_described(co
     assert pipeline.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine")
     # register and promote take the resolved name, not the raw parameter
     spec_dict = next(yaml.safe_load_all(compiled.read_text()))
-    tasks = _dag(spec_dict, "comp-exit-handler-1")
-    source = tasks["register-model"]["inputs"]["parameters"]["model_name"]
-    assert source["taskOutputParameter"] == {"outputParameterKey": "model_name", "producerTask": "prepare-data"}
+    users = [t for name, t in _all_tasks(spec_dict) if name.startswith(("register-model", "promote"))]
+    assert len(users) == 2 * 10
+    for task in users:
+        assert task["inputs"]["parameters"]["model_name"] == {
+            "componentInputParameter": "pipelinechannel--prepare-data-model_name"
+        }
 
 
 def test_side_effect_steps_are_never_cached(compiled):
     spec = next(yaml.safe_load_all(compiled.read_text()))
-    tasks = {**_dag(spec, "comp-exit-handler-1"), **spec["root"]["dag"]["tasks"]}
-    condition = next(c for c in spec["components"] if "promote" in json.dumps(spec["components"][c].get("dag", {})))
-    tasks |= _dag(spec, condition)
-    for name in ("register-model", "promote", "mark-failed", "prepare-data"):
-        assert not tasks[name].get("cachingOptions", {}).get("enableCache"), name
-    assert tasks["warm-start"]["cachingOptions"]["enableCache"] is True  # the rest may be cached
+    tasks = _all_tasks(spec)
+    side_effects = [
+        (n, t) for n, t in tasks if n.startswith(("register-model", "promote", "mark-failed", "prepare-data"))
+    ]
+    assert len(side_effects) == 10 + 10 + 1 + 1
+    for name, task in side_effects:
+        assert not task.get("cachingOptions", {}).get("enableCache"), name
+    assert dict(tasks)["warm-start"]["cachingOptions"]["enableCache"] is True  # the rest may be cached
 
 
 # --- submit and schedule as a cluster user expects (points 6, 11, 12) -------------------------------------------

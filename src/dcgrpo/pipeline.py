@@ -324,8 +324,12 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> Any:
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     log.info("running the pipeline locally with %s", json.dumps(arguments))
-    # No retries locally: a failure here is a bug or bad input, not a preempted node.
-    return build_pipeline(ClusterSettings(retries=0, max_rounds=max(arguments.get("rounds", 1), 1)))(**arguments)
+    # No retries locally: a failure here is a bug or bad input, not a preempted node. Only the branch of the
+    # asked round count is compiled in (rounds 0 = the preset's, as the pipeline's first step resolves it).
+    rounds = resolve_run_parameters(
+        arguments.get("preset", ""), arguments.get("overrides"), arguments.get("rounds") or 0, "", 10**9
+    ).rounds
+    return build_pipeline(ClusterSettings(retries=0, max_rounds=rounds))(**arguments)
 
 
 def _pipeline_runs(client, experiment: str, since_ms: int) -> list:
