@@ -63,6 +63,15 @@ def test_load_model_dir_local_and_s3(tiny_dir, tmp_path, s3_server):
     assert load_model_dir(uri, tmp_path / "cache") == local  # cached
 
 
+def test_load_model_dir_honours_the_configured_endpoint(tiny_dir, tmp_path, s3_server, monkeypatch):
+    """model.path=s3://... on MinIO: the endpoint comes from the config (storage.s3_endpoint_url) alone."""
+    uri = storage.upload_dir(tiny_dir, "s3://dcgrpo-test/models/tiny-endpoint")
+    for var in ("DCGRPO_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    local = load_model_dir(uri, tmp_path / "cache", endpoint_url=s3_server)
+    assert (local / "config.json").read_bytes() == (tiny_dir / "config.json").read_bytes()
+
+
 def test_synthetic_schema_determinism_and_disjoint_split(tmp_path):
     rows = make_synthetic(50, difficulty=3, seed=7)
     assert rows == make_synthetic(50, difficulty=3, seed=7)

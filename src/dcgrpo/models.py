@@ -121,13 +121,14 @@ def build_tiny_model(model_cfg, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_model_dir(path_or_uri: str | Path, cache_dir: str | Path) -> Path:
+def load_model_dir(path_or_uri: str | Path, cache_dir: str | Path, endpoint_url: str | None = None) -> Path:
     """A local directory holding the HF-format model at ``path_or_uri``, its files checked.
 
     Local paths are returned as they are; ``s3://`` prefixes are downloaded
     once into ``cache_dir/<hash of the URI>`` (reused when complete). A corrupt
     ``config.json`` or safetensors file fails here (``ModelFileError`` naming
-    it), before any engine or MLflow run starts.
+    it), before any engine or MLflow run starts. ``endpoint_url`` is
+    ``storage.s3_endpoint_url`` (MinIO), as for every other s3:// read.
     """
     uri = str(path_or_uri)
     if not storage.is_s3(uri):
@@ -139,7 +140,7 @@ def load_model_dir(path_or_uri: str | Path, cache_dir: str | Path) -> Path:
     target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     done = target / ".download_complete"
     if not done.is_file():
-        storage.download_dir(uri, target)
+        storage.download_dir(uri, target, endpoint_url)
         if not (target / "config.json").is_file():
             raise FileNotFoundError(f"{uri}: not an HF model directory (no config.json)")
         check_model_files(target, uri)  # a bad download is not marked complete

@@ -103,7 +103,7 @@ def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_d
     if model_uri:
         from dcgrpo.models import load_model_dir
 
-        src = load_model_dir(model_uri, _local_root(cfg) / "model-cache")
+        src = load_model_dir(model_uri, _local_root(cfg) / "model-cache", cfg.storage.s3_endpoint_url)
         shutil.copytree(src, out, dirs_exist_ok=True)
         return {"base": model_uri}
     from dcgrpo.models import build_tiny_model

@@ -43,7 +43,7 @@ def prepare_model(cfg, work_dir: str | Path, train_path: str) -> Path:
     """``model.path`` as a local directory, else the tiny model after its SFT warm start (cached by config)."""
     work_dir = Path(work_dir)
     if cfg.model.path:
-        return load_model_dir(cfg.model.path, work_dir / "model-cache")
+        return load_model_dir(cfg.model.path, work_dir / "model-cache", cfg.storage.s3_endpoint_url)
     key = cfg.model.model_copy(update={"path": None}).model_dump_json()
     tag = hashlib.sha256((key + cfg.data.model_dump_json()).encode()).hexdigest()[:10]
     sft_dir = work_dir / "models" / f"tiny-sft-{tag}"
