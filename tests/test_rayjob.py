@@ -239,3 +239,11 @@ def test_rayjob_takes_the_pipelines_contract_and_the_pods_namespace(monkeypatch,
     monkeypatch.setattr(deploy, "POD_NAMESPACE_FILE", ns_file)
     assert _job(_cfg())["metadata"]["namespace"] == "team-a"
     assert _cfg().config_hash() == load_config(overrides=["model.path=/models/m"]).config_hash()
+
+
+def test_train_verl_dry_run_takes_namespace_and_image_flags(capsys):
+    argv = ["train-verl", "--set", "model.path=/m", "--train-files", "/d/t.parquet", "--dry-run"]
+    assert cli_main([*argv, "--namespace", "team-a", "--image", "reg/verl:2"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["metadata"]["namespace"] == "team-a"
+    assert {t["spec"]["containers"][0]["image"] for t in _pod_templates(job)} == {"reg/verl:2"}
