@@ -143,6 +143,7 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
         c.register_model(
             preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], model_name=model_name,
             model=best.outputs["best_model"], fp8_model=best.outputs["best_fp8_model"],
+            force_promotion=p["force_promotion"],
         ),
         s,
         cache=False,

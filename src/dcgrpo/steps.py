@@ -377,9 +377,14 @@ def _run_summary(client, run_id: str) -> tuple[dict[str, float], float]:
 
 def register_step(
     preset: str, overrides: list[str], mlflow_uri: str, model_name: str, model_meta: dict, model_dir: str,
-    fp8_dir: str,
+    fp8_dir: str, force: bool = False,
 ) -> Registered:  # fmt: skip
-    """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate."""
+    """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate.
+
+    ``passes_gate`` decides whether the pipeline's promote task runs at all, so
+    ``force`` (the run's ``force_promotion``) lets it run on a failed gate too;
+    promote then records the decision as forced.
+    """
     from dcgrpo.registry import TAG_DECISION, TAG_REASON, gate, register_model
 
     cfg = step_config(preset, overrides, mlflow_uri)
@@ -393,11 +398,11 @@ def register_step(
     mv = register_model(mlc, model_name, run_id, fp8_dir, quantization="fp8", **common)
     champion = _alias(mlc, model_name, cfg.registry.champion_alias)
     ok, reason = gate(mv, champion, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit())
-    if not ok:  # promote (which records its own decision) will not run: record this one
+    if not ok and not force:  # promote (which records its own decision) will not run: record this one
         mlc.set_model_version_tag(model_name, mv.version, TAG_DECISION, "rejected")
         mlc.set_model_version_tag(model_name, mv.version, TAG_REASON, reason)
-    log.info("registered %s v%s; gate: %s (%s)", model_name, mv.version, ok, reason)
-    return Registered(str(mv.version), ok, reason)
+    log.info("registered %s v%s; gate: %s (%s)%s", model_name, mv.version, ok, reason, "; forced" if force else "")
+    return Registered(str(mv.version), ok or force, reason if ok or not force else f"forced (gate said: {reason})")
 
 
 def _alias(mlc, name: str, alias: str):
