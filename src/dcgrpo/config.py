@@ -59,7 +59,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     path: str | None = None
-    """HF-format model directory, local or s3://. None: build the tiny model below."""
+    """The base model: a local HF-format directory, any HF-format directory on s3://bucket/prefix, or a
+    Hugging Face Hub id org/name[@revision] (downloaded into $DCGRPO_MODEL_CACHE; HF_TOKEN, HF_HOME and
+    HF_HUB_OFFLINE=1 apply). None: build the tiny model below."""
     arch: Literal["qwen3", "qwen3-moe"] = "qwen3"
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -89,6 +91,23 @@ class ModelConfig(_Section):
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError("num_experts_per_tok must be <= num_experts")
         return self
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_a_model_location(cls, path: str | None) -> str | None:
+        # Syntax only: whether a directory or Hub id exists is known where the step runs, not where it is compiled.
+        if path is None or not path.strip():
+            return None  # an empty UI field means "no base model", as None does
+        bucket = path[len("s3://") :].partition("/")[0] if path.startswith("s3://") else ""
+        if path.startswith("s3:") and not bucket:
+            raise ValueError("an s3:// model.path must name a bucket: s3://bucket/prefix")
+        scheme = path.partition("://")[0]
+        if "://" in path and scheme != "s3":
+            raise ValueError(
+                f"{scheme}:// is not supported: use a local directory, s3://bucket/prefix or a Hugging Face id "
+                "org/name[@revision] (no hf:// prefix)"
+            )
+        return path
 
 
 class RolloutConfig(_Section):

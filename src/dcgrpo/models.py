@@ -1,4 +1,4 @@
-"""Tiny Qwen3 / Qwen3-MoE models built offline, and loading HF-format models.
+"""Tiny Qwen3 / Qwen3-MoE models built offline, and loading HF-format base models.
 
 ``build_tiny_model`` writes a randomly initialised model plus a tokenizer
 trained locally (``tokenizers`` byte-level BPE, digits split one per token as
@@ -6,16 +6,27 @@ Qwen does, Qwen's ChatML chat template) in plain HF format, so vLLM,
 transformers and verl all load it without the Hub. Weights are saved in fp32:
 the training engine trains in fp32 on CPU and the deploy engine casts to its
 own precision, which is where the train-inference discrepancy comes from.
+
+``load_model_dir`` turns ``model.path`` (a local directory, any HF-format
+directory on ``s3://``, or a Hub id ``org/name[@revision]``) into a checked
+local directory, through the model cache (``$DCGRPO_MODEL_CACHE``: the
+pipeline's model-cache PVC).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 from dcgrpo import storage
 from dcgrpo.errors import DcgrpoError
+
+log = logging.getLogger(__name__)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -121,31 +132,156 @@ def build_tiny_model(model_cfg, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_model_dir(path_or_uri: str | Path, cache_dir: str | Path, endpoint_url: str | None = None) -> Path:
-    """A local directory holding the HF-format model at ``path_or_uri``, its files checked.
+# ----------------------------------------------------------------------------- loading a base model
 
-    Local paths are returned as they are; ``s3://`` prefixes are downloaded
-    once into ``cache_dir/<hash of the URI>`` (reused when complete). A corrupt
+HF_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]+))?")
+"""A Hugging Face Hub model id, ``org/name`` with an optional ``@revision`` (branch, tag or commit)."""
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+HUB_IGNORE = ["original/*", "*.pth", "*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.tflite"]
+"""Repo files no engine here loads (Meta's consolidated checkpoints, other frameworks): not downloaded."""
+DOWNLOAD_STAMP = ".download_complete"
+
+
+class ModelNotFoundError(DcgrpoError, FileNotFoundError):
+    """``model.path`` names no loadable model (names the field, the value and what was tried)."""
+
+
+def parse_hf_id(spec: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when ``spec`` reads as a Hub id, else None."""
+    m = HF_ID.fullmatch(spec)
+    return (m["repo"], m["revision"]) if m else None
+
+
+def model_cache_dir(default: str | Path) -> Path:
+    """``$DCGRPO_MODEL_CACHE`` when set (the pipeline mounts the model-cache PVC there, so a base model
+    is downloaded once per cluster, not once per pod), else ``default``."""
+    return Path(os.environ.get("DCGRPO_MODEL_CACHE") or default)
+
+
+def hub_cache_dir(model_cache: Path) -> Path:
+    """Where Hub snapshots go: the user's own HF cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``) when they
+    set one, so models already there are reused; else ``<model cache>/hub``. Read at call time:
+    huggingface_hub reads these once, at import."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return model_cache / "hub"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now, not as at huggingface_hub's import."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def load_model_dir(
+    path_or_uri: str | Path, cache_dir: str | Path, endpoint_url: str | None = None, *, field: str = "model.path"
+) -> Path:
+    """A local directory holding the HF-format model that ``path_or_uri`` names, its files checked.
+
+    Accepts a local directory (returned as it is), any HF-format directory on
+    ``s3://`` (downloaded once into the model cache, reused when complete) and
+    a Hub id ``org/name[@revision]`` (``huggingface_hub.snapshot_download``
+    into the Hub cache; offline caches load without network). The model
+    cache is ``$DCGRPO_MODEL_CACHE``, else ``cache_dir``. A corrupt
     ``config.json`` or safetensors file fails here (``ModelFileError`` naming
     it), before any engine or MLflow run starts. ``endpoint_url`` is
     ``storage.s3_endpoint_url`` (MinIO), as for every other s3:// read.
+    ``field`` names the setting in errors.
     """
-    uri = str(path_or_uri)
-    if not storage.is_s3(uri):
-        path = Path(uri)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{uri}: not an HF model directory (no config.json)")
-        check_model_files(path)
-        return path
-    target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".download_complete"
-    if not done.is_file():
-        storage.download_dir(uri, target, endpoint_url)
-        if not (target / "config.json").is_file():
-            raise FileNotFoundError(f"{uri}: not an HF model directory (no config.json)")
-        check_model_files(target, uri)  # a bad download is not marked complete
-        done.write_text(json.dumps({"uri": uri}))
+    spec = str(path_or_uri)
+    cache = model_cache_dir(cache_dir)
+    if storage.is_s3(spec):
+        return _load_s3(storage.check_s3_uri(spec, field), cache, endpoint_url)
+    path = Path(spec).expanduser()
+    hub_id = parse_hf_id(spec)
+    if path.exists() or hub_id is None:
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"{field}: {spec!r}: no such local directory, and not an s3:// URI or a Hugging Face id "
+                "(org/name[@revision])"
+            )
+        return _checked_model_dir(path, spec)
+    return _load_hub(*hub_id, cache, field)
+
+
+def _checked_model_dir(local: Path, source: str) -> Path:
+    """``local`` if it is an HF model directory: a valid config.json and readable weight files."""
+    if not (local / "config.json").is_file():
+        raise ModelNotFoundError(f"{source}: not an HF model directory (no config.json)")
+    if not any(p for pattern in WEIGHT_GLOBS for p in local.glob(pattern)):
+        raise ModelNotFoundError(f"{source}: not an HF model directory (no *.safetensors or pytorch_model*.bin)")
+    check_model_files(local, source)
+    return local
+
+
+def _load_s3(uri: str, cache: Path, endpoint_url: str | None) -> Path:
+    """Any HF-format directory under ``uri``: ours (with the ``_COMPLETE`` marker) or one copied there
+    by other tools (without it: its config and weight files are what is checked).
+
+    Downloaded into a staging directory, checked, stamped and renamed into
+    place, so pods sharing the model-cache PVC never see a half-copied model.
+    """
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / DOWNLOAD_STAMP).is_file():
+        return target
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        storage.download_dir(uri, staging, endpoint_url, require_marker=False)
+        if not (staging / storage.COMPLETE_MARKER).is_file():
+            log.info("%s: no %s marker (not written by dcgrpo): checking its files", uri, storage.COMPLETE_MARKER)
+        _checked_model_dir(staging, uri)  # a bad download is not stamped
+        (staging / DOWNLOAD_STAMP).write_text(json.dumps({"uri": uri}))
+        if target.exists() and not (target / DOWNLOAD_STAMP).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a partial copy left by older code
+        try:
+            os.replace(staging, target)
+        except OSError:  # another pod published it first
+            if not (target / DOWNLOAD_STAMP).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _load_hub(repo: str, revision: str | None, cache: Path, field: str) -> Path:
+    """``repo`` at ``revision`` from the Hub cache, downloaded first unless offline (``HF_HUB_OFFLINE=1``).
+
+    ``HF_TOKEN`` (a Secret in the pipeline's pods) authenticates gated or
+    private repos. Online, huggingface_hub falls back to the cache when the
+    Hub cannot be reached.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    spec = f"{repo}@{revision}" if revision else repo
+    offline = hub_offline()
+    hub_cache = hub_cache_dir(cache)
+    try:
+        local = snapshot_download(
+            repo, revision=revision, cache_dir=hub_cache, local_files_only=offline,
+            token=os.environ.get("HF_TOKEN") or None, ignore_patterns=HUB_IGNORE,
+        )  # fmt: skip
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(f"{field}: {spec}: gated on the Hugging Face Hub: set HF_TOKEN to a token "
+                                 f"with access ({_first_line(exc)})") from None  # fmt: skip
+    except LocalEntryNotFoundError as exc:
+        where = "HF_HUB_OFFLINE=1 and it is" if offline else "the Hub cannot be reached and it is"
+        raise ModelNotFoundError(f"{field}: {spec!r} is not a local directory; as a Hugging Face id: {where} not "
+                                 f"in the Hub cache {hub_cache} ({_first_line(exc)})") from None  # fmt: skip
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{field}: {spec!r} is not a local directory; as a Hugging Face id: "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from None  # fmt: skip
+    return _checked_model_dir(Path(local), f"hf://{spec}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 # ----------------------------------------------------------------------------- checking weight files
@@ -199,3 +335,20 @@ def check_model_files(local_dir: str | Path, source: str | None = None) -> None:
             raise ModelFileError(f"{storage.join(source, 'config.json')}: not valid JSON ({exc})") from None
     for shard in sorted(local_dir.glob("*.safetensors")):
         check_safetensors(shard, storage.join(source, shard.name))
+    _check_shard_index(local_dir, source)
+
+
+def _check_shard_index(local_dir: Path, source: str) -> None:
+    """Every shard ``model.safetensors.index.json`` names is present: a model copied to S3 by other
+    tools carries no completion marker, so a shard missing from a partial copy is caught here."""
+    index = local_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"{storage.join(source, index.name)}: not a valid shard index ({exc!r})") from None
+    missing = sorted(s for s in shards if not (local_dir / s).is_file())
+    if missing:
+        raise ModelFileError(f"{storage.join(source, missing[0])}: missing ({len(missing)} of {len(shards)} shards "
+                             f"named in {index.name} are absent: incomplete copy?)")  # fmt: skip

@@ -45,7 +45,7 @@ def check_run_environment(cfg, *, tracking_uri: str | None = None, need_storage:
     if check_inputs:
         for field, uri in (("data.train_path", cfg.data.train_path), ("data.val_path", cfg.data.val_path),
                            ("model.path", cfg.model.path)):  # fmt: skip
-            if uri:
+            if uri and not (field == "model.path" and _is_hub_id(uri)):
                 check_exists(uri, field, endpoint)
     if tracking_uri is None:
         from dcgrpo.tracking import resolve_tracking_uri
@@ -53,6 +53,14 @@ def check_run_environment(cfg, *, tracking_uri: str | None = None, need_storage:
         tracking_uri = resolve_tracking_uri(cfg.tracking, str(storage.local_root(cfg.storage.root)))
     field = "tracking.mlflow_uri" if cfg.tracking.mlflow_uri else "$MLFLOW_TRACKING_URI"
     check_mlflow(tracking_uri, field)
+
+
+def _is_hub_id(spec: str) -> bool:
+    """``model.path`` names a Hugging Face id, not a local path: the Hub is asked when the model is loaded
+    (``dcgrpo.models.load_model_dir``, still before any run starts)."""
+    from dcgrpo.models import parse_hf_id
+
+    return not storage.is_s3(spec) and not Path(spec).exists() and parse_hf_id(spec) is not None
 
 
 def _client(endpoint: str | None):

@@ -98,12 +98,14 @@ def prepare_data_step(
 def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_dir: str, out_dir: str) -> dict:
     """The base policy in ``out_dir``: a copy of ``model_uri`` (else ``model.path``), or a tiny model after SFT."""
     cfg = step_config(preset, overrides)
+    field = "model_uri" if model_uri else "model.path"
     model_uri = model_uri or cfg.model.path or ""
     out = Path(out_dir)
     if model_uri:
         from dcgrpo.models import load_model_dir
 
-        src = load_model_dir(model_uri, _local_root(cfg) / "model-cache", cfg.storage.s3_endpoint_url)
+        # Local dir, s3:// HF dir or Hub id, through the model-cache PVC ($DCGRPO_MODEL_CACHE) when mounted.
+        src = load_model_dir(model_uri, _local_root(cfg) / "model-cache", cfg.storage.s3_endpoint_url, field=field)
         shutil.copytree(src, out, dirs_exist_ok=True)
         return {"base": model_uri}
     from dcgrpo.models import build_tiny_model
@@ -141,7 +143,6 @@ def train_round_step(
     Rounds at or past ``rounds`` copy the input through unchanged.
     """
     from dcgrpo.tracking import start_run
-    from dcgrpo.train.rl import summarize, train
 
     if round_index >= rounds:
         shutil.copytree(model_in_dir, out_dir, dirs_exist_ok=True)
@@ -154,6 +155,8 @@ def train_round_step(
     if cfg.train.backend == "verl":
         return _train_round_verl(cfg, method, round_index, rounds, kfp_run_id, dataset_dir, model_in_dir,
                                  model_in_meta, out_dir)  # fmt: skip
+    from dcgrpo.train.rl import summarize, train  # torch: after the verl branch, which runs on the light image
+
     resume = str(Path(model_in_dir) / "checkpoints") if _is_checkpoint_artifact(model_in_dir) else None
     run_id = model_in_meta.get("mlflow_run_id") if resume else None
     data = Path(dataset_dir)

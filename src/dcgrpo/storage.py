@@ -205,8 +205,14 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint_url: str | None 
     return uri
 
 
-def download_dir(uri: str, local_dir: str | os.PathLike, endpoint_url: str | None = None) -> Path:
-    """Copy a directory written by ``upload_dir`` (or any local directory) to ``local_dir``."""
+def download_dir(
+    uri: str, local_dir: str | os.PathLike, endpoint_url: str | None = None, *, require_marker: bool = True
+) -> Path:
+    """Copy a directory written by ``upload_dir`` (or any local directory) to ``local_dir``.
+
+    ``require_marker=False``: also a prefix other tools wrote (an HF model copied to S3), which has no
+    ``_COMPLETE`` marker; the caller then checks the files themselves (``dcgrpo.models``).
+    """
     local_dir = Path(local_dir)
     if not is_s3(uri):
         src = Path(uri)
@@ -224,10 +230,10 @@ def download_dir(uri: str, local_dir: str | os.PathLike, endpoint_url: str | Non
     if not keys:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
     rel_keys = [k[len(prefix) :].lstrip("/") for k in keys]
-    if COMPLETE_MARKER not in rel_keys:
+    if require_marker and COMPLETE_MARKER not in rel_keys:
         raise StorageError(f"{uri}: incomplete upload (no {COMPLETE_MARKER} marker); refusing to use it")
     for key, rel in zip(keys, rel_keys, strict=True):
-        if rel == COMPLETE_MARKER:
+        if rel == COMPLETE_MARKER or not rel or rel.endswith("/"):  # folder placeholders of S3 consoles
             continue
         target = local_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dcgrpo import storage
 from dcgrpo.errors import DcgrpoError
+
+if TYPE_CHECKING:  # torch only where tensors are touched: resolve_checkpoint/verify_dir run on the light image
+    import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -73,6 +74,8 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     return {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "python": repr(random.getstate()),
@@ -83,6 +86,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import ast
 
     import numpy as np
+    import torch
 
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
     random.setstate(ast.literal_eval(state["python"]))
@@ -90,6 +94,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state dict into tensors (safetensors) and JSON scalars."""
+    import torch
+
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():

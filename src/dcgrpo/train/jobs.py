@@ -40,7 +40,8 @@ def prepare_data(cfg, work_dir: str | Path) -> tuple[str, str]:
 
 
 def prepare_model(cfg, work_dir: str | Path, train_path: str) -> Path:
-    """``model.path`` as a local directory, else the tiny model after its SFT warm start (cached by config)."""
+    """``model.path`` (local dir, s3:// HF dir or Hub id; ``dcgrpo.models.load_model_dir``) as a local
+    directory, else the tiny model after its SFT warm start (cached by config)."""
     work_dir = Path(work_dir)
     if cfg.model.path:
         return load_model_dir(cfg.model.path, work_dir / "model-cache", cfg.storage.s3_endpoint_url)
