@@ -71,3 +71,36 @@ def test_every_component_is_a_thin_shell_over_dcgrpo_steps():
         assert "from dcgrpo.steps import" in source, name
         body = [ln for ln in source.split('"""')[-1].splitlines() if ln.strip() and not ln.strip().startswith("#")]
         assert len(body) <= 12, f"{name} component is not thin ({len(body)} lines)"
+
+
+def test_force_promotion_lets_the_promote_task_run_on_a_failed_gate(mlflow_server, tmp_path):
+    """The pipeline runs promote only when register says so: a forced run must get there even if the gate fails."""
+    import json
+    import uuid
+
+    from dcgrpo.registry import TAG_DECISION
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.create_experiment(f"force-{uuid.uuid4().hex[:6]}")
+    name = f"force-test-{uuid.uuid4().hex[:6]}"
+
+    def registered(acc: float, force: bool):
+        run = client.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg@1": acc})})
+        client.log_metric(run.info.run_id, "dc/lambda", 0.0)
+        model = tmp_path / f"m-{acc}-{force}"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+        meta = {"mlflow_run_id": run.info.run_id, "discrepancy": 1e-4}
+        return steps.register_step("", [], mlflow_uri=mlflow_server, model_name=name, model_meta=meta,
+                                   model_dir=str(model), fp8_dir=str(model), force=force)  # fmt: skip
+
+    first = registered(0.9, force=False)
+    assert first.passes_gate
+    steps.promote_step("", [], mlflow_server, name, first.version, force=False)
+    worse = registered(0.5, force=False)
+    assert not worse.passes_gate
+    assert client.get_model_version(name, worse.version).tags[TAG_DECISION] == "rejected"
+    forced = registered(0.4, force=True)
+    assert forced.passes_gate and forced.reason.startswith("forced (gate said:")
+    assert steps.promote_step("", [], mlflow_server, name, forced.version, force=True).startswith("promoted")
+    assert client.get_model_version_by_alias(name, "champion").version == forced.version
