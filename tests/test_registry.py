@@ -160,7 +160,7 @@ def test_storage_uri_maps_served_artifacts():
     cfg = RegistryConfig(artifacts_destination="s3://mlflow/artifacts")
     assert registry.storage_uri(MV, cfg) == "s3://mlflow/artifacts/1/abc/artifacts/model"
     with pytest.raises(registry.RegistryError, match="artifacts_destination"):
-        registry.storage_uri(MV, RegistryConfig())
+        registry.storage_uri(MV, RegistryConfig(artifacts_destination=None))  # default: tests/test_serving.py
 
 
 # --- idempotent, all-or-nothing registration -----------------------------------------------------------------------

@@ -231,21 +231,29 @@ def _register_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    """Promote a version (default: the challenger, resolved once) to champion if it passes the gate (or --force);
+    """Promote a version (default: the challenger, resolved once) to champion if it passes the gate (or --force),
+    or roll back to an earlier one; with --serve (or registry.serve_on_promote) apply its InferenceService first;
     render serving manifests."""
-    from dcgrpo.registry import promote, render_champion_manifests, version_by_alias
+    from dcgrpo.registry import ALREADY, promote, rollback, version_by_alias
+    from dcgrpo.serving import render_champion_manifests, server
 
     cfg = config_from_args(args)
     if args.model_name:
         cfg.registry.model_name = args.model_name
     reg = cfg.registry
     mlc = _tracking_client(cfg, args.tracking_uri)
-    version = args.version or version_by_alias(mlc, reg.model_name, reg.challenger_alias)
-    decision = promote(mlc, reg.model_name, version, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(),
-                       args.force, reg.champion_alias, lock_wait_s=reg.promotion_lock_wait_s,
-                       lock_stale_s=reg.promotion_lock_stale_s)  # fmt: skip
+    serve = server(reg, reg.model_name) if args.serve or reg.serve_on_promote else None
+    lock = dict(lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s, serve=serve)
+    if args.rollback_to:
+        decision = rollback(mlc, reg.model_name, args.rollback_to, reg.champion_alias, **lock)
+    else:
+        version = args.version or version_by_alias(mlc, reg.model_name, reg.challenger_alias)
+        decision = promote(mlc, reg.model_name, version, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(),
+                           args.force, reg.champion_alias, **lock)  # fmt: skip
+    applied = serve is not None and (decision.promoted or decision.reason == ALREADY)
     print(f"{reg.model_name} v{decision.challenger}: {'promoted' if decision.promoted else 'not promoted'}"
-          f" ({decision.reason}); champion: v{decision.champion_after}")  # fmt: skip
+          f" ({decision.reason}); champion: v{decision.champion_after}"
+          + (f"; InferenceService applied in namespace {reg.serving_namespace}" if applied else ""))  # fmt: skip
     if args.manifests_dir and decision.champion_after:
         render_champion_manifests(mlc, reg, args.manifests_dir)
     return 0
@@ -254,8 +262,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="registered model (default: registry.model_name)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: tracking.mlflow_uri, else $MLFLOW_TRACKING_URI)")
-    p.add_argument("--version", help="model version to gate (default: the version holding the challenger alias now)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="model version to gate (default: the version holding the challenger alias)")
+    which.add_argument("--rollback-to", metavar="VERSION",
+                       help="make VERSION the champion again without the gate (with --serve: and serve it)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
+    p.add_argument("--serve", action="store_true",
+                   help="apply the champion's KServe InferenceService before moving the alias "
+                        "(registry.serve_on_promote; Kubernetes credentials: in-cluster or kubeconfig)")  # fmt: skip
     p.add_argument("--manifests-dir", help="write the champion's KServe + vllm-serve manifests here (local or s3://)")
 
 

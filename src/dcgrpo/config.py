@@ -371,9 +371,13 @@ class RegistryConfig(_Section):
     promotion_lock_stale_s: float = Field(600.0, gt=0)
     """A promotion lock older than this is taken to belong to a crashed run and is broken (with a warning);
     a promotion itself takes seconds."""
-    artifacts_destination: str | None = None
-    """The MLflow server's --artifacts-destination (e.g. s3://mlflow/artifacts): maps mlflow-artifacts:/ sources to
-    a storageUri KServe can fetch. None: only versions with a ``storage_uri`` tag can be served."""
+    artifacts_destination: str | None = "s3://mlflow/artifacts"
+    """The MLflow server's --artifacts-destination (manifests/mlflow/mlflow.yaml's): maps mlflow-artifacts:/
+    sources to a storageUri KServe can fetch. Change it with the server's; None: only versions with a
+    ``storage_uri`` tag (an s3:// export) can be served."""
+    serve_on_promote: bool = False
+    """Promotion also applies the champion's InferenceService (KServe, ``serving_namespace``) before it moves
+    the alias (``dcgrpo promote --serve``); needs Kubernetes credentials: the pod's or a kubeconfig."""
     serving_namespace: str = "dcgrpo"
     serving_service_account: str = "dcgrpo-serving"
     """Service account whose Secret holds the S3 credentials KServe's storage initializer uses."""

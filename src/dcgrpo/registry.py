@@ -1,4 +1,4 @@
-"""MLflow model registry: register, gate against the champion, promote, render serving manifests.
+"""MLflow model registry: register, gate against the champion, promote (and serve), roll back.
 
 Lifecycle of a model version (aliases, not the deprecated stages):
 
@@ -7,7 +7,10 @@ Lifecycle of a model version (aliases, not the deprecated stages):
     promote N -> under the model's promotion lock: reads the champion, gates N against it, writes the
                  decision as tags on N, then moves ``champion`` to N in ONE call (MLflow aliases are
                  unique per model: never two champions), or leaves everything as it was
-    serve     -> KServe InferenceService / `vllm serve` Deployment for ``models:/name@champion``
+    serve     -> with ``serve=`` (dcgrpo.serving.server): the version's InferenceService is applied BEFORE the
+                 alias move, so ``champion`` never names a version the cluster was not told to serve; an apply
+                 that fails leaves alias and InferenceService as they were (see ``_commit``)
+    rollback  -> ``rollback(V)``: the same serve-then-move for an older version, without the gate
 
 Promotion is bound to the version it gates, never to whatever holds an alias
 when it runs: two pipelines promoting at once each gate their own version, one
@@ -17,6 +20,9 @@ Failure rules: a registration that fails writes nothing (inputs are checked
 first; a version or registered model it created is deleted again); a
 promotion that fails before the alias move leaves the champion where it was
 and records ``promotion.decision=failed`` on the version it gates.
+
+Rendering and applying serving manifests live in ``dcgrpo.serving`` (kept
+importable from here: ``registry.render_inference_service`` etc.).
 """
 
 from __future__ import annotations
@@ -30,14 +36,13 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
-from dcgrpo.config import RegistryConfig
 from dcgrpo.errors import DcgrpoError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -472,12 +477,20 @@ def gate(challenger, champion, gate_metric: str, max_discrepancy: float) -> tupl
     return True, f"{gate_metric} {value:.4g} >= champion v{champion.version}'s {shown}; discrepancy {d:.4g}"
 
 
-def _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champion_alias) -> Decision:
-    """Read the champion, gate ``mv`` against it, tag ``mv`` with the decision, move the alias if it passed."""
+Serve = Callable[[Any], Any]
+"""Makes the cluster serve a model version (``dcgrpo.serving.server``); raises if it could not."""
+
+
+ALREADY = "already the champion"
+
+
+def _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champion_alias, serve=None) -> Decision:
+    """Read the champion, gate ``mv`` against it, tag ``mv`` with the decision, serve and move the alias if it
+    passed."""
     champion = _alias_version(mlflow_client, name, champion_alias)
     before = None if champion is None else str(champion.version)
     if before == str(mv.version):
-        return Decision(name, before, before, False, "already the champion")
+        return Decision(name, before, before, False, ALREADY)
     ok, reason = gate(mv, champion, gate_metric, max_discrepancy)
     if force and not ok:
         ok, reason = True, f"forced (gate said: {reason})"
@@ -489,9 +502,40 @@ def _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champi
     }.items():
         mlflow_client.set_model_version_tag(name, mv.version, key, value)
     if ok:
-        # The commit point: a single alias move (aliases are unique, so the old champion loses it).
-        mlflow_client.set_registered_model_alias(name, champion_alias, mv.version)
+        _commit(mlflow_client, name, champion_alias, mv, champion, serve)
     return Decision(name, str(mv.version), before, ok, reason)
+
+
+def _commit(mlflow_client, name: str, alias: str, mv, previous, serve: Serve | None) -> None:
+    """Serve ``mv`` (if asked), then move ``alias`` to it; undo the serving if the move fails.
+
+    Serve first: applying to Kubernetes is the step most likely to fail (RBAC,
+    admission webhooks, an unmappable storage URI), and when it fails nothing
+    has changed anywhere, so the previous champion keeps serving and keeps the
+    alias. The alias move is the commit point (one call; aliases are unique,
+    so the old champion loses it). If it fails after a successful apply, the
+    previous champion's InferenceService is applied again (best effort: the
+    error raised is the move's), so alias and cluster agree on the old version.
+    """
+    if serve is not None:
+        serve(mv)
+    try:
+        mlflow_client.set_registered_model_alias(name, alias, mv.version)
+    except Exception:
+        if serve is not None and previous is not None:
+            _serve_again(serve, name, previous)
+        elif serve is not None:
+            log.error("registry: %s v%s is applied but %r did not move and no previous champion exists; "
+                      "delete the InferenceService or promote again", name, mv.version, alias)  # fmt: skip
+        raise
+
+
+def _serve_again(serve: Serve, name: str, previous) -> None:
+    try:
+        serve(previous)
+        log.warning("registry: alias move failed; %s v%s applied again", name, previous.version)
+    except Exception as exc:  # the cluster may be what failed; report, keep the move's error
+        log.error("registry: could not re-apply %s v%s after a failed alias move: %s", name, previous.version, exc)
 
 
 def promote(
@@ -505,26 +549,75 @@ def promote(
     *,
     lock_wait_s: float = 60.0,
     lock_stale_s: float = 600.0,
+    serve: Serve | None = None,
 ) -> Decision:
     """Gate ``version`` against the champion and move ``champion`` to it if the gate passes (or ``force``).
 
     Bound to ``version``: never to whatever holds an alias by the time this
     runs. Under the model's promotion lock: read the champion -> decide ->
-    tag ``version`` -> one alias move. Any exception before the move leaves the
-    champion alias untouched, and ``version`` (only it) carries
+    tag ``version`` -> ``serve(version)`` if given -> one alias move. Any
+    exception before the move leaves the champion alias (and, serve failing,
+    the served object) untouched, and ``version`` (only it) carries
     ``promotion.decision=failed`` (best effort).
     """
     version = str(version)
     with promotion_lock(mlflow_client, name, f"promoting v{version}", lock_wait_s, lock_stale_s):
         mv = _model_version(mlflow_client, name, version)
         try:
-            decision = _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champion_alias)
+            decision = _decide(mlflow_client, name, mv, gate_metric, max_discrepancy, force, champion_alias, serve)
         except Exception as exc:
             _record_failure(mlflow_client, name, version, exc)
             raise
+        _serve_champion_again(serve, decision, mv)
     log.info("registry: %s v%s %s: %s", name, version, "PROMOTED" if decision.promoted else "not promoted",
              decision.reason)  # fmt: skip
     return decision
+
+
+def rollback(
+    mlflow_client,
+    name: str,
+    version: str | int,
+    champion_alias: str = "champion",
+    *,
+    lock_wait_s: float = 60.0,
+    lock_stale_s: float = 600.0,
+    serve: Serve | None = None,
+) -> Decision:
+    """Make ``version`` (an earlier champion, say) the champion again, without the gate.
+
+    The gate would refuse it (the newer champion scores higher): a rollback is
+    an operator's decision. Same order and failure rules as ``promote``
+    (serve first, then the alias move); ``version`` is tagged
+    ``promotion.decision=rolled_back`` naming the version it replaced.
+    """
+    version = str(version)
+    with promotion_lock(mlflow_client, name, f"rolling back to v{version}", lock_wait_s, lock_stale_s):
+        mv = _model_version(mlflow_client, name, version)
+        champion = _alias_version(mlflow_client, name, champion_alias)
+        before = None if champion is None else str(champion.version)
+        if before == version:
+            decision = Decision(name, version, before, False, ALREADY)
+            _serve_champion_again(serve, decision, mv)
+            return decision
+        reason = f"rolled back from v{before}" if before else "rolled back (no champion before)"
+        try:
+            for key, value in {TAG_DECISION: "rolled_back", TAG_REASON: reason, TAG_COMPARED_TO: before or "none",
+                               TAG_DECIDED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():  # fmt: skip
+                mlflow_client.set_model_version_tag(name, version, key, value)
+            _commit(mlflow_client, name, champion_alias, mv, champion, serve)
+        except Exception as exc:
+            _record_failure(mlflow_client, name, version, exc)
+            raise
+    log.info("registry: %s v%s is champion again (%s)", name, version, reason)
+    return Decision(name, version, before, True, reason)
+
+
+def _serve_champion_again(serve: Serve | None, decision: Decision, mv) -> None:
+    """Apply the unchanged champion again when asked to serve it: idempotent, and it repairs a deleted or
+    hand-edited InferenceService. Not recorded as a failed promotion if it fails: nothing was promoted."""
+    if serve is not None and decision.reason == ALREADY:
+        serve(mv)
 
 
 def _record_failure(mlflow_client, name: str, version: str, exc: Exception) -> None:
@@ -535,165 +628,14 @@ def _record_failure(mlflow_client, name: str, version: str, exc: Exception) -> N
         log.warning("registry: could not record the failed promotion of %s v%s", name, version)
 
 
-def storage_uri(mv, cfg: RegistryConfig) -> str:
-    """Where a serving runtime fetches a version from: its ``storage_uri`` tag, else its source mapped
-    from ``mlflow-artifacts:/`` onto the server's artifacts destination."""
-    if mv.tags.get(TAG_STORAGE_URI):
-        return mv.tags[TAG_STORAGE_URI]
-    source = mv.source
-    if source.startswith("mlflow-artifacts:"):
-        if not cfg.artifacts_destination:
-            raise RegistryError(
-                f"version {mv.version}: source {source} is served by MLflow; set registry.artifacts_destination "
-                "to the server's --artifacts-destination to serve it"
-            )
-        rel = re.sub(r"^mlflow-artifacts:(//[^/]*)?/", "", source)
-        return storage.join(cfg.artifacts_destination, rel)
-    return source
+_MOVED_TO_SERVING = ("storage_uri", "vllm_args", "render_inference_service", "render_vllm_deployment",
+                     "render_champion_manifests", "_k8s_name", "_labels")  # fmt: skip
 
 
-# --- serving manifests ---------------------------------------------------------------------------------------------
+def __getattr__(attr: str):
+    """Names that moved to ``dcgrpo.serving`` stay importable from here (imported late: serving imports us)."""
+    if attr in _MOVED_TO_SERVING:
+        from dcgrpo import serving
 
-
-def _k8s_name(model_name: str) -> str:
-    name = re.sub(r"[^a-z0-9-]", "-", model_name.lower()).strip("-")
-    return name[:45] or "model"
-
-
-def vllm_args(cfg: RegistryConfig, served_name: str, quantization: str) -> list[str]:
-    """vLLM engine args for serving the champion (FP8: compressed-tensors, read from the checkpoint)."""
-    args = [
-        f"--served-model-name={served_name}",
-        f"--max-model-len={cfg.serving_max_model_len}",
-        f"--gpu-memory-utilization={cfg.serving_gpu_memory_utilization}",
-        f"--tensor-parallel-size={cfg.serving_gpus}",
-    ]
-    if quantization == "fp8":
-        args.append("--quantization=compressed-tensors")
-    return args
-
-
-def _labels(model_name: str, version: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": _k8s_name(model_name), "app.kubernetes.io/part-of": "dcgrpo",
-            "dcgrpo/model-version": str(version)}  # fmt: skip
-
-
-def render_inference_service(
-    model_name: str, version: str, uri: str, cfg: RegistryConfig, quantization: str = "fp8"
-) -> dict[str, Any]:
-    """A KServe InferenceService on the Hugging Face runtime with its vLLM backend."""
-    name = _k8s_name(model_name)
-    gpu = {"nvidia.com/gpu": str(cfg.serving_gpus)}
-    return {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": name,
-            "namespace": cfg.serving_namespace,
-            "labels": _labels(model_name, version),
-            "annotations": {"dcgrpo/registered-model": f"models:/{model_name}/{version}"},
-        },
-        "spec": {
-            "predictor": {
-                "serviceAccountName": cfg.serving_service_account,
-                "model": {
-                    "modelFormat": {"name": "huggingface"},
-                    "storageUri": uri,
-                    "args": ["--backend=vllm", f"--model_name={name}", *vllm_args(cfg, name, quantization)[1:]],
-                    "resources": {
-                        "requests": {"cpu": "4", "memory": "32Gi", **gpu},
-                        "limits": {"cpu": "8", "memory": "64Gi", **gpu},
-                    },
-                },
-            }
-        },
-    }
-
-
-def render_vllm_deployment(
-    model_name: str, version: str, uri: str, cfg: RegistryConfig, quantization: str = "fp8"
-) -> list[dict[str, Any]]:
-    """The KServe-free alternative: a `vllm serve` Deployment (model fetched by an init container) + Service."""
-    name = _k8s_name(model_name)
-    labels = _labels(model_name, version)
-    selector = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "vllm"}
-    gpu = {"nvidia.com/gpu": str(cfg.serving_gpus)}
-    models = {"name": "models", "mountPath": "/mnt/models"}
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": f"{name}-vllm", "namespace": cfg.serving_namespace, "labels": labels},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": {**labels, **selector}},
-                "spec": {
-                    "serviceAccountName": cfg.serving_service_account,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-                    "initContainers": [
-                        {
-                            "name": "fetch-model",
-                            "image": cfg.storage_initializer_image,
-                            "args": [uri, "/mnt/models"],
-                            "envFrom": [{"secretRef": {"name": "dcgrpo-s3"}}],
-                            "volumeMounts": [models],
-                        }
-                    ],
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "image": cfg.vllm_image,
-                            "command": ["vllm", "serve", "/mnt/models"],
-                            "args": [*vllm_args(cfg, name, quantization), "--port=8000"],
-                            "env": [{"name": "HOME", "value": "/tmp"}],
-                            "ports": [{"name": "http", "containerPort": 8000}],
-                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
-                            "resources": {
-                                "requests": {"cpu": "4", "memory": "32Gi", **gpu},
-                                "limits": {"cpu": "8", "memory": "64Gi", **gpu},
-                            },
-                            "volumeMounts": [models, {"name": "shm", "mountPath": "/dev/shm"}],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "models", "emptyDir": {}},
-                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-                    ],
-                },
-            },
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"{name}-vllm", "namespace": cfg.serving_namespace, "labels": labels},
-        "spec": {"selector": selector, "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
-    }
-    return [deployment, service]
-
-
-def render_champion_manifests(mlflow_client, cfg: RegistryConfig, out_dir: str | None = None) -> dict[str, str]:
-    """Render both serving options for ``models:/<name>@champion``; write them (local or s3://) if ``out_dir``.
-
-    Returns ``{filename: yaml text}``.
-    """
-    import yaml
-
-    mv = _alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
-    if mv is None:
-        raise RegistryError(f"{cfg.model_name}: no version has alias {cfg.champion_alias!r}; nothing to serve")
-    uri = storage_uri(mv, cfg)
-    quantization = mv.tags.get(TAG_QUANTIZATION, "fp8")
-    docs = {
-        "inferenceservice.yaml": yaml.safe_dump(
-            render_inference_service(cfg.model_name, mv.version, uri, cfg, quantization), sort_keys=False
-        ),
-        "vllm-deployment.yaml": yaml.safe_dump_all(
-            render_vllm_deployment(cfg.model_name, mv.version, uri, cfg, quantization), sort_keys=False
-        ),
-    }
-    if out_dir:
-        for fname, text in docs.items():
-            storage.write_text(storage.join(out_dir, fname), text)
-    return docs
+        return getattr(serving, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

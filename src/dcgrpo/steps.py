@@ -422,12 +422,16 @@ def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name:
     meanwhile; the registry's promotion lock orders concurrent runs.
     """
     from dcgrpo.registry import promote
+    from dcgrpo.serving import server
 
     cfg = step_config(preset, overrides, mlflow_uri)
     reg = cfg.registry
+    # registry.serve_on_promote: the InferenceService is applied before the alias moves (registry._commit).
+    serve = server(reg, model_name) if reg.serve_on_promote else None
     decision = promote(_mlflow_client(cfg), model_name, version, cfg.eval.gate_metric,
                        cfg.promotion_discrepancy_limit(), force, reg.champion_alias,
-                       lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s)  # fmt: skip
+                       lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s,
+                       serve=serve)  # fmt: skip
     return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
 
 
