@@ -293,7 +293,11 @@ def inference_service_for(mv, cfg: RegistryConfig, model_name: str) -> dict[str,
 
 
 def server(cfg: RegistryConfig, model_name: str, api_client=None) -> Callable[[Any], dict[str, Any]]:
-    """The ``serve`` callback for ``registry.promote``/``rollback``: render and apply a version's InferenceService."""
+    """The ``serve`` callback for ``registry.promote``/``rollback``: render and apply a version's InferenceService.
+
+    Kubernetes credentials are loaded here, before the registry is touched: missing ones fail with nothing written.
+    """
+    api_client = api_client or kube_api_client()
 
     def serve(mv) -> dict[str, Any]:
         obj = inference_service_for(mv, cfg, model_name)
