@@ -20,7 +20,7 @@ from components.prepare_data import prepare_data
 from components.promote import promote
 from components.register_model import register_model
 from components.select_best import select_best
-from components.train_round import train_round
+from components.train_round import train_round, train_round_launcher
 from components.warm_start import warm_start
 from dcgrpo.deploy import DeploymentContract
 
@@ -34,6 +34,7 @@ LIGHT_STEPS = {
     "register_model": register_model,
     "promote": promote,
     "mark_failed": mark_failed,
+    "train_round_launcher": train_round_launcher,  # verl on a RayJob: the RayJob holds the GPUs
 }
 GPU_STEPS = {
     "warm_start": warm_start,

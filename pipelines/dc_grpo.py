@@ -55,8 +55,13 @@ class ClusterSettings:
     contract: DeploymentContract = field(default_factory=DeploymentContract)
     max_rounds: int = field(default_factory=default_max_rounds)
     accelerator_limit: int = 1
+    # Requests are what the scheduler reserves; the light steps move metadata and references, never weights.
+    light_cpu_request: str = "250m"
+    light_memory_request: str = "512M"
     light_cpu_limit: str = "2"
     light_memory_limit: str = "4G"
+    gpu_cpu_request: str = "8"
+    gpu_memory_request: str = "64G"
     gpu_cpu_limit: str = "16"
     gpu_memory_limit: str = "128G"
     retries: int = 2
@@ -72,6 +77,7 @@ def _secrets(task: dsl.PipelineTask, c: DeploymentContract) -> dsl.PipelineTask:
 def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.PipelineTask:
     c = s.contract
     task.set_accelerator_type(c.gpu_resource).set_accelerator_limit(s.accelerator_limit)
+    task.set_cpu_request(s.gpu_cpu_request).set_memory_request(s.gpu_memory_request)
     task.set_cpu_limit(s.gpu_cpu_limit).set_memory_limit(s.gpu_memory_limit)
     for key, value in c.gpu_node_selector.items():
         kubernetes.add_node_selector(task, key, value)
@@ -85,6 +91,7 @@ def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.
 
 
 def _light(task: dsl.PipelineTask, s: ClusterSettings, cache: bool = True) -> dsl.PipelineTask:
+    task.set_cpu_request(s.light_cpu_request).set_memory_request(s.light_memory_request)
     task.set_cpu_limit(s.light_cpu_limit).set_memory_limit(s.light_memory_limit)
     if not cache:  # a side effect (registry, alias, run state) must happen on every run
         task.set_caching_options(False)
@@ -99,16 +106,24 @@ def _branch(n: int, rounds, max_rounds: int):
     return dsl.If(rounds == n, name=name) if n == 1 else dsl.Elif(rounds == n, name=name)
 
 
-def _train_chain(c, s: ClusterSettings, n: int, p: dict, method, dataset, base_model):
+def _round_task(c, s: ClusterSettings, on_launcher: bool, **inputs) -> dsl.PipelineTask:
+    """One round task: on a GPU pod (built-in loop, single-node verl), or on a light pod that only launches and
+    follows the verl RayJob (the RayJob holds the GPUs: a GPU here would sit idle for the whole round)."""
+    if not on_launcher:
+        return _gpu(c.train_round(**inputs), s)
+    step = _light(c.train_round_launcher(**inputs), s)
+    if s.retries > 0:  # a lost launcher pod re-attaches to the RayJob of its round
+        step.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
+    return step
+
+
+def _train_chain(c, s: ClusterSettings, n: int, p: dict, method, dataset, base_model, on_launcher: bool):
     """Rounds 1..n of one method, one task each, each resuming the previous one's model; returns the last model."""
     model = base_model
     for k in range(n):
-        step = _gpu(
-            c.train_round(
-                preset=p["preset"], overrides=p["overrides"], method=method, round_index=k, rounds=n,
-                mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], dataset=dataset, model_in=model,
-            ),
-            s,
+        step = _round_task(
+            c, s, on_launcher, preset=p["preset"], overrides=p["overrides"], method=method, round_index=k,
+            rounds=n, mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], dataset=dataset, model_in=model,
         ).set_display_name(ROUND_TASK.format(k + 1))  # fmt: skip
         step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl round starts uses these names
         if s.contract.checkpoint_pvc:  # verl backend: every round resumes from the same volume
@@ -117,12 +132,13 @@ def _train_chain(c, s: ClusterSettings, n: int, p: dict, method, dataset, base_m
     return model
 
 
-def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, model_name) -> None:
+def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, model_name, on_launcher: bool) -> None:
     """Everything after the warm start for a run of ``n`` rounds: per method (side by side) the rounds, FP8 export
     and evaluation; then the best method is registered and, if the gate passes, promoted."""
     dataset = data.outputs["dataset"]
-    with dsl.ParallelFor(p["methods"], name=f"methods-{n}-rounds") as method:
-        model = _train_chain(c, s, n, p, method, dataset, base.outputs["model"])
+    tag = f"{n}-rounds{'-rayjob' if on_launcher else ''}"
+    with dsl.ParallelFor(p["methods"], name=f"methods-{tag}") as method:
+        model = _train_chain(c, s, n, p, method, dataset, base.outputs["model"], on_launcher)
         fp8 = _gpu(c.export_fp8(preset=p["preset"], overrides=p["overrides"], model=model), s)
         evaluation = _gpu(
             c.evaluate(
@@ -148,7 +164,7 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
         s,
         cache=False,
     )  # fmt: skip
-    with dsl.If(registered.outputs["Output"] == True, name=f"gate-passed-{n}-rounds"):  # noqa: E712 (KFP condition)
+    with dsl.If(registered.outputs["Output"] == True, name=f"gate-passed-{tag}"):  # noqa: E712 (KFP condition)
         _light(
             c.promote(
                 preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], model_name=model_name,
@@ -157,6 +173,19 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
             s,
             cache=False,
         )  # fmt: skip
+
+
+def _rounds_on(c, s: ClusterSettings, n: int, p: dict, data, base, model_name) -> None:
+    """The rest of an ``n``-round run twice, under If/Else on prepare_data's ``round_pod``: with verl on a RayJob
+    the round tasks are light launcher pods, otherwise GPU pods. The backend is a run-time config value (the
+    qwen presets use verl, tiny-cpu the built-in loop) and pod sizes are fixed at compile time, so one YAML holds
+    both and the run's config picks; only the chosen branch is scheduled. (Split above the method loop: a
+    per-round If/Else would need ``dsl.OneOf`` inside the ParallelFor to feed ``dsl.Collected``.)"""
+    rounds_pod = data.outputs["round_pod"]
+    with dsl.If(rounds_pod == "launcher", name=f"rayjob-{n}-rounds"):
+        _train_select_promote(c, s, n, p, data, base, model_name, on_launcher=True)
+    with dsl.Else(name=f"gpu-{n}-rounds"):
+        _train_select_promote(c, s, n, p, data, base, model_name, on_launcher=False)
 
 
 def build_pipeline(settings: ClusterSettings | None = None):
@@ -213,7 +242,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
                  "run_id": run_id, "force_promotion": force_promotion}  # fmt: skip
             for n in range(1, s.max_rounds + 1):
                 with _branch(n, n_rounds, s.max_rounds) if s.max_rounds > 1 else nullcontext():
-                    _train_select_promote(c, s, n, p, data, base, registered_name)
+                    _rounds_on(c, s, n, p, data, base, registered_name)
 
     return dc_grpo
 

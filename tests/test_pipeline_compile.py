@@ -63,7 +63,7 @@ def test_gpu_steps_request_gpus_on_the_gpu_pool_with_cache_and_secrets(compiled)
 def test_train_rounds_share_the_verl_checkpoint_volume(compiled, tmp_path):
     _, k8s = _executors(compiled)
     rounds = [name for name in k8s if name.startswith("exec-train-round")]
-    assert len(rounds) == 10 * 11 // 2  # one chain of n rounds per possible count n = 1..10
+    assert len(rounds) == 2 * 10 * 11 // 2  # per round pod (GPU, RayJob launcher), one chain per count n = 1..10
     for name in rounds:
         mounts = {m["mountPath"]: m for m in k8s[name]["pvcMount"]}
         assert mounts["/checkpoints"]["constant"] == "dcgrpo-checkpoints", name  # = verl.checkpoint_dir's default
@@ -76,11 +76,57 @@ def test_train_rounds_share_the_verl_checkpoint_volume(compiled, tmp_path):
 
 def test_light_steps_have_cpu_limits_and_no_gpu(compiled):
     containers, k8s = _executors(compiled)
-    for step in LIGHT_STEPS:
+    for step in (*LIGHT_STEPS, "train-round-launcher"):
         resources = containers[f"exec-{step}"]["container"]["resources"]
         assert "accelerator" not in resources, step
         assert resources["cpuLimit"] == 2.0, step
         assert "nodeSelector" not in k8s.get(f"exec-{step}", {}), step
+
+
+def _gb(quantity: str) -> float:
+    units = {"K": 1e-6, "M": 1e-3, "G": 1, "T": 1e3}
+    return float(quantity[:-1]) * units[quantity[-1]] if quantity[-1] in units else float(quantity) / 1e9
+
+
+def test_every_task_requests_what_its_work_needs(compiled):
+    """Point 9: requests are set on every executor; light steps (the verl launcher included) are small, the GPU
+    steps reserve a GPU node's share. (KFP's IR has no ephemeral-storage field: weights travel by reference,
+    so no light step writes models to its node's disk.)"""
+    containers, _ = _executors(compiled)
+    assert len(containers) > 100
+    for name, executor in containers.items():
+        r = executor["container"]["resources"]
+        assert r.get("resourceCpuRequest") and r.get("resourceMemoryRequest"), name
+        assert float(r["resourceCpuRequest"].rstrip("m")) / (1000 if r["resourceCpuRequest"].endswith("m") else 1) \
+            <= float(r["resourceCpuLimit"]), name
+        assert _gb(r["resourceMemoryRequest"]) <= _gb(r["resourceMemoryLimit"]), name
+        gpu = "accelerator" in r
+        launcher = name.startswith("exec-train-round-launcher")
+        assert gpu == (name.startswith(tuple(f"exec-{s}" for s in GPU_STEPS)) and not launcher), name
+        assert (_gb(r["resourceMemoryRequest"]) >= 32) == gpu and (_gb(r["resourceMemoryLimit"]) <= 4 or gpu), name
+
+
+def test_verl_rounds_on_a_rayjob_request_no_gpu(compiled):
+    """Point 9: with verl on a RayJob (the qwen presets) the round tasks are launcher pods without a GPU; the
+    branch is chosen by prepare_data's resolved ``round_pod``, so one YAML serves both backends."""
+    from dcgrpo.config import load_config
+
+    assert pipeline.round_pod(load_config(preset="qwen3-8b")) == "launcher"
+    assert pipeline.round_pod(load_config(preset="tiny-cpu")) == "gpu"
+    assert pipeline.round_pod(load_config(preset="qwen3-8b", overrides=["verl.launch=single-node"])) == "gpu"
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    containers, k8s = _executors(compiled)
+    launchers = [t for _, t in _all_tasks(spec) if t["componentRef"]["name"].startswith("comp-train-round-launcher")]
+    assert len(launchers) == 10 * 11 // 2
+    for task in launchers:
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        assert "accelerator" not in containers[executor]["container"]["resources"], executor
+        # No GPU pool placement either (the contract in $DCGRPO_DEPLOYMENT names the pool for the RayJob only)
+        assert not {"nodeSelector", "tolerations"} & set(k8s[executor]), executor
+        assert k8s[executor]["pvcMount"][0]["mountPath"] == "/checkpoints", executor
+    branches = [t for _, t in _all_tasks(spec) if t["taskInfo"]["name"].startswith("rayjob-")]
+    assert len(branches) == 10
+    assert {t["triggerPolicy"]["condition"] for t in branches} == {"inputs.parameter_values['pipelinechannel--prepare-data-round_pod'] == 'launcher'"}
 
 
 def test_retries_rounds_and_no_secret_values(compiled):
@@ -88,7 +134,7 @@ def test_retries_rounds_and_no_secret_values(compiled):
     docs = list(yaml.safe_load_all(text))
     tasks = docs[0]["root"]["dag"]["tasks"]
     body = json.dumps(docs[0])
-    assert body.count('"retryPolicy"') >= 55 + 1 + 1 + 1  # every round task, warm start, export, evaluate
+    assert body.count('"retryPolicy"') >= 2 * 55 + 1 + 1 + 1  # every round task, warm start, export, evaluate
     assert all(f"train-round-{k}" in body for k in range(1, 11))
     assert "exit-handler-1" in tasks or any("exit" in t for t in tasks)
     # Only secret names and key names appear; no credential values.
@@ -209,7 +255,8 @@ def test_compiled_rounds_cover_every_preset_and_only_the_asked_ones_are_schedule
         asked = re.findall(r"\['pipelinechannel--prepare-data-rounds'\]\) == (\d+)$", condition)
         n = int(asked[0]) if asked else 10  # the Else branch: the largest count (prepare_data bounds rounds)
         sizes[n] = _round_tasks_under(spec, task["componentRef"]["name"])
-    assert sizes == {n: list(range(1, n + 1)) for n in range(1, 11)}
+    # Each count's branch holds its chain twice: GPU round tasks and RayJob launchers (only one runs).
+    assert sizes == {n: sorted(2 * list(range(1, n + 1))) for n in range(1, 11)}
     # The branches test prepare_data's resolved count (0 -> the preset's), not the raw parameter.
     source = branches_task["inputs"]["parameters"]["pipelinechannel--prepare-data-rounds"]
     assert source["taskOutputParameter"] == {"outputParameterKey": "rounds", "producerTask": "prepare-data"}
@@ -241,13 +288,13 @@ def test_ui_defaults_mean_the_presets_values_and_every_parameter_is_described(co
     for name, param in params.items():
         assert len(param.description) > 20, f"parameter {name} has no description for the UI"
     assert params["rounds"].default_value.number_value == 0 and params["model_name"].default_value.string_value == ""
-    assert pipeline.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b")
-    assert pipeline.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny")
-    assert pipeline.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine")
+    assert pipeline.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b", "launcher")
+    assert pipeline.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny", "gpu")
+    assert pipeline.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine", "launcher")
     # register and promote take the resolved name, not the raw parameter
     spec_dict = next(yaml.safe_load_all(compiled.read_text()))
     users = [t for name, t in _all_tasks(spec_dict) if name.startswith(("register-model", "promote"))]
-    assert len(users) == 2 * 10
+    assert len(users) == 2 * 2 * 10  # per count, per round pod
     for task in users:
         assert task["inputs"]["parameters"]["model_name"] == {
             "componentInputParameter": "pipelinechannel--prepare-data-model_name"
@@ -260,7 +307,7 @@ def test_side_effect_steps_are_never_cached(compiled):
     side_effects = [
         (n, t) for n, t in tasks if n.startswith(("register-model", "promote", "mark-failed", "prepare-data"))
     ]
-    assert len(side_effects) == 10 + 10 + 1 + 1
+    assert len(side_effects) == 2 * (10 + 10) + 1 + 1
     for name, task in side_effects:
         assert not task.get("cachingOptions", {}).get("enableCache"), name
     assert dict(tasks)["warm-start"]["cachingOptions"]["enableCache"] is True  # the rest may be cached

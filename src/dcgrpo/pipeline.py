@@ -73,6 +73,13 @@ class RunParameters(NamedTuple):
 
     rounds: int
     model_name: str
+    round_pod: str = "gpu"
+    """``launcher`` when rounds train on a RayJob (the round task only launches and follows it), else ``gpu``."""
+
+
+def round_pod(cfg) -> str:
+    """Where a round's compute runs: the pipeline selects the round task's pod size by this (issue 12, point 9)."""
+    return "launcher" if cfg.train.backend == "verl" and cfg.verl.launch == "rayjob" else "gpu"
 
 
 def resolve_run_parameters(
@@ -95,7 +102,7 @@ def resolve_run_parameters(
             f"rounds={n}{source}: this compiled pipeline runs 1 to {max_rounds} rounds; ask for fewer, or "
             f"recompile with `dcgrpo compile --max-rounds {n}` and upload or submit that YAML"
         )
-    return RunParameters(n, model_name or cfg.registry.model_name)
+    return RunParameters(n, model_name or cfg.registry.model_name, round_pod(cfg))
 
 
 def compiled_max_rounds(package: str | Path = COMPILED_PATH) -> int:
