@@ -1,4 +1,4 @@
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output, OutputPath
 
 
 def evaluate(
@@ -10,13 +10,19 @@ def evaluate(
     fp8_model: Input[Model],
     metrics: Output[Metrics],
     report: Output[HTML],
+    reference: OutputPath(dict),
 ) -> float:
-    """avg@k per benchmark with the deploy engine on the FP8 export; returns the gate metric."""
-    from dcgrpo.steps import evaluate_step
+    """avg@k per benchmark with the deploy engine on the FP8 export; returns the gate metric. ``reference``:
+    where the evaluated models are (``dcgrpo.steps.model_reference``), what select_best and register_model take."""
+    import json
+
+    from dcgrpo.steps import evaluate_step, model_reference
 
     scalars, gate_value = evaluate_step(
         preset, overrides, mlflow_uri, dataset.path, dict(model.metadata), model.path, fp8_model.path, report.path
     )
     for key, value in scalars.items():
         metrics.log_metric(key, value)
+    with open(reference, "w") as f:
+        json.dump(model_reference(model.uri, model.path, dict(model.metadata), fp8_model.uri), f)
     return gate_value

@@ -1,4 +1,4 @@
-from kfp.dsl import Input, Model, OutputPath
+from kfp.dsl import OutputPath
 
 
 def register_model(
@@ -6,8 +6,7 @@ def register_model(
     overrides: list,
     mlflow_uri: str,
     model_name: str,
-    model: Input[Model],
-    fp8_model: Input[Model],
+    reference: dict,
     version: OutputPath(str),
     reason: OutputPath(str),
     force_promotion: bool = False,
@@ -16,6 +15,8 @@ def register_model(
     and evaluate the promotion gate against the current champion; returns whether promote should run
     (the gate passed, or `force_promotion`).
 
+    ``reference`` is select_best's (``dcgrpo.steps.model_reference``): on a cluster the versions point at the
+    artifact URIs and no weights pass through this pod; under kfp.local the paths are uploaded to MLflow.
     (The gate is the single return value, the version and reason output
     parameters: kfp.local cannot branch on one field of a NamedTuple output.)
     """
@@ -23,8 +24,8 @@ def register_model(
 
     from dcgrpo.steps import register_step
 
-    result = register_step(preset, overrides, mlflow_uri, model_name, dict(model.metadata), model.path, fp8_model.path,
-                           force_promotion)  # fmt: skip
+    result = register_step(preset, overrides, mlflow_uri, model_name, reference["metadata"], reference["model_uri"],
+                           reference["fp8_uri"], force_promotion)  # fmt: skip
     Path(version).write_text(result.version)
     Path(reason).write_text(result.reason)
     return result.passes_gate

@@ -150,16 +150,15 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
     best = _light(
         c.select_best(
             preset=p["preset"], overrides=p["overrides"], methods=p["methods"],
-            gate_values=dsl.Collected(evaluation.outputs["Output"]), models=dsl.Collected(model),
-            fp8_models=dsl.Collected(fp8.outputs["fp8_model"]),
+            gate_values=dsl.Collected(evaluation.outputs["Output"]),
+            references=dsl.Collected(evaluation.outputs["reference"]),  # URIs: no weights through light steps
         ),
         s,
     )  # fmt: skip
     registered = _light(
         c.register_model(
             preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], model_name=model_name,
-            model=best.outputs["best_model"], fp8_model=best.outputs["best_fp8_model"],
-            force_promotion=p["force_promotion"],
+            reference=best.outputs["reference"], force_promotion=p["force_promotion"],
         ),
         s,
         cache=False,

@@ -28,7 +28,7 @@ from tests.test_manifests import MANIFESTS, kustomize_build, validate
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.31.0"
 C = DeploymentContract()
-LIGHT = ("prepare-data", "select-best", "register-model", "promote", "mark-failed")
+LIGHT = ("prepare-data", "select-best", "register-model", "promote", "mark-failed", "train-round-launcher")
 GPU = ("warm-start", "train-round", "export-fp8", "evaluate")
 
 
@@ -89,7 +89,10 @@ def test_compiled_pipeline_uses_the_contracts_images_pool_secrets_and_volumes(co
         assert secrets == {C.s3_secret: set(C.s3_keys), C.mlflow_secret: set(C.mlflow_keys)}, name
         assert all(k["envVar"] == k["secretKey"] for s in cfg["secretAsEnv"] for k in s["keyToEnv"]), name
         if step not in GPU:
-            assert "nodeSelector" not in cfg and "pvcMount" not in cfg, name
+            assert "nodeSelector" not in cfg, name
+            # the verl launcher round (no GPU) mounts the checkpoint volume its RayJob resumes from, nothing else
+            volumes = {m["constant"]: m["mountPath"] for m in cfg.get("pvcMount", [])}
+            assert volumes == ({C.checkpoint_pvc: C.checkpoint_mount} if step == "train-round-launcher" else {}), name
             continue
         assert cfg["nodeSelector"]["labels"] == C.gpu_node_selector, name
         assert [dict(t) for t in cfg["tolerations"]] == [dict(t) for t in C.gpu_tolerations], name

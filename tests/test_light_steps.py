@@ -69,7 +69,6 @@ def test_light_components_and_verl_round_without_torch(tmp_path):
         """
         import importlib
         from pathlib import Path
-        from types import SimpleNamespace
 
         import components
         from dcgrpo import steps
@@ -92,15 +91,12 @@ def test_light_components_and_verl_round_without_torch(tmp_path):
                                          {}, str(tmp / "out"))
         assert launched == ["verl"] and meta == {"backend": "verl"}
 
-        def artifact(name, d):
-            path = tmp / name
-            path.mkdir()
-            return SimpleNamespace(path=str(path), metadata={"discrepancy": d, "method": name})
+        def reference(name, d):
+            return {"model_uri": f"s3://b/{name}", "fp8_uri": f"s3://b/{name}-fp8",
+                    "metadata": {"discrepancy": d, "method": name}}
 
-        models = [artifact("a", 0.5), artifact("b", 1e-4)]
-        best = steps.select_best_step("", [], ["a", "b"], [0.9, 0.8], models, [artifact("fa", 0), artifact("fb", 0)],
-                                      artifact("best", 0), artifact("best-fp8", 0))
-        assert best.method in {"a", "b"}
+        best = steps.select_best_step("", [], ["a", "b"], [0.9, 0.8], [reference("a", 0.5), reference("b", 1e-4)])
+        assert best.method in {"a", "b"} and best.reference["model_uri"].startswith("s3://")
         """,
         tmp_path,
     )

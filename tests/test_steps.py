@@ -25,27 +25,34 @@ def test_step_config_layers_pipeline_fields_over_user_overrides():
         steps.step_config("tiny-cpu", [], method__name="ppo")
 
 
-def test_select_best_prefers_methods_within_the_discrepancy_budget(tmp_path):
-    models = [
-        _artifact(tmp_path, "grpo", discrepancy=5e-3, method="grpo"),
-        _artifact(tmp_path, "dc", discrepancy=1e-4, method="dc-grpo"),
-        _artifact(tmp_path, "tis", discrepancy=1e-4, method="tis"),
-    ]
-    fp8 = [_artifact(tmp_path, f"fp8-{m.metadata['method']}") for m in models]
-    out, out_fp8 = _artifact(tmp_path, "best"), _artifact(tmp_path, "best-fp8")
+def _reference(method: str, discrepancy: float) -> dict:
+    return {"model_uri": f"s3://b/{method}", "fp8_uri": f"s3://b/{method}-fp8",
+            "metadata": {"method": method, "discrepancy": discrepancy}}  # fmt: skip
+
+
+def test_select_best_prefers_methods_within_the_discrepancy_budget():
+    refs = [_reference("grpo", 5e-3), _reference("dc-grpo", 1e-4), _reference("tis", 1e-4)]
     # grpo scores highest but is over budget; dc-grpo and tis tie: the earlier one wins
-    best = steps.select_best_step("tiny-cpu", ["registry.max_discrepancy=1e-3"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
-                                  models, fp8, out, out_fp8)  # fmt: skip
-    assert best == ("dc-grpo", 0.5)
-    assert (tmp_path / "best" / "weights.txt").read_text() == "dc"
-    assert (tmp_path / "best-fp8" / "weights.txt").read_text() == "fp8-dc-grpo"
-    assert out.metadata["method"] == "dc-grpo"
+    best = steps.select_best_step("tiny-cpu", ["registry.max_discrepancy=1e-3"], ["grpo", "dc-grpo", "tis"],
+                                  [0.9, 0.5, 0.5], refs)  # fmt: skip
+    assert best == ("dc-grpo", 0.5, refs[1])  # the reference itself: nothing copied
     # nobody within budget: the best gate metric overall
-    best = steps.select_best_step("tiny-cpu", ["registry.max_discrepancy=null", "method.budget=1e-6"], ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5],
-                                  models, fp8, _artifact(tmp_path, "b2"), _artifact(tmp_path, "b2f"))  # fmt: skip
+    best = steps.select_best_step("tiny-cpu", ["registry.max_discrepancy=null", "method.budget=1e-6"],
+                                  ["grpo", "dc-grpo", "tis"], [0.9, 0.5, 0.5], refs)  # fmt: skip
     assert best.method == "grpo"
     with pytest.raises(ValueError, match="2 methods, 1 gate values"):
-        steps.select_best_step("tiny-cpu", [], ["a", "b"], [0.1], models[:2], fp8[:2], out, out_fp8)
+        steps.select_best_step("tiny-cpu", [], ["a", "b"], [0.1], refs[:2])
+
+
+def test_model_reference_points_at_the_latest_checkpoint_inside_the_artifact(tmp_path, monkeypatch):
+    hf = _artifact(tmp_path, "hf")
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    ref = steps.model_reference("minio://mlpipeline/v2/artifacts/r/hf", hf.path, {"method": "grpo"}, "minio://x/fp8")
+    assert ref == {"model_uri": "minio://mlpipeline/v2/artifacts/r/hf", "fp8_uri": "minio://x/fp8",
+                   "metadata": {"method": "grpo"}}  # fmt: skip
+    monkeypatch.setattr(steps, "latest_model_dir", lambda d: f"{d}/checkpoints/step_000004")  # a built-in round's
+    ref = steps.model_reference("s3://b/round/", hf.path, {}, "s3://b/fp8")
+    assert ref["model_uri"] == "s3://b/round/checkpoints/step_000004"
 
 
 def test_mark_failed_marks_only_this_pipelines_runs(mlflow_server):
@@ -104,3 +111,27 @@ def test_force_promotion_lets_the_promote_task_run_on_a_failed_gate(mlflow_serve
     assert forced.passes_gate and forced.reason.startswith("forced (gate said:")
     assert steps.promote_step("", [], mlflow_server, name, forced.version, force=True).startswith("promoted")
     assert client.get_model_version_by_alias(name, "champion").version == forced.version
+
+
+def test_register_step_by_reference_uploads_nothing(mlflow_server):
+    """On a cluster register_model gets artifact URIs: the versions point at them (s3:// for KServe), the run
+    gains no artifacts, and a retried task reuses the versions (issue 12, point 8)."""
+    import json
+    import uuid
+
+    from dcgrpo.registry import TAG_STORAGE_URI
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    exp = client.create_experiment(f"byref-{uuid.uuid4().hex[:6]}")
+    run = client.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg@1": 0.5})}).info
+    client.log_metric(run.run_id, "dc/lambda", 0.0)
+    name = f"byref-{uuid.uuid4().hex[:6]}"
+    meta = {"mlflow_run_id": run.run_id, "discrepancy": 1e-4}
+    model, fp8 = "minio://mlpipeline/v2/artifacts/r/model/checkpoints/step_4", "minio://mlpipeline/v2/artifacts/r/fp8"
+    first = steps.register_step("", [], mlflow_server, name, meta, model, fp8)
+    mv = client.get_model_version(name, first.version)
+    assert mv.source == mv.tags[TAG_STORAGE_URI] == "s3://mlpipeline/v2/artifacts/r/fp8"
+    bf16 = client.search_model_versions(f"name='{name}-bf16'")[0]
+    assert bf16.source == "s3://mlpipeline/v2/artifacts/r/model/checkpoints/step_4"
+    assert client.list_artifacts(run.run_id) == []
+    assert steps.register_step("", [], mlflow_server, name, meta, model, fp8).version == first.version

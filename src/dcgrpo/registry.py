@@ -232,8 +232,12 @@ def register_model(
     artifact_path: str = "model",
     alias: str = "challenger",
     endpoint_url: str | None = None,
+    by_reference: bool = False,
 ):
     """Log ``model_dir`` (local or s3://) as run artifacts, register it as a new version, alias it.
+
+    ``by_reference``: ``model_dir`` is an object-store URI (a pipeline's artifact on the cluster) that
+    becomes the version's source and ``storage_uri`` as it is: nothing is downloaded or uploaded.
 
     Idempotent: if this run already registered this directory with this
     quantization (a retried pipeline step, a repeated command), that version
@@ -246,27 +250,28 @@ def register_model(
         if not math.isfinite(float(value)):
             raise RegistryError(f"{name}: {key} is {value}; refusing to register a version with a non-finite value")
     run = _get_run(mlflow_client, name, run_id)
-    source_dir = _source_id(model_dir)
+    source_dir = str(model_dir).rstrip("/") if by_reference else _source_id(model_dir)
     mv = _existing_version(mlflow_client, name, run_id, source_dir, quantization)
     if mv is not None:
         mlflow_client.set_registered_model_alias(name, alias, mv.version)
         log.info("registry: %s version %s reused (same run %s, %s, %s), alias %s",
                  name, mv.version, run_id, source_dir, quantization, alias)  # fmt: skip
         return mv
-    with storage.local_copy(model_dir, endpoint_url) as local:
-        if not (Path(local) / "config.json").is_file():
-            raise RegistryError(f"{model_dir}: not a model directory (no config.json)")
-        mlflow_client.log_artifacts(run_id, str(local), artifact_path)
+    source = source_dir
+    if not by_reference:
+        with storage.local_copy(model_dir, endpoint_url) as local:
+            if not (Path(local) / "config.json").is_file():
+                raise RegistryError(f"{model_dir}: not a model directory (no config.json)")
+            mlflow_client.log_artifacts(run_id, str(local), artifact_path)
+        source = f"{run.info.artifact_uri}/{artifact_path}"
     tags = version_tags(
         run_id, metrics, final_lambda, discrepancy, config_hash, quantization,
-        storage_uri=str(model_dir) if storage.is_s3(model_dir) else None, source_dir=source_dir,
+        storage_uri=str(model_dir) if by_reference or storage.is_s3(model_dir) else None, source_dir=source_dir,
     )  # fmt: skip
     created_model = _ensure_registered_model(mlflow_client, name)
     version = None
     try:
-        mv = mlflow_client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, tags=tags
-        )
+        mv = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         version = mv.version
         mlflow_client.set_registered_model_alias(name, alias, version)
     except Exception:

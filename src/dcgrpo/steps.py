@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -333,34 +334,44 @@ def write_report(path: str, meta: dict[str, Any], eval_markdown: str, plot: Path
 # ------------------------------------------------------------------ selection, registry
 
 
+def model_reference(model_uri: str, model_dir: str, model_meta: dict[str, Any], fp8_uri: str) -> dict[str, Any]:
+    """What evaluate hands on to select_best and register_model instead of weights (issue 12, point 8).
+
+    The artifact URIs of the HF model (the latest checkpoint inside a round's
+    artifact) and of the FP8 export, with the round's metadata: the light
+    steps pass and register these references; they never download a model
+    (a KFP task downloads every input artifact, so they take none).
+    """
+    sub = Path(os.path.relpath(latest_model_dir(model_dir), model_dir)).as_posix()
+    hf_uri = model_uri if sub == "." else f"{model_uri.rstrip('/')}/{sub}"
+    return {"model_uri": hf_uri, "fp8_uri": fp8_uri, "metadata": dict(model_meta)}
+
+
 class Best(NamedTuple):
     method: str
     gate_value: float
+    reference: dict
 
 
 def select_best_step(
-    preset: str, overrides: list[str], methods: list[str], gate_values: list[float], models, fp8_models, best_model,
-    best_fp8,
-) -> Best:  # fmt: skip
-    """Copy the best method's artifacts to the outputs.
+    preset: str, overrides: list[str], methods: list[str], gate_values: list[float], references: list[dict]
+) -> Best:
+    """The best method and its ``model_reference`` (nothing is copied: the weights stay where evaluate read them).
 
     Best = the highest gate metric among the methods whose discrepancy is
     within the promotion budget (a model the gate will refuse is not worth
     registering); if none is, the highest gate metric overall. Ties go to the
     lower discrepancy, then to the earlier method.
     """
-    if not methods or len(methods) != len(gate_values) or len(models) != len(methods):
-        raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(models)} models")
+    if not methods or len(methods) != len(gate_values) or len(references) != len(methods):
+        raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(references)} models")
     budget = step_config(preset, overrides).promotion_discrepancy_limit()
-    within = [j for j in range(len(methods)) if models[j].metadata.get("discrepancy", float("inf")) <= budget]
-    d = [float(m.metadata.get("discrepancy", float("inf"))) for m in models]
+    d = [float(r["metadata"].get("discrepancy", float("inf"))) for r in references]
+    within = [j for j in range(len(methods)) if d[j] <= budget]
     i = max(within or range(len(methods)), key=lambda j: (gate_values[j], -d[j], -j))
-    for src, dst in ((models[i], best_model), (fp8_models[i], best_fp8)):
-        shutil.copytree(src.path, dst.path, dirs_exist_ok=True)
-        dst.metadata.update(src.metadata)
     log.info("best method: %s (gate %s; within budget %.3g: %s)", methods[i],
              dict(zip(methods, gate_values, strict=True)), budget, [methods[j] for j in within])  # fmt: skip
-    return Best(methods[i], float(gate_values[i]))
+    return Best(methods[i], float(gate_values[i]), references[i])
 
 
 class Registered(NamedTuple):
@@ -384,6 +395,10 @@ def register_step(
 ) -> Registered:  # fmt: skip
     """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate.
 
+    ``model_dir``/``fp8_dir`` are local paths (kfp.local, tests: uploaded as
+    MLflow run artifacts, served through MLflow's artifact proxy) or artifact
+    URIs (a cluster: registered by reference, nothing downloaded or uploaded).
+
     ``passes_gate`` decides whether the pipeline's promote task runs at all, so
     ``force`` (the run's ``force_promotion``) lets it run on a failed gate too;
     promote then records the decision as forced.
@@ -395,10 +410,13 @@ def register_step(
     run_id = model_meta["mlflow_run_id"]
     metrics, lam = _run_summary(mlc, run_id)
     d = float(model_meta["discrepancy"])
-    common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash())
-    register_model(mlc, model_name + cfg.registry.bf16_suffix, run_id, latest_model_dir(model_dir),
+    by_ref = _is_remote(model_dir)  # a cluster's artifact store: register where it is; a local path: upload
+    common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash(), by_reference=by_ref)
+    bf16 = _weights_uri(model_dir) if by_ref else latest_model_dir(model_dir)
+    register_model(mlc, model_name + cfg.registry.bf16_suffix, run_id, bf16,
                    quantization="bf16", artifact_path="model-bf16", **common)  # fmt: skip
-    mv = register_model(mlc, model_name, run_id, fp8_dir, quantization="fp8", **common)
+    fp8 = _weights_uri(fp8_dir) if by_ref else fp8_dir
+    mv = register_model(mlc, model_name, run_id, fp8, quantization="fp8", **common)
     champion = _alias(mlc, model_name, cfg.registry.champion_alias)
     ok, reason = gate(mv, champion, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit())
     if not ok and not force:  # promote (which records its own decision) will not run: record this one
@@ -406,6 +424,17 @@ def register_step(
         mlc.set_model_version_tag(model_name, mv.version, TAG_REASON, reason)
     log.info("registered %s v%s; gate: %s (%s)%s", model_name, mv.version, ok, reason, "; forced" if force else "")
     return Registered(str(mv.version), ok or force, reason if ok or not force else f"forced (gate said: {reason})")
+
+
+def _is_remote(uri: str) -> bool:
+    """An object-store URI (the cluster's KFP artifacts), as opposed to a local path (kfp.local, the CLI)."""
+    return "://" in str(uri)
+
+
+def _weights_uri(uri: str) -> str:
+    """The URI serving reads: KFP's default MinIO store names its artifacts ``minio://bucket/key``, which is
+    ``s3://bucket/key`` for KServe and vLLM (the serving account's S3 endpoint annotation points at MinIO)."""
+    return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
 
 
 def _alias(mlc, name: str, alias: str):
