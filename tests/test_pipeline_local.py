@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from dcgrpo.tracking import start_local_server, stop_local_server
 from tests.conftest import REPO_ROOT, TEST_BUCKET
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the whole pipeline; ~4 min alone, more on a shared CPU
 
 SHORT = [
     "train.steps_per_round=2",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -409,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.exception("dcgrpo %s failed", args.command)
         print(f"dcgrpo {args.command}: error: {message}", file=sys.stderr)
+        if argv is None:  # the console script: exit now, so a native thread torn down at exit cannot turn 2 into SIGABRT
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(2)
         return 2
 
 
