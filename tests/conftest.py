@@ -2,6 +2,7 @@
 
 - ``mlflow_server``: a real ``mlflow server`` on sqlite (a subprocess on a free
   loopback port), yields its URI.
+- ``mlc`` / ``model_dir``: a registry client of that server and a minimal model directory.
 - ``s3_server``: a real S3 endpoint (``moto_server`` in a subprocess), yields
   its endpoint URL with credentials set in the environment and the bucket
   ``dcgrpo-test`` created.
@@ -93,6 +94,26 @@ def mlflow_server(tmp_path_factory):
         yield uri
     finally:
         stop_local_server(proc)  # the whole process group: uvicorn and job workers too
+
+
+@pytest.fixture
+def mlc(mlflow_server):
+    """An MLflow tracking + registry client of the session's server."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """The smallest directory the registry accepts as a model (config.json + one weight file)."""
+    import json
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    (d / "model.safetensors").write_bytes(b"\0" * 64)
+    return d
 
 
 @pytest.fixture(scope="session")

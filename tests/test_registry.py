@@ -21,20 +21,6 @@ GATE = "eval/synthetic/avg@1"
 BUDGET = 5e-3
 
 
-@pytest.fixture
-def mlc(mlflow_server):
-    return MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    (d / "model.safetensors").write_bytes(b"\0" * 64)
-    return d
-
-
 def _name() -> str:
     return f"dcgrpo-test-{uuid.uuid4().hex[:8]}"
 

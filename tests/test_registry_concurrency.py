@@ -3,7 +3,6 @@ one at a time (the registry's promotion lock), so the better model ends as champ
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -15,19 +14,6 @@ from dcgrpo import registry
 
 GATE = "eval/synthetic/avg@1"
 BUDGET = 5e-3
-
-
-@pytest.fixture
-def mlc(mlflow_server):
-    return MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    return d
 
 
 class _Slow(MlflowClient):

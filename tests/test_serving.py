@@ -34,20 +34,6 @@ K8S_VERSION = "1.31.0"
 
 
 @pytest.fixture
-def mlc(mlflow_server):
-    return MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    (d / "model.safetensors").write_bytes(b"\0" * 64)
-    return d
-
-
-@pytest.fixture
 def kube():
     with FakeKubeAPI() as fake:
         yield fake
