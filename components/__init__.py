@@ -9,6 +9,7 @@ compile-time parameter (`dcgrpo compile --image ... --trainer-image ...`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 from kfp import dsl
@@ -44,14 +45,46 @@ GPU_STEPS = {
 }
 
 
-def build_components(image: str = DEFAULT_IMAGE, trainer_image: str = DEFAULT_TRAINER_IMAGE) -> SimpleNamespace:
+def build_components(
+    image: str = DEFAULT_IMAGE, trainer_image: str = DEFAULT_TRAINER_IMAGE, containerized: bool = False
+) -> SimpleNamespace:
     """KFP components for every step; light steps on ``image``, GPU steps on ``trainer_image``.
 
     ``install_kfp_package=False``: the images already carry kfp (pinned in
     pyproject), and a pip step at pod start would need the network.
+
+    ``containerized``: what ``dcgrpo compile`` builds for a cluster. The command runs the component from the
+    image (``python3 -m kfp.dsl.executor_main``, found through the ``kfp_config.ini`` the Dockerfiles write with
+    ``write_kfp_config``) instead of carrying its source in every executor: that keeps the compiled YAML, and the
+    Argo Workflow a run becomes, far below etcd's 1.5 MiB object limit. kfp.local's SubprocessRunner runs only
+    lightweight components (source embedded), so the demo and tests build those: same functions, same images.
     """
-    made = {name: dsl.component(fn, base_image=image, install_kfp_package=False) for name, fn in LIGHT_STEPS.items()}
-    made |= {
-        name: dsl.component(fn, base_image=trainer_image, install_kfp_package=False) for name, fn in GPU_STEPS.items()
-    }
+
+    def make(fn, img: str):
+        extra = {"target_image": img} if containerized else {}
+        return dsl.component(fn, base_image=img, install_kfp_package=False, **extra)
+
+    made = {name: make(fn, image) for name, fn in LIGHT_STEPS.items()}
+    made |= {name: make(fn, trainer_image) for name, fn in GPU_STEPS.items()}
     return SimpleNamespace(**made)
+
+
+KFP_CONFIG = "kfp_config.ini"
+
+
+def write_kfp_config(directory: str) -> Path:
+    """``<directory>/kfp_config.ini``: each component function -> the file defining it in this installation, as
+    ``kfp component build`` writes it. The containerized executor reads it from its working directory (the
+    images' WORKDIR), so every image that runs components writes it at build time."""
+    import configparser
+    import inspect
+
+    config = configparser.ConfigParser()
+    config.optionxform = str  # function names are case-sensitive
+    config["Components"] = {
+        fn.__name__: inspect.getsourcefile(fn) for fn in (*LIGHT_STEPS.values(), *GPU_STEPS.values())
+    }
+    path = Path(directory) / KFP_CONFIG
+    with path.open("w") as f:
+        config.write(f)
+    return path

@@ -35,6 +35,7 @@ from components import build_components
 from kfp import dsl, kubernetes
 
 from dcgrpo.deploy import ENV_VAR, DeploymentContract
+from dcgrpo.steps import MODEL_STORE_ENV
 
 PIPELINE_NAME = "dc-grpo"
 ROUND_TASK = "train-round-{}"
@@ -65,12 +66,16 @@ class ClusterSettings:
     gpu_cpu_limit: str = "16"
     gpu_memory_limit: str = "128G"
     retries: int = 2
+    containerized: bool = True
+    """Components run from the images (``components.build_components``); kfp.local needs False."""
 
 
-def _secrets(task: dsl.PipelineTask, c: DeploymentContract) -> dsl.PipelineTask:
-    # Optional: a cluster with IRSA/workload identity or an open MLflow needs neither secret.
-    kubernetes.use_secret_as_env(task, c.s3_secret, {k: k for k in c.s3_keys}, optional=True)
-    kubernetes.use_secret_as_env(task, c.mlflow_secret, {k: k for k in c.mlflow_keys}, optional=True)
+def _secrets(task: dsl.PipelineTask, c: DeploymentContract, loads_models: bool = False) -> dsl.PipelineTask:
+    # Optional: a cluster with IRSA/workload identity, an open MLflow or public base models needs none of them.
+    env = c.secret_env() if loads_models else c.light_secret_env()
+    for secret in dict.fromkeys(s for s, _ in env.values()):
+        keys = {key: var for var, (s, key) in env.items() if s == secret}
+        kubernetes.use_secret_as_env(task, secret, keys, optional=True)
     return task
 
 
@@ -85,9 +90,20 @@ def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.
         kubernetes.add_toleration(task, key=tol["key"], operator=tol["operator"], effect=tol.get("effect"))
     kubernetes.mount_pvc(task, c.model_cache_pvc, c.model_cache_mount)
     task.set_env_variable("DCGRPO_MODEL_CACHE", c.model_cache_mount)
+    _checkpoint_volume(task, c)
     if retry and s.retries > 0:
         task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
-    return _secrets(task, c)
+    return _secrets(task, c, loads_models=True)
+
+
+def _checkpoint_volume(task: dsl.PipelineTask, c: DeploymentContract) -> dsl.PipelineTask:
+    """The checkpoint volume, where weights stay between tasks (``dcgrpo.steps.model_store``): each task's Model
+    artifact references them, so the KFP artifact store never carries a checkpoint (FP8 exports excepted: serving
+    reads those from S3). KFP has no ephemeral-storage request: the big writes go here, not to the pod's disk."""
+    if c.checkpoint_pvc:
+        kubernetes.mount_pvc(task, c.checkpoint_pvc, c.checkpoint_mount)
+        task.set_env_variable(MODEL_STORE_ENV, c.checkpoint_mount)
+    return task
 
 
 def _light(task: dsl.PipelineTask, s: ClusterSettings, cache: bool = True) -> dsl.PipelineTask:
@@ -111,7 +127,7 @@ def _round_task(c, s: ClusterSettings, on_launcher: bool, **inputs) -> dsl.Pipel
     follows the verl RayJob (the RayJob holds the GPUs: a GPU here would sit idle for the whole round)."""
     if not on_launcher:
         return _gpu(c.train_round(**inputs), s)
-    step = _light(c.train_round_launcher(**inputs), s)
+    step = _checkpoint_volume(_light(c.train_round_launcher(**inputs), s), s.contract)  # the RayJob's volume
     if s.retries > 0:  # a lost launcher pod re-attaches to the RayJob of its round
         step.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
     return step
@@ -126,8 +142,6 @@ def _train_chain(c, s: ClusterSettings, n: int, p: dict, method, dataset, base_m
             rounds=n, mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], dataset=dataset, model_in=model,
         ).set_display_name(ROUND_TASK.format(k + 1))  # fmt: skip
         step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl round starts uses these names
-        if s.contract.checkpoint_pvc:  # verl backend: every round resumes from the same volume
-            kubernetes.mount_pvc(step, s.contract.checkpoint_pvc, s.contract.checkpoint_mount)
         model = step.outputs["model"]
     return model
 
@@ -190,7 +204,7 @@ def _rounds_on(c, s: ClusterSettings, n: int, p: dict, data, base, model_name) -
 def build_pipeline(settings: ClusterSettings | None = None):
     """The pipeline function for ``settings`` (contract, max rounds, sizes)."""
     s = settings or ClusterSettings()
-    c = build_components(s.contract.light_image, s.contract.gpu_image)
+    c = build_components(s.contract.light_image, s.contract.gpu_image, s.containerized)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -234,7 +248,13 @@ def build_pipeline(settings: ClusterSettings | None = None):
             )  # fmt: skip
             n_rounds, registered_name = data.outputs["rounds"], data.outputs["model_name"]
             base = _gpu(
-                c.warm_start(preset=preset, overrides=overrides, model_uri=model_uri, dataset=data.outputs["dataset"]),
+                c.warm_start(
+                    preset=preset,
+                    overrides=overrides,
+                    model_uri=model_uri,
+                    dataset=data.outputs["dataset"],
+                    kfp_run_id=run_id,
+                ),  # fmt: skip
                 s,
             )
             p = {"preset": preset, "overrides": overrides, "methods": methods, "mlflow_uri": mlflow_uri,

@@ -70,7 +70,12 @@ def _secret_refs(pod_spec: dict) -> set[tuple[str, str]]:
 
 
 def _contract_secrets() -> dict[str, set[str]]:
-    return {C.s3_secret: set(C.s3_keys), C.mlflow_secret: set(C.mlflow_keys), C.postgres_secret: set(C.postgres_keys)}
+    return {
+        C.s3_secret: set(C.s3_keys),
+        C.mlflow_secret: set(C.mlflow_keys),
+        C.postgres_secret: set(C.postgres_keys),
+        C.hf_secret: set(C.hf_keys),
+    }
 
 
 # --- the compiled pipeline ------------------------------------------------------------------------------------------
@@ -86,7 +91,9 @@ def test_compiled_pipeline_uses_the_contracts_images_pool_secrets_and_volumes(co
     for name, cfg in k8s.items():
         step = re.sub(r"^exec-|-\d+$", "", name)
         secrets = {s["secretName"]: {k["secretKey"] for k in s["keyToEnv"]} for s in cfg["secretAsEnv"]}
-        assert secrets == {C.s3_secret: set(C.s3_keys), C.mlflow_secret: set(C.mlflow_keys)}, name
+        light = {C.s3_secret: set(C.s3_keys), C.mlflow_secret: set(C.mlflow_keys)}
+        # the steps that load a model also read the Hugging Face token (gated base models)
+        assert secrets == (light | {C.hf_secret: set(C.hf_keys)} if step in GPU else light), name
         assert all(k["envVar"] == k["secretKey"] for s in cfg["secretAsEnv"] for k in s["keyToEnv"]), name
         if step not in GPU:
             assert "nodeSelector" not in cfg, name
@@ -98,8 +105,7 @@ def test_compiled_pipeline_uses_the_contracts_images_pool_secrets_and_volumes(co
         assert [dict(t) for t in cfg["tolerations"]] == [dict(t) for t in C.gpu_tolerations], name
         mounts = {m["constant"]: m["mountPath"] for m in cfg["pvcMount"]}
         assert mounts[C.model_cache_pvc] == C.model_cache_mount, name
-        if step == "train-round":
-            assert mounts[C.checkpoint_pvc] == C.checkpoint_mount == VerlConfig().checkpoint_dir, name
+        assert mounts[C.checkpoint_pvc] == C.checkpoint_mount == VerlConfig().checkpoint_dir, name  # model store
 
 
 def test_round_tasks_carry_the_contract_to_the_rayjobs_they_start(compiled):
@@ -197,7 +203,7 @@ def test_readme_names_the_contracts_values():
     readme = (ROOT / "README.md").read_text()
     label = ",".join(f"{k}={v}" for k, v in C.gpu_node_selector.items())
     for value in (C.light_image, C.gpu_image, C.verl_image, C.s3_secret, C.mlflow_secret, C.postgres_secret,
-                  *C.s3_keys, *C.mlflow_keys, label, C.service_account, C.model_cache_pvc, C.checkpoint_pvc,
+                  C.hf_secret, *C.s3_keys, *C.mlflow_keys, *C.hf_keys, label, C.service_account, C.model_cache_pvc, C.checkpoint_pvc,
                   C.namespace, C.serving_namespace):  # fmt: skip
         assert value in readme, f"README does not mention {value}"
 

@@ -57,17 +57,22 @@ def test_gpu_steps_request_gpus_on_the_gpu_pool_with_cache_and_secrets(compiled)
         assert cfg["tolerations"][0]["key"] == "nvidia.com/gpu", step
         assert cfg["pvcMount"][0]["mountPath"] == "/cache", step
         secrets = {s["secretName"] for s in cfg["secretAsEnv"]}
-        assert secrets == {"dcgrpo-s3", "dcgrpo-mlflow"}, step
+        assert secrets == {"dcgrpo-s3", "dcgrpo-mlflow", "dcgrpo-hf"}, step  # HF_TOKEN: gated base models
 
 
-def test_train_rounds_share_the_verl_checkpoint_volume(compiled, tmp_path):
-    _, k8s = _executors(compiled)
+def test_weights_stay_on_the_checkpoint_volume_that_every_gpu_step_and_round_mounts(compiled, tmp_path):
+    """Point 8: the warm start, every round, export and evaluation mount the checkpoint volume and are told where
+    (``$DCGRPO_MODEL_STORE``), so Model artifacts reference weights there; the light steps never see it."""
+    containers, k8s = _executors(compiled)
     rounds = [name for name in k8s if name.startswith("exec-train-round")]
     assert len(rounds) == 2 * 10 * 11 // 2  # per round pod (GPU, RayJob launcher), one chain per count n = 1..10
-    for name in rounds:
+    on_volume = [n for n in k8s if n.startswith(tuple(f"exec-{s}" for s in (*GPU_STEPS, "train-round-launcher")))]
+    for name in on_volume:
         mounts = {m["mountPath"]: m for m in k8s[name]["pvcMount"]}
         assert mounts["/checkpoints"]["constant"] == "dcgrpo-checkpoints", name  # = verl.checkpoint_dir's default
-    assert all("/checkpoints" not in json.dumps(k8s[n]) for n in k8s if not n.startswith("exec-train-round"))
+        env = {e["name"]: e["value"] for e in containers[name]["container"]["env"]}
+        assert env["DCGRPO_MODEL_STORE"] == "/checkpoints", name
+    assert all("/checkpoints" not in json.dumps(k8s[n]) for n in k8s if n not in on_volume)
     bare = pipeline.compile_yaml(tmp_path / "bare.yaml", DeploymentContract(checkpoint_pvc=""), accelerator_limit=8)
     containers, k8s = _executors(bare)
     assert "/checkpoints" not in json.dumps(k8s)
@@ -425,3 +430,53 @@ def test_submit_wait_follows_the_run_and_fails_when_it_fails(capsys, monkeypatch
         assert capsys.readouterr().out.strip() == "run-1 SUCCEEDED"
     finally:
         fake.close()
+
+
+def test_components_run_from_the_images_and_the_run_stays_far_below_etcds_object_limit(compiled, tmp_path):
+    """The compiled components are containerized (``python3 -m kfp.dsl.executor_main``, no source in each of the
+    ~230 executors), and the whole spec, as the JSON the KFP API server turns into an Argo Workflow, stays well under
+    etcd's 1.5 MiB object limit (it was 1.23 MB with the source embedded, 0.80 MB without)."""
+    from kfp.dsl.component_factory import CONTAINERIZED_PYTHON_COMPONENT_COMMAND
+
+    docs = list(yaml.safe_load_all(compiled.read_text()))
+    assert sum(len(json.dumps(d, separators=(",", ":"))) for d in docs) < 1024 * 1024
+    containers, _ = _executors(compiled)
+    for name, executor in containers.items():
+        assert executor["container"]["command"] == CONTAINERIZED_PYTHON_COMPONENT_COMMAND, name
+
+
+def test_the_images_kfp_config_runs_a_compiled_component_as_the_cluster_does(compiled, tmp_path):
+    """What a pod does: in the image's WORKDIR (``kfp_config.ini`` written by ``components.write_kfp_config``, as
+    the Dockerfiles do), run the compiled command and args of ``select_best`` with a real executor input."""
+    import subprocess
+    import sys
+
+    import components
+
+    containers, _ = _executors(compiled)
+    names = {e["container"]["args"][e["container"]["args"].index("--function_to_execute") + 1]
+             for e in containers.values()}  # fmt: skip
+    config = components.write_kfp_config(str(tmp_path))
+    text = config.read_text()
+    assert all(f"{name} = " in text for name in names), (names, text)
+    for dockerfile in ("light", "gpu"):
+        body = (pipeline.COMPILED_PATH.parents[2] / "containers" / f"Dockerfile.{dockerfile}").read_text()
+        assert "components.write_kfp_config('/home/dcgrpo')" in body and body.rstrip().count("WORKDIR /home/dcgrpo")
+
+    executor = containers["exec-select-best"]["container"]
+    ref = {"model_uri": "s3://b/m", "fp8_uri": "s3://b/f", "metadata": {"discrepancy": 1e-5}}
+    out = tmp_path / "out"
+    executor_input = {
+        "inputs": {"parameterValues": {"preset": "tiny-cpu", "overrides": [], "methods": ["grpo", "dc-grpo"],
+                                       "gate_values": [0.25, 0.5], "references": [ref, ref]}},
+        "outputs": {"parameters": {"reference": {"outputFile": str(out / "reference")},
+                                   "method": {"outputFile": str(out / "method")},
+                                   "gate_value": {"outputFile": str(out / "gate_value")}},
+                    "outputFile": str(out / "executor_output.json")},
+    }  # fmt: skip
+    args = [a.replace("{{$}}", json.dumps(executor_input)) for a in executor["args"]]
+    command = [sys.executable if c == "python3" else c for c in executor["command"]]
+    proc = subprocess.run([*command, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.loads((out / "executor_output.json").read_text())
+    assert "dc-grpo" in json.dumps(written), written

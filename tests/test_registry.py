@@ -245,3 +245,15 @@ def test_cli_promote_with_unreachable_server_fails_fast():
     lines = _error_lines(proc)
     assert len(lines) == 1 and uri in lines[0]
     assert elapsed < 15, f"took {elapsed:.1f} s"
+
+
+def test_engine_tags_say_whether_the_rollout_engine_is_the_served_one():
+    from dcgrpo.registry import engine_tags
+
+    verl = engine_tags("vllm 0.24.0 (verl 0.9.1)", "vllm 0.33.0", "vllm/vllm-openai:v0.33.0")
+    assert verl["dcgrpo.engine.serving"] == "vllm 0.33.0"
+    assert verl["dcgrpo.engine.rollout_matches_serving"] == "false"
+    assert engine_tags("vllm 0.33.0", "vllm 0.33.0", "vllm/vllm-openai:v0.33.0")[
+        "dcgrpo.engine.rollout_matches_serving"] == "true"  # fmt: skip
+    unknown = engine_tags(None, None, "vllm/vllm-openai:v0.33.0")
+    assert unknown["dcgrpo.engine.rollout"] == unknown["dcgrpo.engine.rollout_matches_serving"] == "unknown"

@@ -77,6 +77,7 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
     out1, meta1, scalars1 = _round(tmp_path, inputs, mlflow_server, 0, {}, *extra)
     assert json.loads((out1 / VERL_ROUND_FILE).read_text())["step"] == STEPS  # weights stay on the volume
     assert meta1["step"] == STEPS and meta1["backend"] == "verl" and meta1["round"] == 1
+    assert meta1["rollout_engine"].endswith("(verl 0.9.1)")  # recorded by the launch in the verl image
     assert meta1["discrepancy"] == pytest.approx((1e-3 / 1 + 1e-3 / 2) / 2)  # mean over this round's steps
     assert scalars1["dc_lambda_after_round"] == meta1["lambda"] > 0
 
@@ -99,6 +100,23 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
 
     _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)  # a retried round whose checkpoint exists
     assert len(_launches(tmp_path)) == 2  # not launched again
+
+
+def test_on_the_checkpoint_volume_the_last_round_references_verls_model(
+    tmp_path, inputs, mlflow_server, fake_verl_path, monkeypatch
+):
+    """With the checkpoint volume mounted (a cluster), the last round's artifact references the HF model verl
+    saved there instead of copying it through the KFP artifact store; export and evaluation read through it."""
+    from dcgrpo.steps import MODEL_REF_FILE, latest_model_dir
+
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.setenv("DCGRPO_MODEL_STORE", str(tmp_path / "ckpt"))  # verl.checkpoint_dir = the mount
+    extra = ("verl.launch=single-node",)
+    _, meta1, _ = _round(tmp_path, inputs, mlflow_server, 0, {}, *extra)
+    out2, _, _ = _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)
+    assert [p.name for p in out2.iterdir()] == [MODEL_REF_FILE]
+    hf = Path(latest_model_dir(str(out2)))
+    assert hf.is_relative_to(tmp_path / "ckpt") and (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
 
 
 class RunningKubeAPI(FakeKubeAPI):

@@ -67,6 +67,10 @@ class DeploymentContract(BaseModel):
     mlflow_secret: str = "dcgrpo-mlflow"
     mlflow_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
     """Keys of ``mlflow_secret`` (basic auth or a bearer token: MLflow reads whichever is set)."""
+    hf_secret: str = "dcgrpo-hf"
+    hf_keys: tuple[str, ...] = ("HF_TOKEN",)
+    """Keys of ``hf_secret``: a Hugging Face token for gated or private base models (``model.path`` a Hub id),
+    read where models are loaded (the GPU steps and the Ray nodes)."""
     postgres_secret: str = "mlflow-postgres"
     postgres_keys: tuple[str, ...] = ("POSTGRES_USER", "POSTGRES_PASSWORD")
     """MLflow's backend store (manifests/mlflow only)."""
@@ -80,12 +84,19 @@ class DeploymentContract(BaseModel):
     serving_service_account: str = "dcgrpo-serving"
 
     def secret_env(self) -> dict[str, tuple[str, str]]:
-        """Env var -> (secret, key) for every pod of a run: S3 and MLflow credentials (env var = key)."""
+        """Env var -> (secret, key) for every pod that trains or loads a model (GPU steps, Ray nodes): S3, MLflow
+        and Hugging Face credentials (env var = key). The light steps take ``light_secret_env()``."""
+        return self.light_secret_env() | {k: (self.hf_secret, k) for k in self.hf_keys}
+
+    def light_secret_env(self) -> dict[str, tuple[str, str]]:
+        """Env var -> (secret, key) for the light steps: S3 and MLflow credentials (they load no model)."""
         return {k: (self.s3_secret, k) for k in self.s3_keys} | {k: (self.mlflow_secret, k) for k in self.mlflow_keys}
 
     def to_env(self) -> str:
-        """The JSON the pipeline puts in ``DCGRPO_DEPLOYMENT``."""
-        return self.model_dump_json()
+        """The JSON the pipeline puts in ``DCGRPO_DEPLOYMENT``: the fields that differ from the defaults (the images
+        are tagged with this package's version, so their defaults are the compiling version's; every round
+        executor carries this, so a full dump would cost ~1 KB of the compiled YAML each)."""
+        return self.model_dump_json(exclude_defaults=True)
 
 
 def pod_namespace() -> str | None:

@@ -336,7 +336,7 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> Any:
     rounds = resolve_run_parameters(
         arguments.get("preset", ""), arguments.get("overrides"), arguments.get("rounds") or 0, "", 10**9
     ).rounds
-    return build_pipeline(ClusterSettings(retries=0, max_rounds=rounds))(**arguments)
+    return build_pipeline(ClusterSettings(retries=0, max_rounds=rounds, containerized=False))(**arguments)
 
 
 def _pipeline_runs(client, experiment: str, since_ms: int) -> list:

@@ -123,8 +123,12 @@ def version_tags(
     quantization: str,
     storage_uri: str | None = None,
     source_dir: str | None = None,
+    engines: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The tags a model version carries: what the gate compares and what an operator reads."""
+    """The tags a model version carries: what the gate compares and what an operator reads.
+
+    ``engines``: the vLLM versions of the rollouts the discrepancy was measured on, of evaluation and of
+    serving (``engine_tags``); a verl run's rollout engine differs from the served one (README, images)."""
     tags = {
         TAG_RUN_ID: run_id,
         TAG_METRICS: json.dumps({k: float(v) for k, v in sorted(metrics.items())}),
@@ -138,7 +142,25 @@ def version_tags(
         tags[TAG_STORAGE_URI] = storage_uri
     if source_dir:
         tags[TAG_SOURCE_DIR] = source_dir
+    tags.update(engines or {})
     return tags
+
+
+TAG_ENGINE_PREFIX = "dcgrpo.engine."
+
+
+def engine_tags(rollout: str | None, evaluation: str | None, serving_image: str) -> dict[str, str]:
+    """``dcgrpo.engine.{rollout,eval,serving}`` and ``dcgrpo.engine.rollout_matches_serving``.
+
+    ``serving_image`` is ``registry.vllm_image`` (``vllm/vllm-openai:v0.33.0`` -> ``vllm 0.33.0``). The match
+    says whether the discrepancy DC-GRPO constrained is the served engine's: "false" for verl rounds (vLLM
+    0.24.0 in the verl image), "unknown" when a round did not record its engine.
+    """
+    tag = serving_image.rsplit(":", 1)[-1].removeprefix("v") if ":" in serving_image else ""
+    serving = f"vllm {tag}" if tag else serving_image
+    tags = {"rollout": rollout or "unknown", "eval": evaluation or "unknown", "serving": serving}
+    match = "unknown" if not rollout else str(rollout.split(" (")[0] == serving).lower()
+    return {TAG_ENGINE_PREFIX + k: v for k, v in tags.items()} | {TAG_ENGINE_PREFIX + "rollout_matches_serving": match}
 
 
 def load_metrics(value: str, what: str = "metrics") -> dict[str, float]:
@@ -233,6 +255,7 @@ def register_model(
     alias: str = "challenger",
     endpoint_url: str | None = None,
     by_reference: bool = False,
+    engines: dict[str, str] | None = None,
 ):
     """Log ``model_dir`` (local or s3://) as run artifacts, register it as a new version, alias it.
 
@@ -267,6 +290,7 @@ def register_model(
     tags = version_tags(
         run_id, metrics, final_lambda, discrepancy, config_hash, quantization,
         storage_uri=str(model_dir) if by_reference or storage.is_s3(model_dir) else None, source_dir=source_dir,
+        engines=engines,
     )  # fmt: skip
     created_model = _ensure_registered_model(mlflow_client, name)
     version = None

@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 KFP_RUN_TAG = "kfp_run_id"
 EVAL_METRICS_TAG = "dcgrpo.eval_metrics"
+EVAL_ENGINE_TAG = "dcgrpo.eval_engine"
+MODEL_STORE_ENV = "DCGRPO_MODEL_STORE"
+"""Where GPU steps write weights that later steps read in place: the checkpoint volume's mount (set by the pipeline
+on every GPU task, which all mount that volume). Unset or not mounted: weights go into the step's own artifact."""
+MODEL_REF_FILE = "model_ref.json"
+"""What a Model artifact holds when its weights stay on a shared volume: ``{"path": <directory>}``."""
 
 
 def step_config(preset: str, overrides: list[str], mlflow_uri: str = "", **fields: Any) -> RunConfig:
@@ -52,6 +58,49 @@ def _mlflow_client(cfg: RunConfig):
     from dcgrpo.tracking import resolve_tracking_uri
 
     return client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+
+
+# ------------------------------------------------------------------ models by reference
+
+
+def model_store(kfp_run_id: str, *parts: str) -> Path | None:
+    """The directory on the checkpoint volume for a step's weights (``models/<run>/<parts>``), or None when the
+    volume is not mounted here (kfp.local, tests, a cluster without it): then weights go through the artifact."""
+    root = os.environ.get(MODEL_STORE_ENV)
+    if not root or not Path(root).is_dir():
+        if root:
+            log.info("%s=%s is not mounted: weights go through the KFP artifact store", MODEL_STORE_ENV, root)
+        return None
+    return Path(root, "models", kfp_run_id or "no-run-id", *parts)
+
+
+def write_model_ref(artifact_dir: str, weights_dir: Path) -> None:
+    """Make ``artifact_dir`` (a Model artifact) a reference to ``weights_dir`` instead of a copy of it."""
+    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    (Path(artifact_dir) / MODEL_REF_FILE).write_text(json.dumps({"path": str(weights_dir)}))
+
+
+def resolve_model(artifact_dir: str) -> str:
+    """The directory holding a Model artifact's weights: the one it references, else the artifact itself."""
+    ref = Path(artifact_dir) / MODEL_REF_FILE
+    if not ref.is_file():
+        return artifact_dir
+    target = json.loads(ref.read_text())["path"]
+    if not Path(target).is_dir():
+        from dcgrpo.models import ModelNotFoundError
+
+        raise ModelNotFoundError(
+            f"{artifact_dir}: its weights are referenced at {target}, which is not there: mount the checkpoint "
+            f"volume on this step (${MODEL_STORE_ENV}) or, for a cached task whose files were deleted, run with "
+            "caching off"
+        )
+    return target
+
+
+def _on_shared_volume(path: Path) -> bool:
+    """Under the model-cache or checkpoint volume's mount, so a later step can read it in place."""
+    mounts = [os.environ.get(k) for k in ("DCGRPO_MODEL_CACHE", MODEL_STORE_ENV)]
+    return any(m and Path(m).is_dir() and path.resolve().is_relative_to(Path(m).resolve()) for m in mounts)
 
 
 # ------------------------------------------------------------------ data, base model
@@ -96,25 +145,40 @@ def prepare_data_step(
         return meta
 
 
-def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_dir: str, out_dir: str) -> dict:
-    """The base policy in ``out_dir``: a copy of ``model_uri`` (else ``model.path``), or a tiny model after SFT."""
+def warm_start_step(
+    preset: str, overrides: list[str], model_uri: str, dataset_dir: str, out_dir: str, kfp_run_id: str = ""
+) -> dict:
+    """The base policy: ``model_uri`` (else ``model.path``), or a tiny model after SFT.
+
+    On a cluster the weights stay on a volume and ``out_dir`` only references them: a base model loaded into the
+    model-cache volume is referenced where it is, a trained tiny model is written to the checkpoint volume
+    (``model_store``). Elsewhere ``out_dir`` holds the weights.
+    """
     cfg = step_config(preset, overrides)
     field = "model_uri" if model_uri else "model.path"
     model_uri = model_uri or cfg.model.path or ""
-    out = Path(out_dir)
+    store = model_store(kfp_run_id, "base")
     if model_uri:
         from dcgrpo.models import load_model_dir
 
         # Local dir, s3:// HF dir or Hub id, through the model-cache PVC ($DCGRPO_MODEL_CACHE) when mounted.
         src = load_model_dir(model_uri, _local_root(cfg) / "model-cache", cfg.storage.s3_endpoint_url, field=field)
-        shutil.copytree(src, out, dirs_exist_ok=True)
+        if _on_shared_volume(src):
+            write_model_ref(out_dir, src)
+        elif store is not None:
+            shutil.copytree(src, store, dirs_exist_ok=True)
+            write_model_ref(out_dir, store)
+        else:
+            shutil.copytree(src, out_dir, dirs_exist_ok=True)
         return {"base": model_uri}
     from dcgrpo.models import build_tiny_model
     from dcgrpo.train.sft import warm_start
 
     with tempfile.TemporaryDirectory(prefix="dcgrpo-base-") as tmp:
         base = build_tiny_model(cfg.model, tmp)
-        warm_start(cfg, base, str(Path(dataset_dir) / "train.parquet"), out)
+        warm_start(cfg, base, str(Path(dataset_dir) / "train.parquet"), store or out_dir)
+    if store is not None:
+        write_model_ref(out_dir, store)
     return {"base": f"tiny-{cfg.model.arch}+sft{cfg.model.sft_steps}"}
 
 
@@ -122,7 +186,7 @@ def warm_start_step(preset: str, overrides: list[str], model_uri: str, dataset_d
 
 
 def _is_checkpoint_artifact(model_dir: str) -> bool:
-    return (Path(model_dir) / "checkpoints").is_dir()
+    return (Path(resolve_model(model_dir)) / "checkpoints").is_dir()
 
 
 def train_round_step(
@@ -156,24 +220,31 @@ def train_round_step(
     if cfg.train.backend == "verl":
         return _train_round_verl(cfg, method, round_index, rounds, kfp_run_id, dataset_dir, model_in_dir,
                                  model_in_meta, out_dir)  # fmt: skip
+    from dcgrpo.engines import engine_version
     from dcgrpo.train.rl import summarize, train  # torch: after the verl branch, which runs on the light image
 
-    resume = str(Path(model_in_dir) / "checkpoints") if _is_checkpoint_artifact(model_in_dir) else None
+    model_in = resolve_model(model_in_dir)
+    resume = str(Path(model_in) / "checkpoints") if _is_checkpoint_artifact(model_in) else None
     run_id = model_in_meta.get("mlflow_run_id") if resume else None
     data = Path(dataset_dir)
+    store = model_store(kfp_run_id, method, f"round-{round_index + 1}")  # the checkpoint volume, when mounted
+    weights_dir = str(store) if store is not None else out_dir
     with start_run(
         cfg.tracking, storage_root=str(_local_root(cfg)), run_name=f"{method}-{cfg.rollout.precision}",
         params=cfg.to_flat_dict(), tags={KFP_RUN_TAG: kfp_run_id, "method": method}, run_id=run_id,
     ) as run:  # fmt: skip
         result = train(
-            cfg, model_dir=model_in_dir, train_path=str(data / "train.parquet"), val_path=str(data / "val.parquet"),
-            out_dir=out_dir, resume_from=resume, run=run, rounds=1, progress=False,
+            cfg, model_dir=model_in, train_path=str(data / "train.parquet"), val_path=str(data / "val.parquet"),
+            out_dir=weights_dir, resume_from=resume, run=run, rounds=1, progress=False,
         )  # fmt: skip
+    if store is not None:
+        write_model_ref(out_dir, store)
     scalars = summarize(result.history)
     d_round = [h["dc/discrepancy_mean"] for h in result.history if "dc/discrepancy_mean" in h]
     meta = {
         "method": method, "round": round_index + 1, "mlflow_run_id": result.run_id, "step": result.step,
-        "lambda": result.lam, "checkpoint": Path(result.checkpoint).relative_to(out_dir).as_posix(),
+        "lambda": result.lam, "checkpoint": Path(result.checkpoint).relative_to(weights_dir).as_posix(),
+        "rollout_engine": engine_version(),
         # The round's mean of the batch-mean discrepancy: what selection and the gate compare.
         "discrepancy": sum(d_round) / len(d_round) if d_round else float("nan"),
     }  # fmt: skip
@@ -216,8 +287,11 @@ def _train_round_verl(
         run_id = run.run_id
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if round_index + 1 == rounds:
-        shutil.copytree(result.hf_model, out, dirs_exist_ok=True)
+    if round_index + 1 == rounds:  # the HF model verl saved on the checkpoint volume: referenced, not copied
+        if _on_shared_volume(Path(result.hf_model)):
+            write_model_ref(out_dir, Path(result.hf_model))
+        else:
+            shutil.copytree(result.hf_model, out, dirs_exist_ok=True)
     else:
         (out / VERL_ROUND_FILE).write_text(json.dumps({"checkpoint": str(result.folder), "step": result.step}))
     scalars, d_round = _verl_round_metrics(cfg, run_id, first_step, result.step)
@@ -227,6 +301,7 @@ def _train_round_verl(
         "method": method, "round": round_index + 1, "mlflow_run_id": run_id, "step": result.step,
         "lambda": result.lam, "backend": "verl",
         "checkpoint": str(result.folder), "discrepancy": d_round,
+        "rollout_engine": verl_rounds.rollout_engine(directory),  # the verl image's vLLM, as its launch recorded
     }  # fmt: skip
     return meta, scalars
 
@@ -244,9 +319,10 @@ def _verl_round_metrics(cfg: RunConfig, run_id: str, first_step: int, last_step:
 
 
 def latest_model_dir(model_dir: str) -> str:
-    """The HF model directory inside a training artifact (its latest checkpoint), or the dir itself."""
+    """The HF model directory of a Model artifact (the latest checkpoint of a round), wherever its weights are."""
     from dcgrpo.train.checkpoint import resolve_checkpoint
 
+    model_dir = resolve_model(model_dir)
     if _is_checkpoint_artifact(model_dir):
         return resolve_checkpoint(str(Path(model_dir) / "checkpoints"))
     return model_dir
@@ -301,6 +377,7 @@ def evaluate_step(
     ``synthetic`` benchmark is the held-out split of the synthetic task,
     drawn as ``prepare_data`` drew it from the same config.
     """
+    from dcgrpo.engines import engine_version
     from dcgrpo.evaluate import evaluate
     from dcgrpo.tracking import start_run
 
@@ -310,11 +387,11 @@ def evaluate_step(
     with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_id=model_meta["mlflow_run_id"]) as run:
         report = evaluate(target, eval_cfg, out, run=run, progress=False)
         metrics = report.metrics()
-        run.set_tags({EVAL_METRICS_TAG: json.dumps(metrics)})
+        run.set_tags({EVAL_METRICS_TAG: json.dumps(metrics), EVAL_ENGINE_TAG: engine_version()})
     gate = cfg.eval.gate_metric
     if gate not in metrics:
         raise KeyError(f"eval.gate_metric {gate!r} was not measured; measured: {sorted(metrics)}")
-    write_report(report_path, model_meta, report.markdown(), Path(model_dir) / "plots" / "dc_curves.png")
+    write_report(report_path, model_meta, report.markdown(), Path(resolve_model(model_dir)) / "plots" / "dc_curves.png")
     return {k.replace("/", "_").replace("@", "_at_"): float(v) for k, v in metrics.items()}, float(metrics[gate])
 
 
@@ -342,9 +419,25 @@ def model_reference(model_uri: str, model_dir: str, model_meta: dict[str, Any], 
     steps pass and register these references; they never download a model
     (a KFP task downloads every input artifact, so they take none).
     """
+    weights = resolve_model(model_dir)
+    if weights != model_dir:  # the weights stay on the checkpoint volume: a URI KServe and people can read
+        return {"model_uri": volume_uri(latest_model_dir(model_dir)), "fp8_uri": fp8_uri, "metadata": dict(model_meta)}
     sub = Path(os.path.relpath(latest_model_dir(model_dir), model_dir)).as_posix()
     hf_uri = model_uri if sub == "." else f"{model_uri.rstrip('/')}/{sub}"
     return {"model_uri": hf_uri, "fp8_uri": fp8_uri, "metadata": dict(model_meta)}
+
+
+def volume_uri(path: str) -> str:
+    """``pvc://<claim>/<path>`` (KServe's storageUri scheme) of a directory on a mounted pipeline volume."""
+    from dcgrpo.deploy import current
+
+    c = current()
+    mounts = {os.environ.get(MODEL_STORE_ENV) or c.checkpoint_mount: c.checkpoint_pvc,
+              os.environ.get("DCGRPO_MODEL_CACHE") or c.model_cache_mount: c.model_cache_pvc}  # fmt: skip
+    for mount, claim in mounts.items():
+        if Path(path).resolve().is_relative_to(Path(mount).resolve()):
+            return f"pvc://{claim}/{Path(path).resolve().relative_to(Path(mount).resolve()).as_posix()}"
+    raise ValueError(f"{path} is on no pipeline volume ({', '.join(mounts)})")
 
 
 class Best(NamedTuple):
@@ -380,13 +473,13 @@ class Registered(NamedTuple):
     reason: str
 
 
-def _run_summary(client, run_id: str) -> tuple[dict[str, float], float]:
-    """(eval metrics, final lambda) of a method's MLflow run."""
+def _run_summary(client, run_id: str) -> tuple[dict[str, float], float, str | None]:
+    """(eval metrics, final lambda, evaluation engine) of a method's MLflow run."""
     run = client.get_run(run_id)
     metrics = json.loads(run.data.tags.get(EVAL_METRICS_TAG, "{}"))
     if not metrics:
         raise RuntimeError(f"MLflow run {run_id} has no evaluation results ({EVAL_METRICS_TAG}); evaluate first")
-    return metrics, run.data.metrics.get("dc/lambda", float("nan"))
+    return metrics, run.data.metrics.get("dc/lambda", float("nan")), run.data.tags.get(EVAL_ENGINE_TAG)
 
 
 def register_step(
@@ -403,15 +496,17 @@ def register_step(
     ``force`` (the run's ``force_promotion``) lets it run on a failed gate too;
     promote then records the decision as forced.
     """
-    from dcgrpo.registry import TAG_DECISION, TAG_REASON, gate, register_model
+    from dcgrpo.registry import TAG_DECISION, TAG_REASON, engine_tags, gate, register_model
 
     cfg = step_config(preset, overrides, mlflow_uri)
     mlc = _mlflow_client(cfg)
     run_id = model_meta["mlflow_run_id"]
-    metrics, lam = _run_summary(mlc, run_id)
+    metrics, lam, eval_engine = _run_summary(mlc, run_id)
     d = float(model_meta["discrepancy"])
     by_ref = _is_remote(model_dir)  # a cluster's artifact store: register where it is; a local path: upload
-    common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash(), by_reference=by_ref)
+    engines = engine_tags(model_meta.get("rollout_engine"), eval_engine, cfg.registry.vllm_image)
+    common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash(), by_reference=by_ref,
+                  engines=engines)  # fmt: skip
     bf16 = _weights_uri(model_dir) if by_ref else latest_model_dir(model_dir)
     register_model(mlc, model_name + cfg.registry.bf16_suffix, run_id, bf16,
                    quantization="bf16", artifact_path="model-bf16", **common)  # fmt: skip

@@ -43,6 +43,26 @@ def write_round_file(local_dir: str | Path, stop_at_step: int | None) -> Path:
     return path
 
 
+ENGINE_FILE = "rollout_engine.json"
+"""What the launch records of its rollout engine (the verl image's vLLM): the registry tags it on the model."""
+
+
+def write_engine_file(local_dir: str | Path) -> Path:
+    """``{"rollout_engine": "vllm <version>", "verl": <version>}`` of this image, in the run's checkpoint dir."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dcgrpo.engines import engine_version
+
+    try:
+        verl = version("verl")
+    except PackageNotFoundError:
+        verl = "not installed"
+    path = Path(local_dir) / ENGINE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rollout_engine": f"{engine_version()} (verl {verl})", "verl": verl}))
+    return path
+
+
 def read_stop_step(local_dir: str | Path) -> int | None:
     """The step this launch stops after, or None (train to ``total_training_steps``)."""
     path = Path(local_dir) / ROUND_FILE
@@ -59,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"dcgrpo launch: --stop-at-step needs a positive step, got {args[1:2]}")
         stop, args = int(args[1]), args[2:]
     write_round_file(local_dir_of(args), stop)
+    write_engine_file(local_dir_of(args))
     sys.argv = [TRAIN_MAIN, *args]
     runpy.run_module(TRAIN_MAIN, run_name="__main__", alter_sys=True)
 

@@ -180,3 +180,11 @@ def train_round(
     if result.step < stop:
         raise RayJobFailed(f"verl round {round_number} ended at step {result.step}, before step {stop}")
     return result
+
+
+def rollout_engine(directory: Path) -> str | None:
+    """The rollout engine the round's launch recorded in ``directory`` (``launch.write_engine_file``), or None."""
+    from dcgrpo.verl_plugin.launch import ENGINE_FILE
+
+    path = Path(directory) / ENGINE_FILE
+    return json.loads(path.read_text())["rollout_engine"] if path.is_file() else None
