@@ -77,7 +77,7 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
     out1, meta1, scalars1 = _round(tmp_path, inputs, mlflow_server, 0, {}, *extra)
     assert json.loads((out1 / VERL_ROUND_FILE).read_text())["step"] == STEPS  # weights stay on the volume
     assert meta1["step"] == STEPS and meta1["backend"] == "verl" and meta1["round"] == 1
-    assert meta1["rollout_engine"].endswith("(verl 0.9.1)")  # recorded by the launch in the verl image
+    assert meta1["rollout_engine"].startswith("vllm ") and "(verl " in meta1["rollout_engine"]  # the launch's
     assert meta1["discrepancy"] == pytest.approx((1e-3 / 1 + 1e-3 / 2) / 2)  # mean over this round's steps
     assert scalars1["dc_lambda_after_round"] == meta1["lambda"] > 0
 
