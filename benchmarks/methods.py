@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from statistics import mean, median
 
-METHODS = ("grpo", "dual-grpo", "dc-grpo", "tis", "mis", "icepop")
+from dcgrpo.algorithm.methods import METHODS as _REGISTRY
+
+METHODS = tuple(_REGISTRY)  # every registered method, in registration order
 PHASES = ("rollout", "reward", "recompute", "update", "sync")
 
 
@@ -76,7 +78,8 @@ def _method_cost_us(name: str, cfg) -> float:
     from dcgrpo.algorithm.advantage import grpo_advantage
     from dcgrpo.algorithm.discrepancy import token_discrepancy
     from dcgrpo.algorithm.dual import LagrangeMultiplier
-    from dcgrpo.algorithm.methods import MethodHParams, get_method, shape_advantages
+    from dcgrpo.algorithm.methods import get_method, shape_advantages
+    from dcgrpo.algorithm.step import method_hparams
 
     B, T = cfg.train.responses_per_batch, cfg.rollout.max_response_length
     g = torch.Generator().manual_seed(0)
@@ -92,7 +95,7 @@ def _method_cost_us(name: str, cfg) -> float:
         t0 = time.perf_counter()
         d = token_discrepancy(logp_train, logp_infer, mask, mc.discrepancy)
         adv = grpo_advantage(rewards, group_ids)
-        shape_advantages(name, adv, d, logp_train, logp_infer, mask, MethodHParams(lam=lam.value))
+        shape_advantages(name, adv, d, logp_train, logp_infer, mask, method_hparams(mc, lam.value))
         if method.dual_ascent:
             lam.update(float(d.mean()))  # host sync, as in the loop
         times.append(time.perf_counter() - t0)

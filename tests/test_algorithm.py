@@ -125,12 +125,12 @@ def test_dc_penalized_advantage_by_hand():
     adv = torch.tensor([1.0, -0.5])
     d = torch.tensor([[0.1, 0.3, 0.0], [0.2, 0.05, 0.9]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    out = advantage.dc_penalized_advantage(adv, d, mask, lam=2.0)
+    out = advantage.dc_penalized_advantage(adv, d, mask, lam=2.0, margin=0.0)
     torch.testing.assert_close(out, torch.tensor([[0.8, 0.4, 1.0], [-0.9, -0.6, 0.0]]))
     hinge = advantage.dc_penalized_advantage(adv, d, mask, lam=2.0, margin=0.1)
     torch.testing.assert_close(hinge, torch.tensor([[1.0, 0.6, 1.0], [-0.7, -0.5, 0.0]]))
     # lambda 0 is plain GRPO broadcast over tokens
-    zero = advantage.dc_penalized_advantage(adv, d, mask, lam=0.0)
+    zero = advantage.dc_penalized_advantage(adv, d, mask, lam=0.0, margin=0.0)
     torch.testing.assert_close(zero, torch.tensor([[1.0, 1.0, 1.0], [-0.5, -0.5, 0.0]]))
 
 
@@ -264,7 +264,10 @@ def test_method_registry_has_all_config_methods_and_rejects_duplicates():
 
 def test_methods_shape_as_their_building_blocks():
     seq_adv, d, lt, li, mask = _batch()
-    hp = methods.MethodHParams(lam=3.0, margin=0.01)
+    from dcgrpo.algorithm.step import method_hparams
+    from dcgrpo.config import MethodConfig
+
+    hp = method_hparams(MethodConfig(margin=0.01), lam=3.0)  # the config's thresholds: 2.0, (0.5, 5.0), (2.0, 0.5, 2.0)
     grpo = methods.shape_advantages("grpo", seq_adv, d, lt, li, mask, hp)
     torch.testing.assert_close(grpo.advantages, seq_adv[:, None] * mask)
     assert grpo.is_weights is None

@@ -11,7 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from dcgrpo.config import RunConfig
+from dcgrpo.algorithm.step import DC_METRIC_KEYS
+from dcgrpo.config import ConfigError, RunConfig
 from dcgrpo.data.synthetic import write_synthetic_splits
 from dcgrpo.models import build_tiny_model
 from dcgrpo.tracking import start_run
@@ -22,7 +23,8 @@ from dcgrpo.train.sft import warm_start
 pytestmark = pytest.mark.slow
 
 REQUIRED = [
-    "dc/lambda", "dc/discrepancy_mean", "dc/discrepancy_max", "dc/discrepancy_p99", "dc/violation",
+    "dc/lambda", "dc/lambda_next", "dc/penalty_mean", "dc/discrepancy_mean", "dc/discrepancy_max",
+    "dc/discrepancy_p99", "dc/violation",
     "reward/mean", "reward/accuracy", "actor/pg_loss", "actor/clipfrac", "actor/entropy", "actor/grad_norm",
     "response/length_mean", "timing/rollout_s", "timing/recompute_s", "timing/update_s", "timing/sync_s",
 ]  # fmt: skip
@@ -70,20 +72,62 @@ def test_training_run_logs_every_metric_to_mlflow_and_lambda_rises(setup, mlflow
     assert client.get_run(res.run_id).info.status == "FINISHED"
     assert "plots/dc_curves.png" in [a.path for a in client.list_artifacts(res.run_id, "plots")]
     # Over budget (eps = 0, d > 0): lambda goes up by eta * mean(d) each step.
-    lams = [h["dc/lambda"] for h in res.history if "dc/lambda" in h]
-    ds = [h["dc/discrepancy_mean"] for h in res.history if "dc/lambda" in h]
+    steps = [h for h in res.history if "dc/lambda" in h]
+    lams, ds = [h["dc/lambda_next"] for h in steps], [h["dc/discrepancy_mean"] for h in steps]
     assert all(d > 0 for d in ds) and lams[0] > 0 and lams[1] > lams[0]
     assert lams[1] == pytest.approx(cfg.method.dual_lr * sum(ds))
+    # dc/lambda is the lambda a step shaped with: the previous step's dc/lambda_next (as verl logs it)
+    assert steps[0]["dc/lambda"] == cfg.method.lambda_init and steps[1]["dc/lambda"] == lams[0]
+    assert {k for h in steps for k in h if k.startswith("dc/")} == set(DC_METRIC_KEYS)  # = the verl trainer's
 
 
 def test_lambda_decays_under_budget_and_grpo_keeps_it_fixed(setup, tmp_path):
     cfg = small_cfg(**{"method.budget": 0.5, "method.lambda_init": 0.6, "method.dual_lr": 1.0, "train.rounds": 1})
     res = _run(setup, cfg, tmp_path / "dc")
-    lams = [h["dc/lambda"] for h in res.history if "dc/lambda" in h]
+    lams = [h["dc/lambda_next"] for h in res.history if "dc/lambda" in h]
     assert lams[0] < 0.6 and lams[1] < lams[0]  # under budget: decays towards 0 (projected at 0)
     grpo = small_cfg(**{"method.name": "grpo", "method.lambda_init": 0.6, "train.rounds": 1})
     res = _run(setup, grpo, tmp_path / "grpo")
-    assert {h["dc/lambda"] for h in res.history if "dc/lambda" in h} == {0.6}
+    assert {h[k] for h in res.history if "dc/lambda" in h for k in ("dc/lambda", "dc/lambda_next")} == {0.6}
+
+
+def test_a_method_registered_outside_the_package_trains_through_the_config_alone(setup, tmp_path):
+    """Registering a method is all it takes: the config accepts its name and the loop dispatches to it (the verl
+    trainer's twin test is in tests/verl/test_plugin.py)."""
+    from dcgrpo.algorithm import methods
+
+    calls = []
+
+    def halved(seq_adv, d, logp_train, logp_infer, mask, hp):  # a throw-away method: half the GRPO advantage
+        calls.append(hp.lam)
+        return methods.ShapedBatch(0.5 * seq_adv[:, None] * mask, mask, None)
+
+    methods.register_method("test-halved-grpo")(halved)
+    try:
+        res = _run(setup, small_cfg(**{"method.name": "test-halved-grpo", "train.rounds": 1}), tmp_path / "h")
+    finally:
+        methods.METHODS.pop("test-halved-grpo")
+    assert len(calls) == 2 and res.step == 2
+    with pytest.raises(ConfigError, match="unknown method 'test-halved-grpo'"):
+        small_cfg(**{"method.name": "test-halved-grpo"})  # unregistered again
+
+
+def test_reward_settings_reach_the_loop(setup, tmp_path, monkeypatch):
+    """``reward.*`` is the loop's reward config too (timeouts, limits, workers): every rollout batch and held-out
+    evaluation is scored with the run's ``cfg.reward`` (the real scorer, watched on its way through)."""
+    from dcgrpo.train import rl
+
+    seen = []
+
+    def watched(completions, truths, cfg=None):
+        seen.append(cfg)
+        return real(completions, truths, cfg)
+
+    real = rl.score_batch
+    monkeypatch.setattr(rl, "score_batch", watched)
+    cfg = small_cfg(**{"reward.timeout_s": 7.5, "reward.max_completion_chars": 4000, "train.rounds": 1})
+    _run(setup, cfg, tmp_path / "r", val_path=setup["val"])
+    assert len(seen) == 2 + 2 and all(c == cfg.reward for c in seen)  # 2 steps, held-out before and after
 
 
 def _weights(uri):

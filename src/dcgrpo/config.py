@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from dcgrpo.errors import DcgrpoError
 
 Precision = Literal["bf16", "fp16", "fp32", "fp8"]
-MethodName = Literal["grpo", "dual-grpo", "dc-grpo", "tis", "mis", "icepop"]
 DiscrepancyKind = Literal["prob_diff", "ratio", "log_ratio"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 PRESETS = ("tiny-cpu", "qwen3-8b", "qwen3-30b-a3b")
@@ -176,7 +175,9 @@ class TrainConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: MethodName = "dc-grpo"
+    name: str = "dc-grpo"
+    """A method of the registry (``dcgrpo.algorithm.methods.METHODS``): grpo, dual-grpo, dc-grpo, tis, mis,
+    icepop, or one registered with ``register_method`` before the config is loaded."""
     lambda_init: float = Field(0.0, ge=0)
     """lambda_0. For dual-grpo this is the fixed penalty weight."""
     dual_lr: float = Field(1e4, ge=0)
@@ -198,6 +199,15 @@ class MethodConfig(_Section):
     mis_high: float = Field(2.0, gt=0)
     icepop_low: float = Field(0.5, gt=0)
     icepop_high: float = Field(5.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from dcgrpo.algorithm.methods import METHODS  # the registry is the one list of names (imports no torch)
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+        return name
 
     @model_validator(mode="after")
     def _bounds(self) -> MethodConfig:
@@ -317,6 +327,8 @@ class TrackingConfig(_Section):
     experiment: str = "dcgrpo"
     run_name: str | None = None
     log_every: int = Field(1, gt=0)
+    """Send the built-in loop's step metrics to MLflow every this many steps (and each round's last step; the
+    checkpoint's history keeps every step). verl logs every step."""
     flush_every: int = Field(4, gt=0)
     """Send buffered step metrics to MLflow every this many steps (and at every round end)."""
     retry_timeout_s: float = Field(30.0, ge=0)

@@ -479,7 +479,8 @@ def _run_summary(client, run_id: str) -> tuple[dict[str, float], float, str | No
     metrics = json.loads(run.data.tags.get(EVAL_METRICS_TAG, "{}"))
     if not metrics:
         raise RuntimeError(f"MLflow run {run_id} has no evaluation results ({EVAL_METRICS_TAG}); evaluate first")
-    return metrics, run.data.metrics.get("dc/lambda", float("nan")), run.data.tags.get(EVAL_ENGINE_TAG)
+    last = run.data.metrics  # lambda after the last step (dc/lambda is the one the last step used)
+    return metrics, last.get("dc/lambda_next", last.get("dc/lambda", float("nan"))), run.data.tags.get(EVAL_ENGINE_TAG)
 
 
 def register_step(

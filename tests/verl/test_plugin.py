@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from dcgrpo.algorithm import advantage, discrepancy, methods
+from dcgrpo.algorithm.step import DC_METRIC_KEYS, SHAPING_KEYS, method_hparams
 from dcgrpo.config import ConfigError, load_config
 from dcgrpo.verl_plugin import TRAINER_NAME
 from dcgrpo.verl_plugin.config import TRAIN_MAIN, render_overrides
@@ -112,7 +113,7 @@ def test_shape_batch_equals_algorithm(method, seed):
     d = discrepancy.token_discrepancy(b["old_log_probs"], b["rollout_log_probs"], mask, mcfg.discrepancy)
     seq_adv = advantage.grpo_advantage(b["token_level_rewards"].sum(-1), list(data.non_tensor_batch["uid"]))
     want = methods.shape_advantages(
-        method, seq_adv, d, b["old_log_probs"], b["rollout_log_probs"], mask, plugin.method_hparams(mcfg, lam)
+        method, seq_adv, d, b["old_log_probs"], b["rollout_log_probs"], mask, method_hparams(mcfg, lam)
     )
     assert fields["advantages"].shape == mask.shape == (16, 9)
     torch.testing.assert_close(fields["advantages"], want.advantages, rtol=0, atol=0)
@@ -120,10 +121,28 @@ def test_shape_batch_equals_algorithm(method, seed):
     assert ("rollout_is_weights" in fields) == (want.is_weights is not None)
     if want.is_weights is not None:
         torch.testing.assert_close(fields["rollout_is_weights"], want.is_weights, rtol=0, atol=0)
-    assert ("response_mask" in fields) == (method == "mis")
-    torch.testing.assert_close(stats["discrepancy_mean"], discrepancy.masked_mean(d, mask))
+    assert ("response_mask" in fields) == (not torch.equal(want.mask, mask))  # MIS dropped sequences
+    torch.testing.assert_close(stats["dc/discrepancy_mean"], discrepancy.masked_mean(d, mask))
+    assert set(stats) == set(SHAPING_KEYS)  # the kernel's keys: the built-in loop logs the same
     if method in ("dc-grpo", "dual-grpo"):  # the penalty really moved the advantages
         assert (fields["advantages"] - seq_adv[:, None] * mask).abs().max() > 1e-3
+
+
+def test_a_registered_method_shapes_verls_batch_through_the_config_alone():
+    """The twin of the built-in loop's test: register a method, name it in the config, and the verl trainer's
+    advantage uses it (no edit to the plugin or the config module)."""
+
+    def halved(seq_adv, d, logp_train, logp_infer, mask, hp):
+        return methods.ShapedBatch(0.5 * seq_adv[:, None] * mask, mask, None)
+
+    methods.register_method("test-halved-grpo")(halved)
+    try:
+        data = _batch(0)
+        fields, _ = plugin.shape_batch(data, _cfg(**{"method.name": "test-halved-grpo"}).method, 0.0)
+        grpo, _ = plugin.shape_batch(data, _cfg(**{"method.name": "grpo"}).method, 0.0)
+        torch.testing.assert_close(fields["advantages"], 0.5 * grpo["advantages"])
+    finally:
+        methods.METHODS.pop("test-halved-grpo")
 
 
 def test_missing_rollout_log_probs_names_the_setting():
@@ -163,8 +182,9 @@ def test_multiplier_updates_and_round_trips_through_checkpoint(tmp_path):
     path = trainer.save_dc_state(trainer._save_folder())
     assert path == str(tmp_path / "global_step_3" / plugin.CHECKPOINT_FILE)
     assert trainer.multiplier.value == 0.5
-    assert trainer.dual_step() == pytest.approx(0.9)  # what on_step_end does after the weight sync
-    assert trainer._step_discrepancy is None and trainer.dual_step() == pytest.approx(0.9)  # once per step
+    dual = trainer.dual_step()  # what on_step_end does after the weight sync
+    assert dual == {"dc/violation": pytest.approx(0.04), "dc/lambda_next": pytest.approx(0.9)}
+    assert trainer._step_discrepancy is None and trainer.dual_step() == {"dc/lambda_next": pytest.approx(0.9)}
 
     resumed = plugin.DCGRPOTrainer(_verl_config(cfg, tmp_path))
     resumed.global_steps = 3  # as verl's _load_checkpoint sets it from global_step_3
@@ -181,7 +201,7 @@ def test_multiplier_updates_and_round_trips_through_checkpoint(tmp_path):
 def test_fixed_lambda_methods_do_not_move_lambda(tmp_path):
     trainer = plugin.DCGRPOTrainer(_verl_config(_cfg(**{"method.name": "dual-grpo"}), tmp_path))
     trainer._step_discrepancy = 1.0
-    assert trainer.dual_step() == 0.5
+    assert trainer.dual_step()["dc/lambda_next"] == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +257,14 @@ def test_compute_advantage_override_through_transfer_queue(transfer_queue, tmp_p
         "dc/discrepancy_mean",
         "dc/discrepancy_max",
         "dc/discrepancy_p99",
-        "dc/violation",
         "dc/penalty_mean",
     }
     assert metrics["dc/lambda"] == 0.5 and isinstance(metrics["dc/discrepancy_mean"], float)
-    assert metrics["dc/discrepancy_mean"] == pytest.approx(float(stats["discrepancy_mean"]))
-    assert metrics["dc/violation"] == pytest.approx(metrics["dc/discrepancy_mean"] - 2e-3)
+    assert metrics["dc/discrepancy_mean"] == pytest.approx(float(stats["dc/discrepancy_mean"]))
     assert trainer._step_discrepancy == metrics["dc/discrepancy_mean"]  # pending for on_step_end
+    dual = trainer.dual_step()  # on_step_end: the rest of the step's dc/* keys
+    assert dual["dc/violation"] == pytest.approx(metrics["dc/discrepancy_mean"] - 2e-3)
+    assert set(metrics) | set(dual) >= set(DC_METRIC_KEYS)
     tq.kv_clear(keys=keys, partition_id="train")
 
 

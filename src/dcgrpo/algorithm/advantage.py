@@ -85,7 +85,7 @@ def dc_penalized_advantage(
     discrepancy: Tensor,
     mask: Tensor,
     lam: float | Tensor,
-    margin: float = 0.0,
+    margin: float,
 ) -> Tensor:
     """DC-GRPO penalised token advantage (Eq. 8-10).
 
@@ -116,7 +116,7 @@ def token_log_ratio(logp_train: Tensor, logp_infer: Tensor, mask: Tensor) -> Ten
     return (logp_train - logp_infer) * mask.to(logp_train.dtype)
 
 
-def tis_weights(logp_train: Tensor, logp_infer: Tensor, mask: Tensor, threshold: float = 2.0) -> Tensor:
+def tis_weights(logp_train: Tensor, logp_infer: Tensor, mask: Tensor, threshold: float) -> Tensor:
     """Token-level truncated importance sampling (TIS) weights.
 
     w_t = min(p_train / p_infer, C), 0 on padding; as verl's
@@ -129,7 +129,7 @@ def tis_weights(logp_train: Tensor, logp_infer: Tensor, mask: Tensor, threshold:
     return w.clamp(max=threshold).detach()
 
 
-def icepop_weights(logp_train: Tensor, logp_infer: Tensor, mask: Tensor, low: float = 0.5, high: float = 5.0) -> Tensor:
+def icepop_weights(logp_train: Tensor, logp_infer: Tensor, mask: Tensor, low: float, high: float) -> Tensor:
     """IcePop token weights: the ratio where it lies in [low, high], else 0.
 
     As verl's ``rollout_is=token, rollout_is_threshold="low_high"``
@@ -148,9 +148,9 @@ def mis_weights_and_mask(
     logp_train: Tensor,
     logp_infer: Tensor,
     mask: Tensor,
-    threshold: float = 2.0,
-    low: float = 0.5,
-    high: float = 2.0,
+    threshold: float,
+    low: float,
+    high: float,
 ) -> tuple[Tensor, Tensor]:
     """Sequence-level masked importance sampling (MIS).
 

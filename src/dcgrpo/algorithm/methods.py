@@ -17,31 +17,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from dcgrpo.algorithm.advantage import (
-    dc_penalized_advantage,
-    icepop_weights,
-    mis_weights_and_mask,
-    tis_weights,
-)
-
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # torch only where a method runs: the config checks names against this registry without it
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
 class MethodHParams:
-    """Scalars a method may read; built by the caller from the one config."""
+    """Scalars a method may read. No defaults here: ``dcgrpo.algorithm.step.method_hparams`` builds them from
+    the config's ``method`` section, where the defaults live."""
 
-    lam: float = 0.0
-    margin: float = 0.0
-    tis_threshold: float = 2.0
-    mis_threshold: float = 2.0
-    mis_low: float = 0.5
-    mis_high: float = 2.0
-    icepop_low: float = 0.5
-    icepop_high: float = 5.0
+    lam: float
+    margin: float
+    tis_threshold: float
+    mis_threshold: float
+    mis_low: float
+    mis_high: float
+    icepop_low: float
+    icepop_high: float
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,7 @@ class ShapedBatch:
     is_weights: Tensor | None  # (B, T) detached rollout-correction weights, or None
 
 
-ShapeFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, MethodHParams], ShapedBatch]
+ShapeFn = Callable[["Tensor", "Tensor", "Tensor", "Tensor", "Tensor", MethodHParams], ShapedBatch]
 
 
 @dataclass(frozen=True)
@@ -93,6 +87,8 @@ def _grpo(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> Shaped
 
 
 def _penalised(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
+    from dcgrpo.algorithm.advantage import dc_penalized_advantage
+
     adv = dc_penalized_advantage(seq_adv, d, mask, hp.lam, hp.margin)  # Eq. 8-10
     return ShapedBatch(adv, mask, None)
 
@@ -103,18 +99,24 @@ register_method("dc-grpo", penalised=True, dual_ascent=True)(_penalised)
 
 @register_method("tis")
 def _tis(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
+    from dcgrpo.algorithm.advantage import tis_weights
+
     w = tis_weights(logp_train, logp_infer, mask, hp.tis_threshold)
     return ShapedBatch(_broadcast(seq_adv, mask), mask, w)
 
 
 @register_method("mis")
 def _mis(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
+    from dcgrpo.algorithm.advantage import mis_weights_and_mask
+
     w, kept = mis_weights_and_mask(logp_train, logp_infer, mask, hp.mis_threshold, hp.mis_low, hp.mis_high)
     return ShapedBatch(_broadcast(seq_adv, kept), kept, w)
 
 
 @register_method("icepop")
 def _icepop(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
+    from dcgrpo.algorithm.advantage import icepop_weights
+
     w = icepop_weights(logp_train, logp_infer, mask, hp.icepop_low, hp.icepop_high)
     return ShapedBatch(_broadcast(seq_adv, mask), mask, w)
 

@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dcgrpo import storage
-from dcgrpo.algorithm.advantage import grpo_advantage
-from dcgrpo.algorithm.discrepancy import masked_mean, masked_stats, token_discrepancy, valid_token_mask
+from dcgrpo.algorithm.discrepancy import masked_mean
 from dcgrpo.algorithm.dual import LagrangeMultiplier
 from dcgrpo.algorithm.loss import ppo_clip_loss
-from dcgrpo.algorithm.methods import MethodHParams, get_method, shape_advantages
+from dcgrpo.algorithm.methods import get_method
+from dcgrpo.algorithm.step import dual_step, shape_step
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template
@@ -88,11 +88,11 @@ class PromptSampler:
         self._perm = self._permutation()
 
 
-def heldout_accuracy(engine: VLLMEngine, rows: list[dict], max_tokens: int) -> float:
+def heldout_accuracy(engine: VLLMEngine, rows: list[dict], max_tokens: int, reward=None) -> float:
     """Greedy accuracy on ``rows`` with the deploy engine and the project's reward."""
     prompts = [apply_chat_template(engine.tokenizer, r["prompt"]) for r in rows]
     outs = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
-    scores = score_batch([o[0].text for o in outs], [str(r["reward_model"]["ground_truth"]) for r in rows])
+    scores = score_batch([o[0].text for o in outs], [str(r["reward_model"]["ground_truth"]) for r in rows], reward)
     return sum(scores) / max(len(scores), 1)
 
 
@@ -193,11 +193,9 @@ def train(
         engine.sync_weights(policy.state_dict())
     tok = policy.tokenizer
     P, G = tc.prompts_per_batch, tc.group_size
-    hp_static = dict(margin=mc.margin, tis_threshold=mc.tis_threshold, mis_threshold=mc.mis_threshold,
-                     mis_low=mc.mis_low, mis_high=mc.mis_high, icepop_low=mc.icepop_low, icepop_high=mc.icepop_high)  # fmt: skip
     new_history: list[dict[str, float]] = []
     if val_rows and step == 0:
-        acc0 = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length)
+        acc0 = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length, cfg.reward)
         new_history.append({"step": 0, "val/accuracy": acc0})
         if run is not None:
             run.log_metrics({"val/accuracy": acc0}, step=0)
@@ -224,7 +222,7 @@ def train(
             # ---- 2. reward: math-verify on the decoded completions ----
             t0 = time.perf_counter()
             truths = [str(r["reward_model"]["ground_truth"]) for r in batch_rows for _ in range(G)]
-            rewards = torch.tensor(score_batch([g.text for g in gens], truths), dtype=torch.float32)  # (B,)
+            rewards = torch.tensor(score_batch([g.text for g in gens], truths, cfg.reward), dtype=torch.float32)  # (B,)
             reward_s = time.perf_counter() - t0
 
             # ---- 3. recompute: log p_train of the same tokens with the training engine ----
@@ -239,15 +237,10 @@ def train(
                 logp_old, _ = policy.logprobs(batch, cfg.rollout.temperature)  # (B, T)
             recompute_s = time.perf_counter() - t0
 
-            # ---- 4. discrepancy d_t = |p_train - p_inf| (Eq. 5-7); NaN/inf tokens leave the mask ----
-            mask = valid_token_mask(logp_old, logp_infer, batch.response_mask.to(policy.device))  # (B, T)
-            d = token_discrepancy(logp_old, logp_infer, mask, mc.discrepancy)  # (B, T)
-            d_stats = masked_stats(d, mask)
-
-            # ---- 5. GRPO advantage, then 6. the method's shaping (DC-GRPO: A - lam * d) ----
-            seq_adv = grpo_advantage(rewards.to(policy.device), group_ids, tc.norm_adv_by_std)  # (B,)
-            hp = MethodHParams(lam=lam.value, **hp_static)
-            shaped = shape_advantages(mc.name, seq_adv, d, logp_old, logp_infer, mask, hp)
+            # ---- 4-6. d_t (Eq. 5-7), GRPO advantage, the method's shaping (DC-GRPO: A - lam * d): the kernel ----
+            step_out = shape_step(rewards, group_ids, logp_old, logp_infer, batch.response_mask.to(policy.device),
+                                  mc, lam.value, tc.norm_adv_by_std)  # fmt: skip
+            shaped = step_out.shaped
 
             # ---- 7. PPO-clip updates over prompt-group mini-batches ----
             t0 = time.perf_counter()
@@ -285,19 +278,14 @@ def train(
             sync_s = time.perf_counter() - t0
 
             # ---- 9. dual ascent on lambda (Eq. 11): up when over budget, down to 0 when under ----
-            d_mean = float(d_stats["mean"])  # host sync
-            if method.dual_ascent:
-                lam.update(d_mean)
+            d_mean = float(step_out.discrepancy_mean)  # host sync
+            dual = dual_step(lam, mc.name, d_mean)
 
             # ---- 10. log: tensors become floats here, once per step ----
             lengths = batch.response_mask.sum(-1)
             metrics = scalarize({
-                "dc/lambda": lam.value,
-                "dc/discrepancy_mean": d_stats["mean"],
-                "dc/discrepancy_max": d_stats["max"],
-                "dc/discrepancy_p99": d_stats["p99"],
-                "dc/discrepancy_std": d_stats["std"],
-                "dc/violation": lam.violation(d_mean),
+                **step_out.metrics,
+                **dual,
                 "reward/mean": rewards.mean(),
                 "reward/accuracy": (rewards > 0.5).float().mean(),
                 "actor/pg_loss": torch.stack(upd["pg_loss"]).mean(),
@@ -315,8 +303,8 @@ def train(
                 "timing/sync_s": sync_s,
                 "timing/step_s": time.perf_counter() - t_step,
             })  # fmt: skip
-            if run is not None:
-                run.log_metrics(metrics, step=step)
+            if run is not None and (step % cfg.tracking.log_every == 0 or step % tc.steps_per_round == 0):
+                run.log_metrics(metrics, step=step)  # every log_every steps and every round's last
             new_history.append({"step": step, **metrics})
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", lam=f"{lam.value:.3g}", d=f"{d_mean:.2e}")
@@ -324,7 +312,7 @@ def train(
             # ---- 11. round end: held-out accuracy, checkpoint, plot, strict metric flush ----
             if step % tc.steps_per_round == 0:
                 if val_rows:
-                    acc = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length)
+                    acc = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length, cfg.reward)
                     new_history[-1]["val/accuracy"] = acc
                     if run is not None:
                         run.log_metrics({"val/accuracy": acc}, step=step)
@@ -373,8 +361,9 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
     out = {}
     if steps:
         last = steps[-1]
-        for k in ("dc/lambda", "dc/discrepancy_mean", "dc/discrepancy_max", "reward/mean", "timing/step_s"):
+        for k in ("dc/discrepancy_mean", "dc/discrepancy_max", "reward/mean", "timing/step_s"):
             out[k] = last[k]
+        out["dc/lambda"] = last.get("dc/lambda_next", last["dc/lambda"])  # lambda after the last step
         out["reward/mean_avg"] = sum(h["reward/mean"] for h in steps) / len(steps)
         out["timing/step_s_avg"] = sum(h["timing/step_s"] for h in steps) / len(steps)
     if vals:

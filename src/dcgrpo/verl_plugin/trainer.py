@@ -37,10 +37,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pydantic import ValidationError
 
-from dcgrpo.algorithm.advantage import grpo_advantage
-from dcgrpo.algorithm.discrepancy import masked_mean, masked_stats, token_discrepancy
 from dcgrpo.algorithm.dual import LagrangeMultiplier
-from dcgrpo.algorithm.methods import MethodHParams, get_method, shape_advantages
+from dcgrpo.algorithm.methods import get_method
+from dcgrpo.algorithm.step import dual_step, shape_step
 from dcgrpo.config import ConfigError, MethodConfig
 from dcgrpo.verl_plugin import CONFIG_KEY, TRAINER_NAME
 from dcgrpo.verl_plugin.launch import read_stop_step
@@ -79,20 +78,6 @@ def method_config_from_verl(algorithm: DictConfig | dict | None) -> MethodConfig
         raise ConfigError(f"invalid verl config for the {TRAINER_NAME} trainer: {errors}") from None
 
 
-def method_hparams(cfg: MethodConfig, lam: float) -> MethodHParams:
-    """The scalars the method registry reads, unpacked from the config once."""
-    return MethodHParams(
-        lam=lam,
-        margin=cfg.margin,
-        tis_threshold=cfg.tis_threshold,
-        mis_threshold=cfg.mis_threshold,
-        mis_low=cfg.mis_low,
-        mis_high=cfg.mis_high,
-        icepop_low=cfg.icepop_low,
-        icepop_high=cfg.icepop_high,
-    )
-
-
 def shape_batch(
     data: DataProto, cfg: MethodConfig, lam: float, norm_by_std: bool = True
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -111,8 +96,8 @@ def shape_batch(
         (fields, stats). fields: ``advantages`` and ``returns`` (B, T) (as
         verl's GRPO, returns = advantages), plus ``response_mask`` when the
         method drops sequences and ``rollout_is_weights`` when it weights
-        tokens. stats: 0-d tensors ``discrepancy_{mean,max,p99,std}`` and
-        ``penalty_mean`` (mean lam * d over response tokens).
+        tokens. stats: 0-d tensors under ``dcgrpo.algorithm.step.SHAPING_KEYS`` (``dc/discrepancy_*``,
+        ``dc/penalty_mean``, ``dc/lambda``): the kernel the built-in loop calls too.
     """
     for key in ("response_mask", "old_log_probs", "rollout_log_probs", "token_level_rewards"):
         if key not in data.batch.keys():
@@ -122,23 +107,14 @@ def shape_batch(
     logp_train = data.batch["old_log_probs"].to(torch.float32)  # (B, T) FSDP/Megatron recompute
     logp_infer = data.batch["rollout_log_probs"].to(torch.float32)  # (B, T) vLLM at sampling time
     rewards = data.batch["token_level_rewards"].sum(-1)  # (B,) outcome reward sits on the last token
-
-    # discrepancy (Eq. 5-7)
-    d = token_discrepancy(logp_train, logp_infer, mask, cfg.discrepancy)  # (B, T)
-    stats = {f"discrepancy_{k}": v for k, v in masked_stats(d, mask).items()}
-    # GRPO outcome advantage per prompt group (Eq. 3)
-    seq_adv = grpo_advantage(rewards, list(data.non_tensor_batch["uid"]), norm_by_std=norm_by_std)  # (B,)
-    # the method's shaping, through the registry (Eq. 8-10 for dc-grpo / dual-grpo)
-    method = get_method(cfg.name)
-    shaped = shape_advantages(cfg.name, seq_adv, d, logp_train, logp_infer, mask, method_hparams(cfg, lam))
-    stats["penalty_mean"] = masked_mean(lam * d, mask) if method.penalised else d.new_zeros(())
-
+    out = shape_step(rewards, list(data.non_tensor_batch["uid"]), logp_train, logp_infer, mask, cfg, lam, norm_by_std)
+    shaped = out.shaped
     fields = {"advantages": shaped.advantages, "returns": shaped.advantages}
-    if shaped.mask is not mask:
+    if not torch.equal(shaped.mask, mask):  # a method dropped sequences, or NaN/inf tokens left the mask
         fields["response_mask"] = shaped.mask.to(data.batch["response_mask"].dtype)
     if shaped.is_weights is not None:
         fields["rollout_is_weights"] = shaped.is_weights
-    return fields, stats
+    return fields, out.metrics
 
 
 @register_trainer(TRAINER_NAME)
@@ -196,12 +172,9 @@ class DCGRPOTrainer(PPOTrainerSync):
         lam = self.multiplier.value
         out, stats = shape_batch(data, self.dc_method, lam, self.config.algorithm.get("norm_adv_by_std_in_grpo", True))
 
-        # metrics: floats once per step (host sync)
-        d_mean = float(stats["discrepancy_mean"])
-        self._step_discrepancy = d_mean
-        metrics.update({f"dc/{k}": float(v) for k, v in stats.items()})
-        metrics["dc/lambda"] = lam
-        metrics["dc/violation"] = self.multiplier.violation(d_mean)
+        # metrics: floats once per step (host sync); dc/violation and dc/lambda_next come with the dual step
+        metrics.update({k: float(v) for k, v in stats.items()})
+        self._step_discrepancy = metrics["dc/discrepancy_mean"]
 
         nested_out = {k: response_to_nested(v, response_mask) for k, v in out.items()}
         return tq.kv_batch_put(
@@ -219,17 +192,19 @@ class DCGRPOTrainer(PPOTrainerSync):
     # ---- dual step: once per training step, after the weight sync -----------------------
     def on_step_end(self) -> None:
         super().on_step_end()  # syncs the new weights to the rollout replicas
-        lam_next = self.dual_step()
+        dual = self.dual_step()
         # verl merges these into this step's metrics right after on_step_end
         pending = getattr(self, "_pending_sync_metrics", None) or {}
-        self._pending_sync_metrics = {**pending, "dc/lambda_next": lam_next}
+        self._pending_sync_metrics = {**pending, **dual}
 
-    def dual_step(self) -> float:
-        """One projected dual-ascent step on this step's mean d (Eq. 11), if the method has one."""
-        if self._step_discrepancy is not None and get_method(self.dc_method.name).dual_ascent:
-            self.multiplier.update(self._step_discrepancy)
+    def dual_step(self) -> dict[str, float]:
+        """One projected dual-ascent step on this step's mean d (Eq. 11, ``dcgrpo.algorithm.step.dual_step``):
+        ``dc/violation`` and ``dc/lambda_next``. Once per step: a second call only reports lambda."""
+        if self._step_discrepancy is None:
+            return {"dc/lambda_next": self.multiplier.value}
+        out = dual_step(self.multiplier, self.dc_method.name, self._step_discrepancy)
         self._step_discrepancy = None
-        return self.multiplier.value
+        return out
 
     # ---- checkpoints ----------------------------------------------------------------------
     def multiplier_after_step(self) -> LagrangeMultiplier:
