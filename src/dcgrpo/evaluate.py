@@ -217,68 +217,68 @@ def evaluate(
     )
     samples: list[dict[str, Any]] = []
     with _engine_for(model_path, cfg, engine) as eng:
-        from dcgrpo.engines.vllm_engine import apply_chat_template, encode_prompt
-
         total = sum(len(rows) * (cfg.eval.k_for(b) + cfg.eval.greedy_pass1) for b, rows in data.items())
         bar = tqdm(total=total, desc="evaluate", unit="sample", disable=not progress, dynamic_ncols=True)
         for bench, rows in data.items():
-            tb = time.perf_counter()
-            k = cfg.eval.k_for(bench)
-            bar.set_postfix_str(bench)
-            prompts, answers, fits = [], [], []
-            for r in rows:
-                p = apply_chat_template(
-                    eng.tokenizer, [{"role": "user", "content": build_prompt(r, cfg.data.prompt_template)}]
-                )
-                ok = len(encode_prompt(eng.tokenizer, p)) + cfg.eval.max_tokens <= cfg.eval.max_model_len
-                fits.append(ok)
-                if ok:
-                    prompts.append(p)
-                    answers.append(r["answer"])
-            too_long = len(rows) - len(prompts)
-            if too_long:
-                log.warning(
-                    "%s: %d of %d prompts do not fit max_model_len=%d; scored 0",
-                    bench,
-                    too_long,
-                    len(rows),
-                    cfg.eval.max_model_len,
-                )
-                bar.update(too_long * (k + cfg.eval.greedy_pass1))
-            tg = time.perf_counter()
-            sampled, tokens, truncated = _generate_scored(
-                eng, prompts, answers, n=k, temperature=cfg.eval.temperature, cfg=cfg, progress=bar
-            )
-            greedy = None
-            if cfg.eval.greedy_pass1:
-                greedy, gtok, _ = _generate_scored(eng, prompts, answers, n=1, temperature=0.0, cfg=cfg, progress=bar)
-                tokens += gtok
-            report.generate_s += time.perf_counter() - tg
-            # Problems that did not fit score 0 (keeps the denominator = all problems).
-            it = iter(range(len(prompts)))
-            per_problem, greedy_problem = [], []
-            for r, ok in zip(rows, fits, strict=True):
-                j = next(it) if ok else None
-                mean = sum(sampled[j]) / k if ok else 0.0
-                per_problem.append(mean)
-                g = greedy[j][0] if (ok and greedy is not None) else 0.0
-                greedy_problem.append(g)
-                samples.append({"benchmark": bench, "id": r["id"], "answer": r["answer"], "fits": ok,
-                                "scores": sampled[j] if ok else [], "greedy": g if greedy is not None else None})  # fmt: skip
-            n = len(rows)
-            avg = sum(per_problem) / n
-            res = BenchResult(bench, n, k, avg, wilson_interval(avg, n), too_long=too_long,
-                              generated_tokens=tokens, truncated=truncated)  # fmt: skip
-            if greedy is not None:
-                res.pass1_greedy = sum(greedy_problem) / n
-                res.pass1_greedy_ci95 = wilson_interval(res.pass1_greedy, n)
-            res.seconds = time.perf_counter() - tb
+            res, generate_s = _evaluate_benchmark(eng, cfg, bench, rows, bar, samples)
             report.results.append(res)
-            report.generated_tokens += tokens
+            report.generate_s += generate_s
+            report.generated_tokens += res.generated_tokens
         bar.close()
     report.wall_s = time.perf_counter() - t0
     _write_outputs(report, samples, out_dir, run)
     return report
+
+
+def _evaluate_benchmark(eng, cfg: RunConfig, bench: str, rows: list[dict], bar, samples: list[dict]):
+    """avg@k (and greedy pass@1) of one benchmark; problems whose prompt does not fit score 0. Appends each
+    problem's scores to ``samples``; returns (its ``BenchResult``, seconds spent generating)."""
+    from dcgrpo.engines.vllm_engine import apply_chat_template, encode_prompt
+
+    tb = time.perf_counter()
+    k = cfg.eval.k_for(bench)
+    bar.set_postfix_str(bench)
+    prompts, answers, fits = [], [], []
+    for r in rows:
+        p = apply_chat_template(eng.tokenizer, [{"role": "user", "content": build_prompt(r, cfg.data.prompt_template)}])
+        ok = len(encode_prompt(eng.tokenizer, p)) + cfg.eval.max_tokens <= cfg.eval.max_model_len
+        fits.append(ok)
+        if ok:
+            prompts.append(p)
+            answers.append(r["answer"])
+    too_long = len(rows) - len(prompts)
+    if too_long:
+        log.warning("%s: %d of %d prompts do not fit max_model_len=%d; scored 0", bench, too_long, len(rows),
+                    cfg.eval.max_model_len)  # fmt: skip
+        bar.update(too_long * (k + cfg.eval.greedy_pass1))
+    tg = time.perf_counter()
+    sampled, tokens, truncated = _generate_scored(
+        eng, prompts, answers, n=k, temperature=cfg.eval.temperature, cfg=cfg, progress=bar
+    )
+    greedy = None
+    if cfg.eval.greedy_pass1:
+        greedy, gtok, _ = _generate_scored(eng, prompts, answers, n=1, temperature=0.0, cfg=cfg, progress=bar)
+        tokens += gtok
+    generate_s = time.perf_counter() - tg
+    # Problems that did not fit score 0 (keeps the denominator = all problems).
+    it = iter(range(len(prompts)))
+    per_problem, greedy_problem = [], []
+    for r, ok in zip(rows, fits, strict=True):
+        j = next(it) if ok else None
+        per_problem.append(sum(sampled[j]) / k if ok else 0.0)
+        g = greedy[j][0] if (ok and greedy is not None) else 0.0
+        greedy_problem.append(g)
+        samples.append({"benchmark": bench, "id": r["id"], "answer": r["answer"], "fits": ok,
+                        "scores": sampled[j] if ok else [], "greedy": g if greedy is not None else None})  # fmt: skip
+    n = len(rows)
+    avg = sum(per_problem) / n
+    res = BenchResult(bench, n, k, avg, wilson_interval(avg, n), too_long=too_long,
+                      generated_tokens=tokens, truncated=truncated)  # fmt: skip
+    if greedy is not None:
+        res.pass1_greedy = sum(greedy_problem) / n
+        res.pass1_greedy_ci95 = wilson_interval(res.pass1_greedy, n)
+    res.seconds = time.perf_counter() - tb
+    return res, generate_s
 
 
 class _engine_for:
@@ -291,7 +291,7 @@ class _engine_for:
     def __enter__(self):
         if self.engine is not None:
             return self.engine
-        from dcgrpo.engines.vllm_engine import VLLMEngine
+        from dcgrpo.engines.vllm_engine import engine_from_config
         from dcgrpo.models import check_model_files
 
         path = str(self.model_path)
@@ -301,17 +301,7 @@ class _engine_for:
         elif not Path(path).is_dir():
             raise FileNotFoundError(f"model {path}: no such directory")
         check_model_files(path, str(self.model_path))  # a corrupt shard fails here, named, not inside vLLM
-        self.engine = VLLMEngine(
-            path,
-            self.cfg.rollout.precision,
-            seed=self.cfg.rollout.seed,
-            max_model_len=self.cfg.eval.max_model_len,
-            cpu_kv_cache_gib=self.cfg.rollout.cpu_kv_cache_gib,
-            gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization,
-            keep_high_precision=self.cfg.export.keep_high_precision,
-            fp8_block_size=self.cfg.export.block_size,
-            fp8_scheme=self.cfg.export.scheme,
-        )
+        self.engine = engine_from_config(self.cfg, path, self.cfg.eval.max_model_len)
         return self.engine
 
     def __exit__(self, *exc) -> None:

@@ -202,3 +202,14 @@ def _read_safetensors(model_dir: str) -> dict[str, torch.Tensor]:
     for f in files:
         sd.update(load_file(str(f)))
     return sd
+
+
+def engine_from_config(cfg, model_dir: str, max_model_len: int) -> VLLMEngine:
+    """The deploy engine of a run config: rollout precision and FP8 scheme (the export's), seed and memory settings.
+    The one constructor: training (``train.rl.make_engine``) and evaluation differ only in ``max_model_len``."""
+    return VLLMEngine(
+        model_dir, cfg.rollout.precision, seed=cfg.rollout.seed, max_model_len=max_model_len,
+        cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        keep_high_precision=cfg.export.keep_high_precision, fp8_block_size=cfg.export.block_size,
+        fp8_scheme=cfg.export.scheme,
+    )  # fmt: skip

@@ -37,7 +37,7 @@ from dcgrpo.algorithm.methods import get_method
 from dcgrpo.algorithm.step import dual_step, shape_step
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
-from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template
+from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template, engine_from_config
 from dcgrpo.reward import score_batch
 from dcgrpo.tracking import plot_curves, scalarize
 from dcgrpo.train import checkpoint as ckpt
@@ -102,207 +102,74 @@ def rounds_left(train_cfg, step: int) -> int:
 
 
 def make_engine(cfg, model_dir: str) -> VLLMEngine:
-    return VLLMEngine(
-        model_dir,
-        cfg.rollout.precision,
-        seed=cfg.rollout.seed,
-        max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_response_length + 16,
-        cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        keep_high_precision=cfg.export.keep_high_precision,
-        fp8_block_size=cfg.export.block_size,
-        fp8_scheme=cfg.export.scheme,
-    )
+    """The deploy engine sized for training: the longest prompt plus the longest response."""
+    return engine_from_config(cfg, model_dir, cfg.data.max_prompt_length + cfg.rollout.max_response_length + 16)
 
 
 def train(
-    cfg,
-    *,
-    model_dir: str | Path,
-    train_path: str | Path,
-    out_dir: str | Path,
-    resume_from: str | ckpt.LoadedCheckpoint | None = None,
-    run=None,
-    rounds: int | None = None,
-    val_path: str | Path | None = None,
-    engine: VLLMEngine | None = None,
-    progress: bool = True,
-    rows: list[dict] | None = None,
-    val_rows: list[dict] | None = None,
-) -> TrainResult:
-    """Run DC-GRPO (or any registered method) for ``rounds`` rounds.
+    cfg, *, model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
+    resume_from: str | ckpt.LoadedCheckpoint | None = None, run=None, rounds: int | None = None,
+    val_path: str | Path | None = None, engine: VLLMEngine | None = None, progress: bool = True,
+    rows: list[dict] | None = None, val_rows: list[dict] | None = None,
+) -> TrainResult:  # fmt: skip
+    """Run DC-GRPO (or any registered method) for ``rounds`` rounds (default: the rest of ``cfg.train.rounds``).
 
-    Args:
-        cfg: the ``RunConfig``.
-        model_dir: HF model directory to start from (ignored when resuming).
-        train_path: training parquet (verl schema), local or s3://.
-        out_dir: where ``checkpoints/`` and ``plots/`` go, local or s3://.
-        resume_from: a checkpoint (or a ``checkpoints/`` dir) to continue, or one already loaded
-            (``train_job`` loads it before creating the MLflow run, to fail before any trace).
-        run: a ``dcgrpo.tracking.Run`` to log to (None: log nowhere but the history).
-        rounds: rounds to run in this call (default: the rest of ``cfg.train.rounds``).
-        val_path: held-out parquet; greedy accuracy is measured before the first
-            round and after each (``val/accuracy``).
-        engine: an existing ``VLLMEngine`` to reuse (weights are synced into it).
-        rows, val_rows: ``train_path``'s / ``val_path``'s rows when the caller has read them already.
+    ``model_dir``: the HF model to start from (ignored when resuming); ``train_path``/``val_path``: parquet (verl
+    schema), local or s3:// (``rows``/``val_rows`` when already read); held-out greedy accuracy is measured before
+    the first round and after each. ``out_dir``: where ``checkpoints/`` and ``plots/`` go, local or s3://.
+    ``resume_from``: a checkpoint (or ``checkpoints/`` dir) to continue, or one already loaded (``train_job`` loads
+    it before creating the MLflow run). ``run``: a ``dcgrpo.tracking.Run`` (None: only the returned history).
+    ``engine``: an open ``VLLMEngine`` to reuse (the policy's weights are synced into it).
     """
     tc, mc = cfg.train, cfg.method
-    method = get_method(mc.name)
     if tc.kl_loss_coef > 0:
         raise ValueError("train.kl_loss_coef > 0 is not supported by the built-in loop (the paper trains without KL)")
-    out_dir = str(out_dir)
-    endpoint = cfg.storage.s3_endpoint_url
-    cache_dir = Path(tempfile.mkdtemp(prefix="dcgrpo-train-"))
+    out_dir, endpoint = str(out_dir), cfg.storage.s3_endpoint_url
     rows = read_rows(train_path, endpoint) if rows is None else rows
-    if val_rows is None:
-        val_rows = read_rows(val_path, endpoint) if val_path else []
-
-    # ---- state: policy, optimiser, multiplier, data cursor (fresh or resumed) ----
-    lam = LagrangeMultiplier(mc.lambda_init, mc.dual_lr if method.dual_ascent else 0.0, mc.budget, mc.lambda_max)
-    sampler = PromptSampler(len(rows), cfg.data.seed + tc.seed)
-    step, history = 0, []
-    loaded = resume_from
-    if isinstance(resume_from, str | Path):
-        loaded = ckpt.load_checkpoint(str(resume_from), cache_dir, endpoint)
-    policy = HFEngine(str(loaded.local_dir if loaded else model_dir), tc.train_precision)
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    if loaded:
-        if loaded.state["config_hash"] != cfg.config_hash():
-            log.warning(
-                "resuming %s written with config %s (now %s)",
-                loaded.uri,
-                loaded.state["config_hash"],
-                cfg.config_hash(),
-            )
-        ckpt.optimizer_from_tensors(opt, loaded.optimizer_tensors, loaded.state["optimizer"])
-        lam.load_state_dict(loaded.state["lambda"])
-        sampler.load_state_dict(loaded.state["data_cursor"])
-        ckpt.set_rng_state(loaded.state["rng"])
-        step = int(loaded.state["step"])
-        history = list(loaded.state.get("history", []))
-        log.info("resumed %s at step %d, lambda %.4g", loaded.uri, step, lam.value)
-        if run is not None:  # steps after the checkpoint the crashed process already sent are not sent twice
-            run.skip_logged_after(step)
-    rounds = rounds_left(tc, step) if rounds is None else rounds
+    val_rows = (read_rows(val_path, endpoint) if val_path else []) if val_rows is None else val_rows
+    st = _initial_state(cfg, model_dir, resume_from, len(rows), run)  # fresh, or exactly where a checkpoint left
+    rounds = rounds_left(tc, st.step) if rounds is None else rounds
     if rounds <= 0:
-        raise ValueError(f"nothing to do: {step // tc.steps_per_round} of {tc.rounds} rounds already done")
+        raise ValueError(f"nothing to do: {st.step // tc.steps_per_round} of {tc.rounds} rounds already done")
     own_engine = engine is None
-    if engine is None:
-        engine = make_engine(cfg, str(loaded.local_dir if loaded else model_dir))
-    else:
-        engine.sync_weights(policy.state_dict())
-    tok = policy.tokenizer
-    P, G = tc.prompts_per_batch, tc.group_size
+    engine = make_engine(cfg, st.weights_dir) if own_engine else engine
+    if not own_engine:
+        engine.sync_weights(st.policy.state_dict())
+    policy, lam, P = st.policy, st.lam, tc.prompts_per_batch
     new_history: list[dict[str, float]] = []
-    if val_rows and step == 0:
-        acc0 = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length, cfg.reward)
-        new_history.append({"step": 0, "val/accuracy": acc0})
-        if run is not None:
-            run.log_metrics({"val/accuracy": acc0}, step=0)
+    if val_rows and st.step == 0:
+        _log_heldout(cfg, engine, val_rows, run, new_history, step=0)
 
-    last_uri, plot_uri = "", None
-    end_step = step + rounds * tc.steps_per_round
-    bar = tqdm(total=end_step - step, desc=f"{mc.name}", dynamic_ncols=True, disable=not progress)
+    last_uri, plot_uri, end_step = "", None, st.step + rounds * tc.steps_per_round
+    bar = tqdm(total=end_step - st.step, desc=f"{mc.name}", dynamic_ncols=True, disable=not progress)
     try:
-        while step < end_step:
-            step += 1
-            t_step = time.perf_counter()
+        while st.step < end_step:
+            st.step += 1
+            step, t_step = st.step, time.perf_counter()
             torch.manual_seed(cfg.rollout.seed * 1_000_003 + step)  # rollouts depend on (seed, step) only
 
-            # ---- 1. rollout: n responses per prompt from the deploy engine (log p_inf) ----
-            t0 = time.perf_counter()
-            batch_rows = [rows[i] for i in sampler.next(P)]
-            prompts = [apply_chat_template(tok, r["prompt"]) for r in batch_rows]
-            groups = engine.generate(prompts, n=G, temperature=cfg.rollout.temperature,
-                                     top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_response_length)  # fmt: skip
-            gens = [g for group in groups for g in group]  # B = P * G, prompt-major
-            group_ids = torch.arange(P).repeat_interleave(G)  # (B,)
-            rollout_s = time.perf_counter() - t0
-
-            # ---- 2. reward: math-verify on the decoded completions ----
-            t0 = time.perf_counter()
-            truths = [str(r["reward_model"]["ground_truth"]) for r in batch_rows for _ in range(G)]
-            rewards = torch.tensor(score_batch([g.text for g in gens], truths, cfg.reward), dtype=torch.float32)  # (B,)
-            reward_s = time.perf_counter() - t0
-
-            # ---- 3. recompute: log p_train of the same tokens with the training engine ----
-            t0 = time.perf_counter()
-            batch = policy.token_batch([g.prompt_token_ids for g in gens], [g.token_ids for g in gens],
-                                       cfg.rollout.max_response_length)  # fmt: skip
-            logp_infer = torch.zeros(batch.response_mask.shape)  # (B, T)
-            for i, g in enumerate(gens):
-                logp_infer[i, : len(g.logprobs)] = torch.tensor(g.logprobs)
-            logp_infer = logp_infer.to(policy.device)
-            with torch.no_grad():
-                logp_old, _ = policy.logprobs(batch, cfg.rollout.temperature)  # (B, T)
-            recompute_s = time.perf_counter() - t0
+            # ---- 1-3. rollout (deploy engine, log p_inf), reward (math-verify), recompute (log p_train) ----
+            ro = _rollout(cfg, engine, policy, [rows[i] for i in st.sampler.next(P)])
 
             # ---- 4-6. d_t (Eq. 5-7), GRPO advantage, the method's shaping (DC-GRPO: A - lam * d): the kernel ----
-            step_out = shape_step(rewards, group_ids, logp_old, logp_infer, batch.response_mask.to(policy.device),
-                                  mc, lam.value, tc.norm_adv_by_std)  # fmt: skip
-            shaped = step_out.shaped
+            step_out = shape_step(ro.rewards, ro.group_ids, ro.logp_old, ro.logp_infer,
+                                  ro.batch.response_mask.to(policy.device), mc, lam.value, tc.norm_adv_by_std)  # fmt: skip
 
-            # ---- 7. PPO-clip updates over prompt-group mini-batches ----
+            # ---- 7. PPO-clip updates over prompt-group mini-batches; 8. new weights into the deploy engine ----
             t0 = time.perf_counter()
-            policy.model.train()
-            upd: dict[str, list[torch.Tensor]] = {"pg_loss": [], "clipfrac": [], "entropy": [], "grad_norm": [],
-                                                  "approx_kl": []}  # fmt: skip
-            skipped = 0
-            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-            for _epoch in range(tc.ppo_epochs):
-                for prompt_idx in torch.randperm(P, generator=gen).split(tc.ppo_mini_batch):
-                    idx = (prompt_idx[:, None] * G + torch.arange(G)).flatten()  # responses of these prompts
-                    logp_new, entropy = policy.logprobs(batch.select(idx), cfg.rollout.temperature, with_entropy=True)
-                    m_mask = shaped.mask[idx]
-                    w = shaped.is_weights[idx] if shaped.is_weights is not None else None
-                    pg_loss, pm = ppo_clip_loss(logp_new, logp_old[idx], shaped.advantages[idx], m_mask,
-                                                tc.clip_low, tc.clip_high, w, tc.loss_agg, tc.clip_ratio_c)  # fmt: skip
-                    ent = masked_mean(entropy, m_mask)
-                    loss = pg_loss - tc.entropy_coef * ent
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), tc.grad_clip)
-                    if torch.isfinite(grad_norm):  # host sync: a NaN/inf step is skipped, never applied
-                        opt.step()
-                    else:
-                        skipped += 1
-                    for k, v in (("pg_loss", pg_loss), ("clipfrac", pm["clipfrac"]), ("entropy", ent),
-                                 ("grad_norm", grad_norm), ("approx_kl", pm["approx_kl"])):  # fmt: skip
-                        upd[k].append(v.detach())
-            policy.model.eval()
-            update_s = time.perf_counter() - t0
-
-            # ---- 8. sync the new weights into the deploy engine (in place) ----
-            t0 = time.perf_counter()
-            engine.sync_weights(policy.state_dict())
-            sync_s = time.perf_counter() - t0
+            upd = _ppo_update(cfg, st, ro.batch, ro.logp_old, step_out.shaped)
+            t1 = time.perf_counter()
+            engine.sync_weights(policy.state_dict())  # in place
+            update_s, sync_s = t1 - t0, time.perf_counter() - t1
 
             # ---- 9. dual ascent on lambda (Eq. 11): up when over budget, down to 0 when under ----
             d_mean = float(step_out.discrepancy_mean)  # host sync
             dual = dual_step(lam, mc.name, d_mean)
 
             # ---- 10. log: tensors become floats here, once per step ----
-            lengths = batch.response_mask.sum(-1)
-            metrics = scalarize({
-                **step_out.metrics,
-                **dual,
-                "reward/mean": rewards.mean(),
-                "reward/accuracy": (rewards > 0.5).float().mean(),
-                "actor/pg_loss": torch.stack(upd["pg_loss"]).mean(),
-                "actor/clipfrac": torch.stack(upd["clipfrac"]).mean(),
-                "actor/entropy": torch.stack(upd["entropy"]).mean(),
-                "actor/grad_norm": torch.stack(upd["grad_norm"]).mean(),
-                "actor/approx_kl": torch.stack(upd["approx_kl"]).mean(),
-                "actor/skipped_updates": skipped,
-                "response/length_mean": lengths.mean(),
-                "response/clip_ratio": sum(g.finish_reason == "length" for g in gens) / len(gens),
-                "timing/rollout_s": rollout_s,
-                "timing/reward_s": reward_s,
-                "timing/recompute_s": recompute_s,
-                "timing/update_s": update_s,
-                "timing/sync_s": sync_s,
-                "timing/step_s": time.perf_counter() - t_step,
-            })  # fmt: skip
+            timings = {**ro.timings, "update_s": update_s, "sync_s": sync_s, "step_s": time.perf_counter() - t_step}
+            metrics = scalarize({**step_out.metrics, **dual, **upd, **ro.metrics()}
+                                | {f"timing/{k}": v for k, v in timings.items()})  # fmt: skip
             if run is not None and (step % cfg.tracking.log_every == 0 or step % tc.steps_per_round == 0):
                 run.log_metrics(metrics, step=step)  # every log_every steps and every round's last
             new_history.append({"step": step, **metrics})
@@ -312,31 +179,169 @@ def train(
             # ---- 11. round end: held-out accuracy, checkpoint, plot, strict metric flush ----
             if step % tc.steps_per_round == 0:
                 if val_rows:
-                    acc = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length, cfg.reward)
-                    new_history[-1]["val/accuracy"] = acc
-                    if run is not None:
-                        run.log_metrics({"val/accuracy": acc}, step=step)
-                state = {
-                    "step": step,
-                    "round": step // tc.steps_per_round,
-                    "method": mc.name,
-                    "lambda": lam.state_dict(),
-                    "data_cursor": sampler.state_dict(),
-                    "rng": ckpt.rng_state(),
-                    "config_hash": cfg.config_hash(),
-                    "history": history + new_history,
-                    "mlflow_run_id": run.run_id if run is not None else None,
-                }
-                last_uri = storage.join(out_dir, "checkpoints", f"step_{step:06d}")
-                ckpt.save_checkpoint(last_uri, policy.model, tok, opt, state, endpoint)
-                plot_uri = _save_plot(history + new_history, out_dir, mc.budget, run, endpoint)
-                if run is not None:
-                    run.flush(strict=True)  # raises TrackingUnavailable after retries; the checkpoint is already safe
+                    _log_heldout(cfg, engine, val_rows, run, new_history, step=step)
+                last_uri, plot_uri = _end_round(cfg, st, out_dir, new_history, run)
     finally:
         bar.close()
         if own_engine:
             engine.close()
-    return TrainResult(last_uri, step, lam.value, new_history, run.run_id if run is not None else None, plot_uri)
+    return TrainResult(last_uri, st.step, lam.value, new_history, run.run_id if run is not None else None, plot_uri)
+
+
+@dataclass
+class _Rollout:
+    """One step's batch: the deploy engine's responses, their rewards, both engines' log-probs (B = P * G)."""
+
+    gens: list
+    batch: Any  # the training engine's TokenBatch of prompt + response tokens
+    rewards: torch.Tensor  # (B,)
+    logp_infer: torch.Tensor  # (B, T) deploy engine, at sampling time
+    logp_old: torch.Tensor  # (B, T) training engine, recomputed before the update
+    timings: dict[str, float]
+    group_ids: torch.Tensor  # (B,) the prompt of each response: GRPO's groups
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "reward/mean": self.rewards.mean(),
+            "reward/accuracy": (self.rewards > 0.5).float().mean(),
+            "response/length_mean": self.batch.response_mask.sum(-1).mean(),
+            "response/clip_ratio": sum(g.finish_reason == "length" for g in self.gens) / len(self.gens),
+        }
+
+
+def _rollout(cfg, engine: VLLMEngine, policy: HFEngine, batch_rows: list[dict]) -> _Rollout:
+    """Phases 1-3 of a step: n responses per prompt from the deploy engine (log p_inf), math-verify rewards
+    with ``cfg.reward``, and log p_train of the same tokens recomputed by the training engine."""
+    G, T = cfg.train.group_size, cfg.rollout.max_response_length
+    t0 = time.perf_counter()
+    prompts = [apply_chat_template(policy.tokenizer, r["prompt"]) for r in batch_rows]
+    groups = engine.generate(prompts, n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=T)
+    gens = [g for group in groups for g in group]  # prompt-major
+    t1 = time.perf_counter()
+    truths = [str(r["reward_model"]["ground_truth"]) for r in batch_rows for _ in range(G)]
+    rewards = torch.tensor(score_batch([g.text for g in gens], truths, cfg.reward), dtype=torch.float32)  # (B,)
+    t2 = time.perf_counter()
+    batch = policy.token_batch([g.prompt_token_ids for g in gens], [g.token_ids for g in gens], T)
+    logp_infer = torch.zeros(batch.response_mask.shape)  # (B, T)
+    for i, g in enumerate(gens):
+        logp_infer[i, : len(g.logprobs)] = torch.tensor(g.logprobs)
+    with torch.no_grad():
+        logp_old, _ = policy.logprobs(batch, cfg.rollout.temperature)  # (B, T)
+    timings = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "recompute_s": time.perf_counter() - t2}
+    group_ids = torch.arange(len(batch_rows)).repeat_interleave(G)  # prompt-major
+    return _Rollout(gens, batch, rewards, logp_infer.to(policy.device), logp_old, timings, group_ids)
+
+
+@dataclass
+class _LoopState:
+    """What a checkpoint holds and resume restores: policy + optimiser, lambda, data cursor, step, history."""
+
+    policy: HFEngine
+    opt: torch.optim.Optimizer
+    lam: LagrangeMultiplier
+    sampler: PromptSampler
+    weights_dir: str
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _initial_state(cfg, model_dir, resume_from, n_rows: int, run) -> _LoopState:
+    """A fresh start from ``model_dir``, or the state of ``resume_from`` (a checkpoint URI or one loaded)."""
+    tc, mc = cfg.train, cfg.method
+    endpoint = cfg.storage.s3_endpoint_url
+    loaded = resume_from
+    if isinstance(resume_from, str | Path):
+        loaded = ckpt.load_checkpoint(str(resume_from), Path(tempfile.mkdtemp(prefix="dcgrpo-train-")), endpoint)
+    weights_dir = str(loaded.local_dir if loaded else model_dir)
+    policy = HFEngine(weights_dir, tc.train_precision)
+    st = _LoopState(
+        policy=policy,
+        opt=torch.optim.AdamW(policy.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay),
+        lam=LagrangeMultiplier(mc.lambda_init, mc.dual_lr if get_method(mc.name).dual_ascent else 0.0, mc.budget,
+                               mc.lambda_max),  # fmt: skip
+        sampler=PromptSampler(n_rows, cfg.data.seed + tc.seed),
+        weights_dir=weights_dir,
+    )
+    if not loaded:
+        return st
+    if loaded.state["config_hash"] != cfg.config_hash():
+        log.warning("resuming %s written with config %s (now %s)", loaded.uri, loaded.state["config_hash"],
+                    cfg.config_hash())  # fmt: skip
+    ckpt.optimizer_from_tensors(st.opt, loaded.optimizer_tensors, loaded.state["optimizer"])
+    st.lam.load_state_dict(loaded.state["lambda"])
+    st.sampler.load_state_dict(loaded.state["data_cursor"])
+    ckpt.set_rng_state(loaded.state["rng"])
+    st.step, st.history = int(loaded.state["step"]), list(loaded.state.get("history", []))
+    log.info("resumed %s at step %d, lambda %.4g", loaded.uri, st.step, st.lam.value)
+    if run is not None:  # steps after the checkpoint the crashed process already sent are not sent twice
+        run.skip_logged_after(st.step)
+    return st
+
+
+def _ppo_update(cfg, st: _LoopState, batch, logp_old, shaped) -> dict[str, Any]:
+    """PPO-clip epochs over prompt-group mini-batches (Eq. 12); a non-finite gradient skips that update.
+    Returns the ``actor/*`` metrics (0-d tensors, turned into floats with the step's others)."""
+    tc, policy, P, G = cfg.train, st.policy, cfg.train.prompts_per_batch, cfg.train.group_size
+    policy.model.train()
+    upd: dict[str, list[torch.Tensor]] = {"pg_loss": [], "clipfrac": [], "entropy": [], "grad_norm": [],
+                                          "approx_kl": []}  # fmt: skip
+    skipped = 0
+    gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + st.step)
+    for _epoch in range(tc.ppo_epochs):
+        for prompt_idx in torch.randperm(P, generator=gen).split(tc.ppo_mini_batch):
+            idx = (prompt_idx[:, None] * G + torch.arange(G)).flatten()  # responses of these prompts
+            logp_new, entropy = policy.logprobs(batch.select(idx), cfg.rollout.temperature, with_entropy=True)
+            m_mask = shaped.mask[idx]
+            w = shaped.is_weights[idx] if shaped.is_weights is not None else None
+            pg_loss, pm = ppo_clip_loss(logp_new, logp_old[idx], shaped.advantages[idx], m_mask,
+                                        tc.clip_low, tc.clip_high, w, tc.loss_agg, tc.clip_ratio_c)  # fmt: skip
+            ent = masked_mean(entropy, m_mask)
+            loss = pg_loss - tc.entropy_coef * ent
+            st.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), tc.grad_clip)
+            if torch.isfinite(grad_norm):  # host sync: a NaN/inf step is skipped, never applied
+                st.opt.step()
+            else:
+                skipped += 1
+            for k, v in (("pg_loss", pg_loss), ("clipfrac", pm["clipfrac"]), ("entropy", ent),
+                         ("grad_norm", grad_norm), ("approx_kl", pm["approx_kl"])):  # fmt: skip
+                upd[k].append(v.detach())
+    policy.model.eval()
+    return {f"actor/{k}": torch.stack(v).mean() for k, v in upd.items()} | {"actor/skipped_updates": skipped}
+
+
+def _log_heldout(cfg, engine, val_rows, run, new_history: list[dict], step: int) -> None:
+    """Greedy held-out accuracy on the deploy engine, into the history (step 0: its own row) and MLflow."""
+    acc = heldout_accuracy(engine, val_rows, cfg.rollout.max_response_length, cfg.reward)
+    if step == 0:
+        new_history.append({"step": 0, "val/accuracy": acc})
+    else:
+        new_history[-1]["val/accuracy"] = acc
+    if run is not None:
+        run.log_metrics({"val/accuracy": acc}, step=step)
+
+
+def _end_round(cfg, st: _LoopState, out_dir: str, new_history: list[dict], run) -> tuple[str, str]:
+    """The round's checkpoint (model, optimiser, lambda, cursor, RNG, history), its plot, a strict flush."""
+    endpoint = cfg.storage.s3_endpoint_url
+    state = {
+        "step": st.step,
+        "round": st.step // cfg.train.steps_per_round,
+        "method": cfg.method.name,
+        "lambda": st.lam.state_dict(),
+        "data_cursor": st.sampler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "config_hash": cfg.config_hash(),
+        "history": st.history + new_history,
+        "mlflow_run_id": run.run_id if run is not None else None,
+    }
+    uri = storage.join(out_dir, "checkpoints", f"step_{st.step:06d}")
+    ckpt.save_checkpoint(uri, st.policy.model, st.policy.tokenizer, st.opt, state, endpoint)
+    plot_uri = _save_plot(st.history + new_history, out_dir, cfg.method.budget, run, endpoint)
+    if run is not None:
+        run.flush(strict=True)  # raises TrackingUnavailable after retries; the checkpoint is already safe
+    return uri, plot_uri
 
 
 def _save_plot(history, out_dir: str, budget: float, run, endpoint) -> str:
