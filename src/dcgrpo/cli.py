@@ -194,8 +194,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def _tracking_client(cfg: RunConfig, uri: str | None):
     from dcgrpo.registry import client
+    from dcgrpo.tracking import tracking_uri
 
-    return client(uri or cfg.tracking.mlflow_uri)
+    return client(tracking_uri(cfg, uri))  # the pipeline steps' rule: one MLflow for both paths
 
 
 def cmd_register(args: argparse.Namespace) -> int:

@@ -48,9 +48,9 @@ def check_run_environment(cfg, *, tracking_uri: str | None = None, need_storage:
             if uri and not (field == "model.path" and _is_hub_id(uri)):
                 check_exists(uri, field, endpoint)
     if tracking_uri is None:
-        from dcgrpo.tracking import resolve_tracking_uri
+        from dcgrpo.tracking import tracking_uri as resolve_uri
 
-        tracking_uri = resolve_tracking_uri(cfg.tracking, str(storage.local_root(cfg.storage.root)))
+        tracking_uri = resolve_uri(cfg)
     field = "tracking.mlflow_uri" if cfg.tracking.mlflow_uri else "$MLFLOW_TRACKING_URI"
     check_mlflow(tracking_uri, field)
 

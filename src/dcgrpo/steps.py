@@ -55,9 +55,9 @@ def _local_root(cfg: RunConfig) -> Path:
 def _mlflow_client(cfg: RunConfig):
     """The MLflow tracking + registry client of a step (URI resolved as the training runs resolve it)."""
     from dcgrpo.registry import client
-    from dcgrpo.tracking import resolve_tracking_uri
+    from dcgrpo.tracking import tracking_uri
 
-    return client(resolve_tracking_uri(cfg.tracking, str(_local_root(cfg))))
+    return client(tracking_uri(cfg))
 
 
 # ------------------------------------------------------------------ models by reference
@@ -265,11 +265,11 @@ def _train_round_verl(
     evaluation read); earlier rounds write only ``VERL_ROUND_FILE``, since verl
     resumes from the checkpoint volume, not from the artifact.
     """
-    from dcgrpo.tracking import resolve_tracking_uri, start_run
+    from dcgrpo.tracking import start_run, tracking_uri
     from dcgrpo.verl_plugin import rounds as verl_rounds
     from dcgrpo.verl_plugin.config import render_env
 
-    uri = resolve_tracking_uri(cfg.tracking, str(_local_root(cfg)))
+    uri = tracking_uri(cfg)
     verl_rounds.check_launch(cfg, uri)
     directory = verl_rounds.run_dir(cfg, kfp_run_id, method)
     directory.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,12 @@ def resolve_tracking_uri(tracking_cfg, storage_root: str) -> str:
     return f"sqlite:///{_local_root(storage_root) / 'mlflow.db'}"
 
 
+def tracking_uri(cfg, override: str | None = None) -> str:
+    """The MLflow URI of a run config, as every path resolves it (CLI, pipeline steps, jobs, preflight):
+    ``override`` (a command's ``--tracking-uri``), else ``resolve_tracking_uri`` under the local storage root."""
+    return override or resolve_tracking_uri(cfg.tracking, cfg.storage.root)
+
+
 def _local_root(storage_root: str) -> Path:
     # An s3:// storage root cannot hold a sqlite file: keep the local store in ./outputs.
     from dcgrpo.storage import local_root

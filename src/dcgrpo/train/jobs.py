@@ -22,7 +22,7 @@ from dcgrpo import storage
 from dcgrpo.data.synthetic import read_rows, write_synthetic_splits
 from dcgrpo.models import build_tiny_model, load_model_dir
 from dcgrpo.preflight import check_run_environment
-from dcgrpo.tracking import close_orphaned_runs, resolve_tracking_uri, start_run
+from dcgrpo.tracking import close_orphaned_runs, start_run, tracking_uri
 from dcgrpo.train import checkpoint as ckpt
 from dcgrpo.train.rl import TrainResult, rounds_left, train
 from dcgrpo.train.sft import warm_start
@@ -87,8 +87,7 @@ def train_job(cfg, *, out_dir: str | None = None, resume: str | None = None, pro
     """
     endpoint = cfg.storage.s3_endpoint_url
     local_root = storage.local_root(cfg.storage.root)
-    tracking_uri = resolve_tracking_uri(cfg.tracking, str(local_root))
-    check_run_environment(cfg, tracking_uri=tracking_uri)
+    check_run_environment(cfg, tracking_uri=tracking_uri(cfg))
     loaded = None
     try:
         if resume:
