@@ -18,11 +18,12 @@ def evaluate(
 
     from dcgrpo.steps import evaluate_step, model_reference
 
-    scalars, gate_value = evaluate_step(
+    result = evaluate_step(
         preset, overrides, mlflow_uri, dataset.path, dict(model.metadata), model.path, fp8_model.path, report.path
     )
-    for key, value in scalars.items():
+    for key, value in result.scalars.items():
         metrics.log_metric(key, value)
+    meta = dict(model.metadata) | result.reference_meta  # the eval results travel on to register_model
     with open(reference, "w") as f:
-        json.dump(model_reference(model.uri, model.path, dict(model.metadata), fp8_model.uri), f)
-    return gate_value
+        json.dump(model_reference(model.uri, model.path, meta, fp8_model.uri), f)
+    return result.gate_value

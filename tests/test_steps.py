@@ -1,5 +1,6 @@
 """Pipeline steps as library functions, on real temp files and a real MLflow server."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -135,3 +136,24 @@ def test_register_step_by_reference_uploads_nothing(mlflow_server):
     assert bf16.source == "s3://mlpipeline/v2/artifacts/r/model/checkpoints/step_4"
     assert client.list_artifacts(run.run_id) == []
     assert steps.register_step("", [], mlflow_server, name, meta, model, fp8).version == first.version
+
+
+def test_register_step_takes_the_eval_results_evaluate_handed_on(mlflow_server):
+    """In the pipeline the model reference carries evaluate's metrics and engine and the last round's lambda
+    (issue 14: values pass between steps as KFP outputs): the method's MLflow run need not hold them."""
+    import uuid
+
+    from dcgrpo.registry import TAG_LAMBDA, TAG_METRICS
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    run = client.create_run(client.create_experiment(f"handed-{uuid.uuid4().hex[:6]}")).info  # no eval tag at all
+    name = f"handed-{uuid.uuid4().hex[:6]}"
+    meta = {"mlflow_run_id": run.run_id, "discrepancy": 1e-4, "lambda": 0.25, "rollout_engine": "vllm 0.33.0",
+            "eval_metrics": {"eval/synthetic/avg@1": 0.625}, "eval_engine": "vllm 0.33.0"}  # fmt: skip
+    out = steps.register_step("", [], mlflow_server, name, meta, "minio://b/m", "minio://b/f")
+    tags = client.get_model_version(name, out.version).tags
+    assert json.loads(tags[TAG_METRICS]) == {"eval/synthetic/avg@1": 0.625} and float(tags[TAG_LAMBDA]) == 0.25
+    assert tags["dcgrpo.engine.rollout_matches_serving"] == "true" and out.passes_gate  # first version: no champion
+    with pytest.raises(RuntimeError, match="has no evaluation results"):  # without them: the run is asked
+        steps.register_step("", [], mlflow_server, name + "-x", {"mlflow_run_id": run.run_id, "discrepancy": 1e-4},
+                            "minio://b/m", "minio://b/f")  # fmt: skip

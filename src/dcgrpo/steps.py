@@ -361,6 +361,13 @@ def _eval_target(cfg: RunConfig, model_dir: str, fp8_dir: str) -> tuple[str, Run
     )
 
 
+class Evaluated(NamedTuple):
+    scalars: dict[str, float]
+    gate_value: float
+    reference_meta: dict[str, Any]
+    """Added to the model reference's metadata: ``eval_metrics`` and ``eval_engine``."""
+
+
 def evaluate_step(
     preset: str,
     overrides: list[str],
@@ -370,12 +377,12 @@ def evaluate_step(
     model_dir: str,
     fp8_dir: str,
     report_path: str,
-) -> tuple[dict[str, float], float]:
+) -> Evaluated:
     """avg@k per benchmark on the deployed (FP8) model; logs to the method's MLflow run.
 
-    Returns (scalars for the Metrics artifact, the gate metric's value). The
-    ``synthetic`` benchmark is the held-out split of the synthetic task,
-    drawn as ``prepare_data`` drew it from the same config.
+    Returns ``Evaluated``: scalars for the Metrics artifact, the gate metric's value, and the metadata the model
+    reference carries on to registration (the metrics and the engine: no MLflow round trip). The ``synthetic``
+    benchmark is the held-out split of the synthetic task, drawn as ``prepare_data`` drew it from the same config.
     """
     from dcgrpo.engines import engine_version
     from dcgrpo.evaluate import evaluate
@@ -392,7 +399,8 @@ def evaluate_step(
     if gate not in metrics:
         raise KeyError(f"eval.gate_metric {gate!r} was not measured; measured: {sorted(metrics)}")
     write_report(report_path, model_meta, report.markdown(), Path(resolve_model(model_dir)) / "plots" / "dc_curves.png")
-    return {k.replace("/", "_").replace("@", "_at_"): float(v) for k, v in metrics.items()}, float(metrics[gate])
+    scalars = {k.replace("/", "_").replace("@", "_at_"): float(v) for k, v in metrics.items()}
+    return Evaluated(scalars, float(metrics[gate]), {"eval_metrics": metrics, "eval_engine": engine_version()})
 
 
 def write_report(path: str, meta: dict[str, Any], eval_markdown: str, plot: Path) -> None:
@@ -473,8 +481,11 @@ class Registered(NamedTuple):
     reason: str
 
 
-def _run_summary(client, run_id: str) -> tuple[dict[str, float], float, str | None]:
-    """(eval metrics, final lambda, evaluation engine) of a method's MLflow run."""
+def _run_summary(client, run_id: str, meta: dict[str, Any]) -> tuple[dict[str, float], float, str | None]:
+    """(eval metrics, final lambda, evaluation engine): from the model reference's metadata when evaluate and the
+    last round handed them on (the pipeline), else from the method's MLflow run (a reference from elsewhere)."""
+    if meta.get("eval_metrics") and meta.get("lambda") is not None:
+        return dict(meta["eval_metrics"]), float(meta["lambda"]), meta.get("eval_engine")
     run = client.get_run(run_id)
     metrics = json.loads(run.data.tags.get(EVAL_METRICS_TAG, "{}"))
     if not metrics:
@@ -502,7 +513,7 @@ def register_step(
     cfg = step_config(preset, overrides, mlflow_uri)
     mlc = _mlflow_client(cfg)
     run_id = model_meta["mlflow_run_id"]
-    metrics, lam, eval_engine = _run_summary(mlc, run_id)
+    metrics, lam, eval_engine = _run_summary(mlc, run_id, model_meta)
     d = float(model_meta["discrepancy"])
     by_ref = _is_remote(model_dir)  # a cluster's artifact store: register where it is; a local path: upload
     engines = engine_tags(model_meta.get("rollout_engine"), eval_engine, cfg.registry.vllm_image)
