@@ -87,7 +87,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on sqlite with a local artifact root."""
-    from dcgrpo.tracking import start_local_server, stop_local_server
+    from dcgrpo.mlflow_server import start_local_server, stop_local_server
 
     uri, proc = start_local_server(tmp_path_factory.mktemp("mlflow"))
     try:

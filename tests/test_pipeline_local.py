@@ -14,7 +14,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dcgrpo.tracking import start_local_server, stop_local_server
+from dcgrpo.mlflow_server import start_local_server, stop_local_server
 from tests.conftest import REPO_ROOT, TEST_BUCKET
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the whole pipeline; ~4 min alone, more on a shared CPU

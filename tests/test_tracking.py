@@ -6,13 +6,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dcgrpo.config import TrackingConfig
-from dcgrpo.tracking import (
-    TrackingUnavailable,
-    resolve_tracking_uri,
-    start_local_server,
-    start_run,
-    stop_local_server,
-)
+from dcgrpo.mlflow_server import start_local_server, stop_local_server
+from dcgrpo.tracking import TrackingUnavailable, resolve_tracking_uri, start_run
 
 pytestmark = pytest.mark.slow
 

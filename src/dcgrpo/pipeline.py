@@ -402,7 +402,7 @@ def demo(
     from rich.table import Table
 
     from dcgrpo.config import load_config
-    from dcgrpo.tracking import start_local_server, stop_local_server
+    from dcgrpo.mlflow_server import start_local_server, stop_local_server
 
     overrides = list(overrides or [])
     cfg = load_config(preset=preset, overrides=overrides)

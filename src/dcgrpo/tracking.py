@@ -1,4 +1,5 @@
-"""MLflow tracking: one run per training job, batched step metrics, plots.
+"""MLflow tracking: one run per training job, batched step metrics (plots: ``dcgrpo.plots``; a local server:
+``dcgrpo.mlflow_server``).
 
 URI resolution (``resolve_tracking_uri``): ``tracking.mlflow_uri`` from the
 config, else ``$MLFLOW_TRACKING_URI``, else a local sqlite store
@@ -43,8 +44,6 @@ import logging
 import math
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -351,94 +350,3 @@ def close_orphaned_runs(tracking_cfg, *, storage_root: str, config_hash: str, ke
     except Exception as exc:  # never stop a job over bookkeeping of an older one
         log.warning("could not look for runs left RUNNING by crashed jobs: %s", exc)
         return []
-
-
-def start_local_server(
-    backend_dir: str | Path, port: int | None = None, timeout: float = 90.0, artifacts_destination: str | None = None
-):
-    """Start ``mlflow server`` on sqlite under ``backend_dir``; returns ``(uri, Popen)``.
-
-    Artifacts are proxied by the server to ``artifacts_destination`` (default
-    ``backend_dir/artifacts``; an ``s3://`` URI uses the server's AWS env).
-
-    The caller owns the process (``proc.terminate()``); its log is ``backend_dir/server.log``.
-    """
-    import socket
-    import urllib.request
-
-    backend_dir = Path(backend_dir).resolve()
-    backend_dir.mkdir(parents=True, exist_ok=True)
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
-        "--backend-store-uri", f"sqlite:///{backend_dir / 'mlflow.db'}",
-        "--artifacts-destination", artifacts_destination or str(backend_dir / "artifacts"),
-        "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    logf = open(backend_dir / "server.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    logf.close()
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({proc.returncode}); see {backend_dir / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return uri, proc
-        except OSError:
-            time.sleep(0.3)
-    proc.terminate()
-    raise TimeoutError(f"mlflow server at {uri} not healthy within {timeout:.0f}s")
-
-
-def plot_curves(history: list[dict[str, float]], out_path: str | Path, budget: float | None = None) -> Path:
-    """Plot lambda, discrepancy and reward over steps (one PNG, three panels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
-    axes[0].plot(steps, [h.get("dc/lambda", 0.0) for h in history], marker=".")
-    axes[0].set_ylabel("lambda")
-    axes[1].plot(steps, [h.get("dc/discrepancy_mean", 0.0) for h in history], marker=".", label="mean d")
-    axes[1].plot(steps, [h.get("dc/discrepancy_p99", 0.0) for h in history], marker=".", alpha=0.5, label="p99 d")
-    if budget is not None:
-        axes[1].axhline(budget, color="k", linestyle="--", linewidth=1, label="budget eps")
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("discrepancy")
-    axes[1].legend(fontsize=8)
-    axes[2].plot(steps, [h.get("reward/mean", 0.0) for h in history], marker=".", label="reward/mean")
-    val = [(h["step"], h["val/accuracy"]) for h in history if "val/accuracy" in h]
-    if val:
-        axes[2].plot(*zip(*val, strict=True), marker="o", label="val/accuracy")
-    axes[2].set_ylabel("reward")
-    axes[2].set_xlabel("step")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
-
-
-def stop_local_server(proc: subprocess.Popen, kill: bool = False) -> None:
-    """Stop a server from ``start_local_server`` and its worker processes (its own process group)."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -38,8 +38,9 @@ from dcgrpo.algorithm.step import dual_step, shape_step
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template, engine_from_config
+from dcgrpo.plots import plot_curves
 from dcgrpo.reward import score_batch
-from dcgrpo.tracking import plot_curves, scalarize
+from dcgrpo.tracking import scalarize
 from dcgrpo.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
