@@ -279,28 +279,93 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 # commands here; each handler is a few lines around one library call.
 def cmd_prepare(args: argparse.Namespace) -> int:
     """DAPO-Math-17K -> verl-schema train/val parquet; summary printed and logged to MLflow."""
-    from dcgrpo.data import dapo
+    from dataclasses import asdict
 
-    return dapo.cli_main(args, config_from_args(args))
+    from dcgrpo import storage
+    from dcgrpo.data.dapo import DapoSchemaError, prepare_dapo
+
+    cfg = config_from_args(args)
+    out = args.out or storage.join(cfg.storage.root, "data", "dapo")
+    try:
+        summary = prepare_dapo(args.source, out, template=args.template or cfg.data.prompt_template,
+                               val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, max_bad_rows=args.max_bad_rows)  # fmt: skip
+    except DapoSchemaError as exc:
+        raise UserError(str(exc)) from None
+    print(summary.table())
+    print(f"train: {summary.train_path}\nval:   {summary.val_path}")
+    if not args.no_track:
+        from dcgrpo import tracking
+
+        with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="prepare",
+                                tags={"dcgrpo.step": "prepare"}) as run:  # fmt: skip
+            run.log_params({"data.source": summary.source, "data.form": summary.form,
+                            "data.prompt_template": summary.template, "data.seed": summary.seed,
+                            "data.val_fraction": cfg.data.val_fraction})  # fmt: skip
+            run.log_metrics(summary.metrics())
+            run.log_dict(asdict(summary), "data/summary.json")
+            print(f"mlflow run: {run.run_id}")
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: a count >= 0, so a bad value exits 2 with usage instead of failing mid-run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    from dcgrpo.data import dapo
+    from dcgrpo.data.dapo import PROMPT_TEMPLATES
 
-    dapo.add_cli_args(p)
+    p.add_argument("--source", default="hub", help="hub (BytedTsinghua-SIA/DAPO-Math-17k), a local path or s3:// URI")
+    p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/data/dapo)")
+    p.add_argument("--template", choices=sorted(PROMPT_TEMPLATES), help="prompt template (default: data.prompt_template)")
+    p.add_argument("--max-bad-rows", type=_non_negative_int, default=None, metavar="N",
+                   help="fail if more than N rows are bad (N >= 0; default: no limit)")  # fmt: skip
+    p.add_argument("--no-track", action="store_true", help="do not log the summary to MLflow")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """avg@k + greedy pass@1 per benchmark with the vLLM engine; results JSON/markdown + MLflow."""
-    from dcgrpo import evaluate
+    from dcgrpo import storage
+    from dcgrpo.data.benchmarks import BenchmarkError
+    from dcgrpo.evaluate import evaluate
 
-    return evaluate.cli_main(args, config_from_args(args))
+    cfg = config_from_args(args)
+    model = args.model or cfg.model.path
+    if not model:
+        raise UserError("no model: pass --model DIR or set model.path")
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
+    out = args.out or storage.join(cfg.storage.root, "eval")
+    kw = dict(benchmarks=names, benchmark_dir=args.benchmark_dir, progress=not args.no_progress)
+    try:
+        if args.no_track:
+            report = evaluate(model, cfg, out, **kw)
+        else:
+            from dcgrpo import tracking
+
+            with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="evaluate",
+                                    params=cfg.to_flat_dict(), tags={"dcgrpo.step": "evaluate"}) as run:  # fmt: skip
+                report = evaluate(model, cfg, out, run=run, **kw)
+                print(f"mlflow run: {run.run_id}")
+    except BenchmarkError as exc:
+        raise UserError(str(exc)) from None
+    print(report.markdown(), end="")
+    print(f"results: {storage.join(out, 'results.json')}")
+    return 0
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    from dcgrpo import evaluate
-
-    evaluate.add_cli_args(p)
+    p.add_argument("--model", help="HF model directory, local or s3:// (default: model.path)")
+    p.add_argument("--benchmarks", help="comma list, e.g. aime24,math500 (default: eval.benchmarks)")
+    p.add_argument("--benchmark-dir", help="directory of benchmark JSONL files (default: eval.benchmark_dir)")
+    p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/eval)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
