@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from dcgrpo.config import RegistryConfig
-from dcgrpo.registry import render_inference_service, render_vllm_deployment
+from dcgrpo.serving import render_inference_service, render_vllm_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"

@@ -15,7 +15,6 @@ from mlflow import MlflowClient
 
 from dcgrpo import registry, storage
 from dcgrpo.cli import main as cli_main
-from dcgrpo.config import RegistryConfig
 
 GATE = "eval/synthetic/avg@1"
 BUDGET = 5e-3
@@ -136,17 +135,6 @@ def test_s3_export_registered_and_served(mlc, mlflow_server, model_dir, s3_serve
     assert "--quantization=compressed-tensors" in isvc["spec"]["predictor"]["model"]["args"]
     deployment, service = yaml.safe_load_all((out / "vllm-deployment.yaml").read_text())
     assert deployment["spec"]["template"]["spec"]["initContainers"][0]["args"][0] == uri
-
-
-def test_storage_uri_maps_served_artifacts():
-    class MV:
-        version, tags = "3", {}
-        source = "mlflow-artifacts:/1/abc/artifacts/model"
-
-    cfg = RegistryConfig(artifacts_destination="s3://mlflow/artifacts")
-    assert registry.storage_uri(MV, cfg) == "s3://mlflow/artifacts/1/abc/artifacts/model"
-    with pytest.raises(registry.RegistryError, match="artifacts_destination"):
-        registry.storage_uri(MV, RegistryConfig(artifacts_destination=None))  # default: tests/test_serving.py
 
 
 # --- idempotent, all-or-nothing registration -----------------------------------------------------------------------

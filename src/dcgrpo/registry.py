@@ -21,8 +21,7 @@ first; a version or registered model it created is deleted again); a
 promotion that fails before the alias move leaves the champion where it was
 and records ``promotion.decision=failed`` on the version it gates.
 
-Rendering and applying serving manifests live in ``dcgrpo.serving`` (kept
-importable from here: ``registry.render_inference_service`` etc.).
+Rendering and applying serving manifests live in ``dcgrpo.serving``.
 """
 
 from __future__ import annotations
@@ -655,16 +654,3 @@ def _record_failure(mlflow_client, name: str, version: str, exc: Exception) -> N
         mlflow_client.set_model_version_tag(name, version, TAG_REASON, f"{type(exc).__name__}: {exc}"[:5000])
     except Exception:  # the registry may be what failed; the alias has not moved either way
         log.warning("registry: could not record the failed promotion of %s v%s", name, version)
-
-
-_MOVED_TO_SERVING = ("storage_uri", "vllm_args", "render_inference_service", "render_vllm_deployment",
-                     "render_champion_manifests", "_k8s_name", "_labels")  # fmt: skip
-
-
-def __getattr__(attr: str):
-    """Names that moved to ``dcgrpo.serving`` stay importable from here (imported late: serving imports us)."""
-    if attr in _MOVED_TO_SERVING:
-        from dcgrpo import serving
-
-        return getattr(serving, attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
