@@ -155,3 +155,13 @@ def test_every_mismatch_names_a_real_trl_field():
 
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     assert fields <= names and set(kw) <= names
+
+
+def test_fixed_cost_and_break_even():
+    d = {"setup_s": 4.0, "first_step_s": 2.5, "median_step_s": 0.3}
+    t = {"setup_s": 0.5, "first_step_s": 0.6, "median_step_s": 0.4}
+    assert vs_trl.fixed_and_steady(d) == pytest.approx((6.2, 0.3))
+    assert vs_trl.break_even_steps(d, t) == pytest.approx((6.2 - 0.7) / 0.1)  # 55 steps
+    assert vs_trl.break_even_steps(d, dict(t, median_step_s=0.3)) is None  # never: same steady step, larger fixed
+    assert vs_trl.break_even_steps(t, d) is None  # cheaper start but slower steps: overtaken for long runs
+    assert vs_trl.break_even_steps(dict(d, setup_s=0.0, first_step_s=0.3), t) == 0.0  # ahead from the start
