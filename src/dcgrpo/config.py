@@ -117,8 +117,11 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_response_length: int = Field(32, gt=0)
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
-    cpu_kv_cache_gib: int = Field(1, gt=0)
-    """VLLM_CPU_KVCACHE_SPACE for the CPU build."""
+    cpu_kv_cache_gib: float = Field(0.125, gt=0)
+    """KV cache of the vLLM CPU build, GiB (fractions allowed; passed as ``kv_cache_memory_bytes``; a set
+    ``$VLLM_CPU_KVCACHE_SPACE``, whole GiB, wins). Needed: tokens in flight x layers x 2 x kv_heads x head_dim x
+    2 bytes; tiny-cpu's model takes 512 B a token, so 0.125 GiB holds 262k tokens (1 GiB cost 1 GiB of RSS for
+    nothing: benchmarks/results/vs_trl.md). A 8B model on CPU needs several GiB."""
     seed: int = 0
     """Engine-level seed (per-request seeds crash chunked prefill on vLLM CPU)."""
 

@@ -69,7 +69,7 @@ class VLLMEngine:
         *,
         seed: int = 0,
         max_model_len: int = 1024,
-        cpu_kv_cache_gib: int = 1,
+        cpu_kv_cache_gib: float = 0.125,
         gpu_memory_utilization: float = 0.6,
         keep_high_precision: list[str] | None = None,
         fp8_block_size: int = 128,
@@ -85,7 +85,6 @@ class VLLMEngine:
         self.on_gpu = has_cuda()
         # In-process engine: fast start, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         from vllm import LLM
 
         kwargs: dict = dict(
@@ -98,6 +97,8 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
         )
+        if not self.on_gpu:  # in bytes: $VLLM_CPU_KVCACHE_SPACE takes whole GiB only (and, when set, wins)
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         if self.on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if precision == "fp8":
