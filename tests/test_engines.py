@@ -56,6 +56,19 @@ def test_generate_shapes_and_greedy_determinism(engine):
     assert [x[0].token_ids for x in a] == [x[0].token_ids for x in b]
 
 
+def test_the_cpu_kv_cache_is_sized_by_the_config_in_bytes(engine):
+    """rollout.cpu_kv_cache_gib reaches vLLM as kv_cache_memory_bytes (fractions of a GiB: the whole-GiB env var
+    cost tiny-cpu 1 GiB of RSS for a cache it never filled; benchmarks/results/vs_trl.md)."""
+    import os
+
+    from dcgrpo.config import RolloutConfig
+
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        pytest.skip("$VLLM_CPU_KVCACHE_SPACE is set and overrides the configured size")
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.kv_cache_memory_bytes == int(RolloutConfig().cpu_kv_cache_gib * 2**30) < 2**30
+
+
 def test_weight_sync_changes_logprobs_and_matches_hf_fp32(engine, tiny_dir):
     hf = HFEngine(str(tiny_dir), "fp32")
     lt, li, mask = _compare(engine, hf)
@@ -104,16 +117,3 @@ def test_tied_embeddings_sync_updates_head(tmp_path, engine):
         eng.sync_weights(sd)
         lt, li, mask = _compare(eng, hf)
         assert masked_stats((lt - li).abs(), mask)["mean"] < 1e-3  # fp32 vs fp32
-
-
-def test_the_cpu_kv_cache_is_sized_by_the_config_in_bytes(engine):
-    """rollout.cpu_kv_cache_gib reaches vLLM as kv_cache_memory_bytes (fractions of a GiB: the whole-GiB env var
-    cost tiny-cpu 1 GiB of RSS for a cache it never filled; benchmarks/results/vs_trl.md)."""
-    import os
-
-    from dcgrpo.config import RolloutConfig
-
-    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        pytest.skip("$VLLM_CPU_KVCACHE_SPACE is set and overrides the configured size")
-    cache = engine.llm.llm_engine.vllm_config.cache_config
-    assert cache.kv_cache_memory_bytes == int(RolloutConfig().cpu_kv_cache_gib * 2**30) < 2**30
