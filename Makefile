@@ -16,7 +16,7 @@ test: setup setup-verl
 	@bash scripts/test.sh
 
 lint: setup
-	.venv/bin/ruff check src tests
+	.venv/bin/ruff check src tests components pipelines benchmarks
 
 clean:
 	rm -rf .venv .venv-verl outputs .pytest_cache .ruff_cache

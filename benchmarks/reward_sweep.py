@@ -2,7 +2,7 @@
 
 For each row: a model-style completion ending in the reference answer
 (``... so the answer is \\boxed{<answer>}``) should score 1, and one ending in
-a perturbed wrong answer (``dcgrpo.reward.perturb_answer``) should score 0.
+a perturbed wrong answer (``perturb_answer`` below) should score 0.
 Prints a results table (rate per benchmark, wall time) and the failing rows.
 
     .venv/bin/python benchmarks/reward_sweep.py [--benchmark-dir DIR] [--workers N] [--sample N]
@@ -12,7 +12,28 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import time
+
+
+def perturb_answer(answer: str) -> str:
+    """A wrong variant of ``answer`` (a wrong value, not a wrong notation): for this sweep and tests/test_reward.py.
+
+    The first number that is not a subscript or exponent (``52_8`` is a base,
+    ``cm^2`` a unit) is increased by one; else the last number; else the next
+    choice letter; else ``+1`` is appended.
+    ``"\\frac{\\pi}{2}" -> "\\frac{\\pi}{3}"``, ``"52_8" -> "53_8"``, ``"\\text{(C)}" -> "\\text{(D)}"``.
+    """
+    runs = list(re.finditer(r"\d+", answer))
+    if runs:
+        main = [m for m in runs if not re.search(r"[_^]\{?$", answer[: m.start()])]
+        m = main[0] if main else runs[-1]
+        return answer[: m.start()] + str(int(m.group(0)) + 1) + answer[m.end() :]
+    letter = re.search(r"\(([A-E])\)|^([A-E])$", answer)
+    if letter:
+        g = 1 if letter.group(1) else 2
+        return answer[: letter.start(g)] + chr(ord(letter.group(g)) + 1) + answer[letter.end(g) :]
+    return f"{answer}+1"
 
 
 def completion(answer: str) -> str:
@@ -35,7 +56,7 @@ def sweep(bench_dir, names, workers: int, sample: int | None = None, seed: int =
         t0 = time.perf_counter()
         gts = [r["answer"] for r in rows]
         ref = reward.score_batch([completion(a) for a in gts], gts, cfg)
-        perturbed = [reward.perturb_answer(a) for a in gts]
+        perturbed = [perturb_answer(a) for a in gts]
         pert = reward.score_batch([completion(p) for p in perturbed], gts, cfg)
         out[name] = {
             "rows": len(rows),

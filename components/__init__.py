@@ -1,5 +1,9 @@
-"""KFP v2 components: one per pipeline step, each a thin shell over one
-``dcgrpo.steps`` function (the same functions the CLI and tests call).
+"""KFP v2 components (``dcgrpo.components``): one folder per pipeline step, each holding the component
+(``component.py``, a thin shell over one ``dcgrpo.steps`` function, the same functions the CLI and tests call),
+its README (inputs, outputs, image) and its tests.
+
+The folder sits at the repository root to show the workflow; the distribution installs it as
+``dcgrpo.components`` (pyproject's ``package-dir``), so no generic top-level ``components`` package is installed.
 
 The component functions are plain Python (importable and testable through
 ``python_func``); ``build_components(image, trainer_image)`` turns them into
@@ -14,16 +18,17 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
-from components.evaluate import evaluate
-from components.export_fp8 import export_fp8
-from components.mark_failed import mark_failed
-from components.prepare_data import prepare_data
-from components.promote import promote
-from components.register_model import register_model
-from components.select_best import select_best
-from components.train_round import train_round, train_round_launcher
-from components.warm_start import warm_start
 from dcgrpo.deploy import DeploymentContract
+
+from .evaluate import evaluate
+from .export_fp8 import export_fp8
+from .mark_failed import mark_failed
+from .prepare_data import prepare_data
+from .promote import promote
+from .register_model import register_model
+from .select_best import select_best
+from .train_round import train_round, train_round_launcher
+from .warm_start import warm_start
 
 # Images built from containers/: the deployment contract's names (dcgrpo.deploy).
 DEFAULT_IMAGE = DeploymentContract().light_image

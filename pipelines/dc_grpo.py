@@ -31,7 +31,7 @@ tasks as ``$DCGRPO_DEPLOYMENT`` so the RayJobs they start use the same names.
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from components import build_components
+from dcgrpo.components import build_components
 from kfp import dsl, kubernetes
 
 from dcgrpo.deploy import ENV_VAR, DeploymentContract

@@ -18,7 +18,8 @@ run_pytest() {  # pytest exits 5 when it collects nothing: that is a failure her
 
 status=0
 echo "== ruff"
-.venv/bin/ruff check src tests || status=1
+.venv/bin/ruff check src tests components pipelines benchmarks || status=1
+.venv/bin/ruff format --check src tests components pipelines benchmarks || status=1
 echo "== pytest (.venv: vLLM CPU, MLflow, kfp, S3)"
 run_pytest .venv/bin/python -m pytest -m "not verl" --ignore=tests/verl "$@" || status=1
 echo "== pytest (.venv-verl: verl equivalence and plugin)"

@@ -220,7 +220,7 @@ class Block:
             raise ImportError("not in the light image: " + name)
 sys.meta_path.insert(0, Block())
 for m in ["dcgrpo.cli", "dcgrpo.steps", "dcgrpo.registry", "dcgrpo.tracking", "dcgrpo.data.dapo",
-          "dcgrpo.data.synthetic", "dcgrpo.verl_plugin.rounds", "components", "pipelines"]:
+          "dcgrpo.data.synthetic", "dcgrpo.verl_plugin.rounds", "dcgrpo.components", "dcgrpo.pipelines"]:
     importlib.import_module(m)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

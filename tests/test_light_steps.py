@@ -70,10 +70,10 @@ def test_light_components_and_verl_round_without_torch(tmp_path):
         import importlib
         from pathlib import Path
 
-        import components
+        from dcgrpo import components
         from dcgrpo import steps
 
-        for module in sorted({fn.__module__ for fn in components.LIGHT_STEPS.values()} | {"components.train_round"}):
+        for module in sorted({fn.__module__ for fn in components.LIGHT_STEPS.values()} | {"dcgrpo.components.train_round"}):
             importlib.import_module(module)
 
         tmp = Path(sys.argv[1])

@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from dcgrpo import pipeline
+from dcgrpo import config, pipeline
 from dcgrpo.cli import main
 from dcgrpo.config import ConfigError
 from dcgrpo.deploy import DeploymentContract
@@ -102,8 +102,9 @@ def test_every_task_requests_what_its_work_needs(compiled):
     for name, executor in containers.items():
         r = executor["container"]["resources"]
         assert r.get("resourceCpuRequest") and r.get("resourceMemoryRequest"), name
-        assert float(r["resourceCpuRequest"].rstrip("m")) / (1000 if r["resourceCpuRequest"].endswith("m") else 1) \
-            <= float(r["resourceCpuLimit"]), name
+        assert float(r["resourceCpuRequest"].rstrip("m")) / (
+            1000 if r["resourceCpuRequest"].endswith("m") else 1
+        ) <= float(r["resourceCpuLimit"]), name
         assert _gb(r["resourceMemoryRequest"]) <= _gb(r["resourceMemoryLimit"]), name
         gpu = "accelerator" in r
         launcher = name.startswith("exec-train-round-launcher")
@@ -116,9 +117,9 @@ def test_verl_rounds_on_a_rayjob_request_no_gpu(compiled):
     branch is chosen by prepare_data's resolved ``round_pod``, so one YAML serves both backends."""
     from dcgrpo.config import load_config
 
-    assert pipeline.round_pod(load_config(preset="qwen3-8b")) == "launcher"
-    assert pipeline.round_pod(load_config(preset="tiny-cpu")) == "gpu"
-    assert pipeline.round_pod(load_config(preset="qwen3-8b", overrides=["verl.launch=single-node"])) == "gpu"
+    assert config.round_pod(load_config(preset="qwen3-8b")) == "launcher"
+    assert config.round_pod(load_config(preset="tiny-cpu")) == "gpu"
+    assert config.round_pod(load_config(preset="qwen3-8b", overrides=["verl.launch=single-node"])) == "gpu"
     spec = next(yaml.safe_load_all(compiled.read_text()))
     containers, k8s = _executors(compiled)
     launchers = [t for _, t in _all_tasks(spec) if t["componentRef"]["name"].startswith("comp-train-round-launcher")]
@@ -131,7 +132,9 @@ def test_verl_rounds_on_a_rayjob_request_no_gpu(compiled):
         assert k8s[executor]["pvcMount"][0]["mountPath"] == "/checkpoints", executor
     branches = [t for _, t in _all_tasks(spec) if t["taskInfo"]["name"].startswith("rayjob-")]
     assert len(branches) == 10
-    assert {t["triggerPolicy"]["condition"] for t in branches} == {"inputs.parameter_values['pipelinechannel--prepare-data-round_pod'] == 'launcher'"}
+    assert {t["triggerPolicy"]["condition"] for t in branches} == {
+        "inputs.parameter_values['pipelinechannel--prepare-data-round_pod'] == 'launcher'"
+    }
 
 
 def test_retries_rounds_and_no_secret_values(compiled):
@@ -245,7 +248,7 @@ def _round_tasks_under(spec, component) -> list[int]:
 def test_compiled_rounds_cover_every_preset_and_only_the_asked_ones_are_scheduled(compiled):
     """One If/Elif/Else branch per round count, each a chain of exactly that many round tasks per method:
     a run schedules the rounds it trains and no copy-through task for the others."""
-    from pipelines.dc_grpo import default_max_rounds
+    from dcgrpo.pipelines.dc_grpo import default_max_rounds
 
     from dcgrpo.config import PRESETS, load_config
 
@@ -279,9 +282,9 @@ def test_rounds_above_the_compiled_maximum_are_refused_before_anything_starts(ca
     assert "rounds=4" in capsys.readouterr().err
     # The pipeline's own first step refuses the same way (a run started from the UI)
     with pytest.raises(ConfigError, match=r"rounds=11.*1 to 10"):
-        pipeline.resolve_run_parameters("tiny-cpu", [], 11, "", 10)
+        config.resolve_run_parameters("tiny-cpu", [], 11, "", 10)
     with pytest.raises(ConfigError, match=r"rounds=10 \(preset qwen3-8b's train.rounds\)"):
-        pipeline.resolve_run_parameters("qwen3-8b", [], 0, "", 3)
+        config.resolve_run_parameters("qwen3-8b", [], 0, "", 3)
 
 
 # --- UI defaults (point 13) ----------------------------------------------------------------------------------------
@@ -293,9 +296,9 @@ def test_ui_defaults_mean_the_presets_values_and_every_parameter_is_described(co
     for name, param in params.items():
         assert len(param.description) > 20, f"parameter {name} has no description for the UI"
     assert params["rounds"].default_value.number_value == 0 and params["model_name"].default_value.string_value == ""
-    assert pipeline.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b", "launcher")
-    assert pipeline.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny", "gpu")
-    assert pipeline.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine", "launcher")
+    assert config.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b", "launcher")
+    assert config.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny", "gpu")
+    assert config.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine", "launcher")
     # register and promote take the resolved name, not the raw parameter
     spec_dict = next(yaml.safe_load_all(compiled.read_text()))
     users = [t for name, t in _all_tasks(spec_dict) if name.startswith(("register-model", "promote"))]
@@ -451,7 +454,7 @@ def test_the_images_kfp_config_runs_a_compiled_component_as_the_cluster_does(com
     import subprocess
     import sys
 
-    import components
+    from dcgrpo import components
 
     containers, _ = _executors(compiled)
     names = {e["container"]["args"][e["container"]["args"].index("--function_to_execute") + 1]

@@ -224,6 +224,61 @@ def test_cli_register_bad_input_exits_2_and_writes_nothing(mlc, mlflow_server, m
     assert not mlc.search_registered_models(f"name='{name}'")
 
 
+def test_cli_register_gates_and_records_a_rejection_as_the_pipeline_step_does(mlc, mlflow_server, model_dir, capsys):
+    """One register path (registry.register_and_gate): a hand registration the gate refuses carries the same
+    decision tags as the pipeline's register step; with --quantization bf16 it is the bf16 twin's version."""
+    from dcgrpo import steps
+
+    sets = [f"eval.gate_metric={GATE}", f"registry.max_discrepancy={BUDGET}"]
+    tags = {}
+    for path in ("step", "cli"):
+        name = _name()
+        champion = _register(mlc, name, model_dir, acc=0.5).version
+        assert registry.promote(mlc, name, champion, GATE, BUDGET).promoted
+        run_id = _run_id(mlc)
+        if path == "step":
+            meta = {"mlflow_run_id": run_id, "discrepancy": 1e-3, "lambda": 0.1, "eval_metrics": {GATE: 0.3}}
+            out = steps.register_step("", sets, mlflow_server, name, meta, str(model_dir), str(model_dir))
+            assert not out.passes_gate and out.model_name == name
+            version = out.version
+        else:
+            argv = ["register", "--tracking-uri", mlflow_server, "--model-name", name, "--run-id", run_id,
+                    "--model-dir", str(model_dir), "--metrics", json.dumps({GATE: 0.3}), "--final-lambda", "0.1",
+                    "--discrepancy", "1e-3", "--set", sets[0], "--set", sets[1]]  # fmt: skip
+            assert cli_main(argv) == 0
+            version = mlc.get_model_version_by_alias(name, "challenger").version
+            assert capsys.readouterr().out.splitlines()[-1] == f"{name} version {version}"  # the output line as before
+            assert cli_main([*argv, "--quantization", "bf16"]) == 0
+            twin = mlc.get_model_version_by_alias(name + "-bf16", "challenger")
+            assert capsys.readouterr().out.splitlines()[-1] == f"{name}-bf16 version {twin.version}"
+            assert twin.tags[registry.TAG_QUANTIZATION] == "bf16"
+        assert _champion(mlc, name).version == champion
+        tags[path] = {k: v for k, v in mlc.get_model_version(name, version).tags.items() if k.startswith("promotion.")}
+    assert tags["cli"] == tags["step"]
+    assert tags["cli"][registry.TAG_DECISION] == "rejected" and "0.3 < champion v1" in tags["cli"][registry.TAG_REASON]
+
+
+@pytest.mark.parametrize(
+    "gates, ds, expected",
+    [
+        ([0.9, 0.5, 0.4], [5e-3, 1e-4, 1e-4], 1),  # the higher gate value outside the budget loses
+        ([0.9, 0.5, 0.5], [5e-3, 2e-4, 1e-4], 2),  # a tie in the gate value: the lower discrepancy wins
+        ([0.9, 0.5, 0.5], [5e-3, 1e-4, 1e-4], 1),  # ... then the earlier method
+        ([0.4, 0.9, 0.9], [5e-3, 2e-3, 3e-3], 1),  # none within the budget: the best gate value overall
+        ([0.4, 0.9], [1e-4, float("nan")], 0),  # no discrepancy measured: never within the budget
+    ],
+)
+def test_rank_methods_prefers_the_best_model_within_the_budget(gates, ds, expected):
+    assert registry.rank_methods(gates, ds, budget=1e-3) == expected
+
+
+def test_rank_methods_needs_one_discrepancy_per_gate_value():
+    with pytest.raises(ValueError, match="2 gate values, 1 discrepancies"):
+        registry.rank_methods([0.1, 0.2], [1e-4], 1e-3)
+    with pytest.raises(ValueError):
+        registry.rank_methods([], [], 1e-3)
+
+
 def test_cli_promote_with_unreachable_server_fails_fast():
     uri = "http://127.0.0.1:9"  # discard port: nothing listens
     start = time.monotonic()

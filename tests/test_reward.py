@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from dcgrpo import reward
 from dcgrpo.config import RewardConfig
 from dcgrpo.data.benchmarks import BENCHMARKS, load_benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reward_sweep import perturb_answer  # noqa: E402  (a test and benchmark helper, not library code)
 
 TIMEOUT = RewardConfig(timeout_s=1.5)
 
@@ -147,9 +152,10 @@ def test_timeout_works_in_a_worker_process():
 
 
 def test_perturb_answer():
-    assert reward.perturb_answer("52_8") == "53_8"
-    assert reward.perturb_answer("\\text{(C)}") == "\\text{(D)}"
-    assert reward.perturb_answer("x") == "x+1"
+    assert perturb_answer("52_8") == "53_8"
+    assert perturb_answer("\\text{(C)}") == "\\text{(D)}"
+    assert perturb_answer("x") == "x+1"
+    assert not hasattr(reward, "perturb_answer")  # a test helper, not part of the library
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
@@ -159,7 +165,7 @@ def test_reference_scores_one_and_perturbed_zero(shared_data, name):
     rows = random.Random(0).sample(rows, min(len(rows), 60))
     gts = [r["answer"] for r in rows]
     ref = reward.score_batch([f"... so the answer is \\boxed{{{a}}}" for a in gts], gts)
-    bad = reward.score_batch([f"... so the answer is \\boxed{{{reward.perturb_answer(a)}}}" for a in gts], gts)
+    bad = reward.score_batch([f"... so the answer is \\boxed{{{perturb_answer(a)}}}" for a in gts], gts)
     assert sum(ref) / len(rows) >= 0.99, [r["id"] for r, s in zip(rows, ref, strict=True) if s != 1.0]
     # >= 99% over all rows (reward_sweep.py); a 60-row sample allows one math-verify false positive
     assert 1 - sum(bad) / len(rows) >= 0.98, [r["id"] for r, s in zip(rows, bad, strict=True) if s != 0.0]

@@ -4,7 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from components import build_components
+from dcgrpo.components import build_components
 from mlflow.tracking import MlflowClient
 
 from dcgrpo import steps
@@ -43,6 +43,22 @@ def test_select_best_prefers_methods_within_the_discrepancy_budget():
     assert best.method == "grpo"
     with pytest.raises(ValueError, match="2 methods, 1 gate values"):
         steps.select_best_step("tiny-cpu", [], ["a", "b"], [0.1], refs[:2])
+
+
+def test_evaluate_report_page_embeds_the_curves_and_escapes_the_text(tmp_path):
+    import base64
+
+    from dcgrpo.plots import write_report
+
+    plot = tmp_path / "dc_curves.png"
+    plot.write_bytes(b"PNG?")
+    out = tmp_path / "report" / "index.html"
+    write_report(str(out), {"method": "dc-grpo", "note": "<b>x</b>"}, "| eval | a<b |", plot)
+    page = out.read_text()
+    assert "<h2>dcgrpo: dc-grpo</h2>" in page and f"data:image/png;base64,{base64.b64encode(b'PNG?').decode()}" in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "a&lt;b" in page and "<b>x</b>" not in page
+    write_report(str(out), {}, "", tmp_path / "missing.png")  # a run without curves: no image
+    assert "<img" not in out.read_text()
 
 
 def test_model_reference_points_at_the_latest_checkpoint_inside_the_artifact(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ real verl in tests/verl/test_plugin.py.
 """
 
 import json
+import logging
+import math
 import os
 import shlex
 import subprocess
@@ -23,10 +25,10 @@ from mlflow.tracking import MlflowClient
 from dcgrpo.config import ConfigError, load_config
 from dcgrpo.data.synthetic import write_synthetic_splits
 from dcgrpo.models import build_tiny_model
-from dcgrpo.steps import VERL_ROUND_FILE, train_round_step
+from dcgrpo.steps import VERL_ROUND_FILE, _verl_round_metrics, train_round_step
 from dcgrpo.verl_plugin import rayjob
 from dcgrpo.verl_plugin.config import render_overrides
-from dcgrpo.verl_plugin.launch import local_dir_of, read_stop_step, write_round_file
+from dcgrpo.verl_plugin.launch import DC_METRICS_FILE, append_dc_metrics, local_dir_of, read_stop_step, write_round_file
 from dcgrpo.verl_plugin.rayjob import RayJobFailed
 from tests.kube_fake import FakeKubeAPI
 
@@ -80,6 +82,8 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
     assert meta1["rollout_engine"].startswith("vllm ") and "(verl " in meta1["rollout_engine"]  # the launch's
     assert meta1["discrepancy"] == pytest.approx((1e-3 / 1 + 1e-3 / 2) / 2)  # mean over this round's steps
     assert scalars1["dc_lambda_after_round"] == meta1["lambda"] > 0
+    assert scalars1["dc_discrepancy_mean"] == pytest.approx(1e-3 / 2)  # the round's last step, from the file
+    assert set(scalars1) == {"dc_discrepancy_mean", "dc_lambda", "dc_lambda_after_round"}
 
     out2, meta2, _ = _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)
     assert meta2["step"] == 2 * STEPS and meta2["mlflow_run_id"] == meta1["mlflow_run_id"]
@@ -97,6 +101,8 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
     assert run.data.params["trainer/total_training_steps"] == str(ROUNDS * STEPS)
     launches = _launches(tmp_path)
     assert len(launches) == 2
+    lines = (tmp_path / "ckpt" / "dc-grpo-kfp-run-1" / DC_METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # what the step read, not MLflow
 
     _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)  # a retried round whose checkpoint exists
     assert len(_launches(tmp_path)) == 2  # not launched again
@@ -195,6 +201,34 @@ def test_launcher_round_file(tmp_path):
     assert read_stop_step(tmp_path) == 6
     write_round_file(tmp_path, None)  # a whole-run launch clears a stale stop
     assert read_stop_step(tmp_path) is None
+
+
+def test_round_metrics_come_from_the_trainers_file(tmp_path, caplog):
+    """The step reads a round's dc/* from the trainer's DC_METRICS_FILE: the round's steps only, a redone step's
+    last line, a line a crash cut short skipped with a warning; without the file, NaN and a warning."""
+    for step in range(1, 6):  # round 2 of 2-step rounds is steps 3..4
+        append_dc_metrics(tmp_path, step, {"dc/discrepancy_mean": step / 10, "dc/lambda": step, "dc/violation": 0.0})
+    append_dc_metrics(tmp_path, 4, {"dc/discrepancy_mean": 0.8, "dc/lambda": 40.0})  # a retried launch redid 4
+    with open(tmp_path / DC_METRICS_FILE, "a") as f:
+        f.write('{"step": 4, "dc/discrepancy_mean": 9')  # killed mid-write
+    with caplog.at_level(logging.WARNING, logger="dcgrpo"):
+        scalars, d = _verl_round_metrics(tmp_path, 2, 4)
+    assert d == pytest.approx((0.3 + 0.8) / 2)
+    # each key's last value in the round: dc/violation from step 3, which the redone step 4 did not log
+    assert scalars == {"dc_discrepancy_mean": 0.8, "dc_lambda": 40.0, "dc_violation": 0.0}
+    assert "line 7: skipped" in caplog.text
+
+    caplog.clear()  # the next append ends the cut line, so only that one line is lost
+    append_dc_metrics(tmp_path, 4, {"dc/discrepancy_mean": 0.6})
+    with caplog.at_level(logging.WARNING, logger="dcgrpo"):
+        assert _verl_round_metrics(tmp_path, 2, 4)[1] == pytest.approx((0.3 + 0.6) / 2)
+    assert "line 7: skipped" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dcgrpo"):
+        scalars, d = _verl_round_metrics(tmp_path / "elsewhere", 2, 4)
+    assert scalars == {} and math.isnan(d)
+    assert "recorded no dc/discrepancy_mean for steps 3..4" in caplog.text
 
 
 def test_submit_reattaches_to_a_job_that_is_still_there(kube):

@@ -42,7 +42,12 @@ def test_trl_kwargs_match_dcgrpo_field_by_field(cfg):
     assert (kw["learning_rate"], kw["adam_beta1"], kw["adam_beta2"]) == (tc.lr, *tc.betas)
     assert (kw["lr_scheduler_type"], kw["warmup_steps"], kw["beta"], kw["num_iterations"]) == ("constant", 0, 0.0, 1)
     assert (kw["epsilon"], kw["epsilon_high"], kw["delta"]) == (tc.clip_low, tc.clip_high, tc.clip_ratio_c)
-    assert (kw["loss_type"], kw["scale_rewards"], kw["use_vllm"], kw["shuffle_dataset"]) == ("bnpo", "group", False, False)
+    assert (kw["loss_type"], kw["scale_rewards"], kw["use_vllm"], kw["shuffle_dataset"]) == (
+        "bnpo",
+        "group",
+        False,
+        False,
+    )
 
 
 def test_trl_kwargs_follow_changed_settings():
@@ -52,7 +57,12 @@ def test_trl_kwargs_follow_changed_settings():
     kw = vs_trl.trl_grpo_kwargs(c, 4, "-")
     assert (kw["per_device_train_batch_size"], kw["steps_per_generation"], kw["num_iterations"]) == (8, 4, 2)
     assert kw["max_steps"] == 4 * 2 * 4
-    assert (kw["learning_rate"], kw["weight_decay"], kw["scale_rewards"], kw["loss_type"]) == (3e-4, 0.01, "none", "grpo")
+    assert (kw["learning_rate"], kw["weight_decay"], kw["scale_rewards"], kw["loss_type"]) == (
+        3e-4,
+        0.01,
+        "none",
+        "grpo",
+    )
     assert vs_trl.rows_match(vs_trl.config_rows(c, kw)) == []
 
 

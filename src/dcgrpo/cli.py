@@ -200,24 +200,21 @@ def _tracking_client(cfg: RunConfig, uri: str | None):
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    """Register a model directory as a new version (alias challenger) with its gate tags.
+    """Register a model directory as a new version (alias challenger) with its gate tags, and gate it against the
+    champion as the pipeline does (``registry.register_and_gate``: a refused version records the rejection).
 
     Registering the same run, directory and quantization again prints the existing version.
     """
-    from dcgrpo.registry import load_metrics, register_model
+    from dcgrpo.registry import load_metrics, register_and_gate
 
     cfg = config_from_args(args)
-    name = args.model_name or cfg.registry.model_name
-    if args.quantization != "fp8":
-        name += cfg.registry.bf16_suffix
     metrics = load_metrics(args.metrics, "--metrics")  # before any server call: a typo fails fast
-    mv = register_model(
-        _tracking_client(cfg, args.tracking_uri), name, args.run_id, args.model_dir, metrics=metrics,
-        final_lambda=args.final_lambda, discrepancy=args.discrepancy, config_hash=cfg.config_hash(),
-        quantization=args.quantization, alias=cfg.registry.challenger_alias,
-        endpoint_url=cfg.storage.s3_endpoint_url,
+    registered = register_and_gate(
+        _tracking_client(cfg, args.tracking_uri), cfg, args.model_name or cfg.registry.model_name, args.run_id,
+        args.model_dir, metrics=metrics, final_lambda=args.final_lambda, discrepancy=args.discrepancy,
+        quantization=args.quantization,
     )  # fmt: skip
-    print(f"{name} version {mv.version}")
+    print(f"{registered.model_name} version {registered.version}")
     return 0
 
 
@@ -236,23 +233,21 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Promote a version (default: the challenger, resolved once) to champion if it passes the gate (or --force),
     or roll back to an earlier one; with --serve (or registry.serve_on_promote) apply its InferenceService first;
     render serving manifests."""
-    from dcgrpo.registry import ALREADY, promote, rollback, version_by_alias
-    from dcgrpo.serving import render_champion_manifests, server
+    from dcgrpo.registry import ALREADY, promote_version, rollback_version, version_by_alias
+    from dcgrpo.serving import render_champion_manifests
 
     cfg = config_from_args(args)
     if args.model_name:
         cfg.registry.model_name = args.model_name
     reg = cfg.registry
     mlc = _tracking_client(cfg, args.tracking_uri)
-    serve = server(reg, reg.model_name) if args.serve or reg.serve_on_promote else None
-    lock = dict(lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s, serve=serve)
+    serve = args.serve or reg.serve_on_promote
     if args.rollback_to:
-        decision = rollback(mlc, reg.model_name, args.rollback_to, reg.champion_alias, **lock)
+        decision = rollback_version(mlc, cfg, reg.model_name, args.rollback_to, serve=serve)
     else:
         version = args.version or version_by_alias(mlc, reg.model_name, reg.challenger_alias)
-        decision = promote(mlc, reg.model_name, version, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(),
-                           args.force, reg.champion_alias, **lock)  # fmt: skip
-    applied = serve is not None and (decision.promoted or decision.reason == ALREADY)
+        decision = promote_version(mlc, cfg, reg.model_name, version, force=args.force, serve=serve)
+    applied = serve and (decision.promoted or decision.reason == ALREADY)
     print(f"{reg.model_name} v{decision.challenger}: {'promoted' if decision.promoted else 'not promoted'}"
           f" ({decision.reason}); champion: v{decision.champion_after}"
           + (f"; InferenceService applied in namespace {reg.serving_namespace}" if applied else ""))  # fmt: skip
@@ -323,7 +318,9 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--source", default="hub", help="hub (BytedTsinghua-SIA/DAPO-Math-17k), a local path or s3:// URI")
     p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/data/dapo)")
-    p.add_argument("--template", choices=sorted(PROMPT_TEMPLATES), help="prompt template (default: data.prompt_template)")
+    p.add_argument(
+        "--template", choices=sorted(PROMPT_TEMPLATES), help="prompt template (default: data.prompt_template)"
+    )
     p.add_argument("--max-bad-rows", type=_non_negative_int, default=None, metavar="N",
                    help="fail if more than N rows are bad (N >= 0; default: no limit)")  # fmt: skip
     p.add_argument("--no-track", action="store_true", help="do not log the summary to MLflow")
@@ -386,7 +383,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="grpo, dual-grpo, dc-grpo, tis, mis or icepop (default: method.name)")
+    from dcgrpo.algorithm.methods import METHODS  # torch-free: the registry's names, not a copy of them
+
+    p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default: method.name)")
     p.add_argument("--resume", help="checkpoint (or checkpoints/ dir) to continue from")
     p.add_argument("--out", help="output dir or s3:// prefix (default: <storage.root>/runs/<run name>)")
 
@@ -476,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.exception("dcgrpo %s failed", args.command)
         print(f"dcgrpo {args.command}: error: {message}", file=sys.stderr)
-        if argv is None:  # the console script: exit now, so a native thread torn down at exit cannot turn 2 into SIGABRT
+        if (
+            argv is None
+        ):  # the console script: exit now, so a native thread torn down at exit cannot turn 2 into SIGABRT
             sys.stdout.flush()
             sys.stderr.flush()
             logging.shutdown()

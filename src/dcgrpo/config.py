@@ -16,7 +16,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -637,3 +637,41 @@ def load_config(
     if overrides:
         source += f" + overrides {overrides}"
     return build_config(merged, source)
+
+
+# ------------------------------------------------------------------ pipeline run parameters
+
+
+class RunParameters(NamedTuple):
+    """The pipeline parameters that default to the preset's value, resolved."""
+
+    rounds: int
+    model_name: str
+    round_pod: str = "gpu"
+    """``launcher`` when rounds train on a RayJob (the round task only launches and follows it), else ``gpu``."""
+
+
+def round_pod(cfg) -> str:
+    """Where a round's compute runs: the pipeline selects the round task's pod size by this (issue 12, point 9)."""
+    return "launcher" if cfg.train.backend == "verl" and cfg.verl.launch == "rayjob" else "gpu"
+
+
+def resolve_run_parameters(
+    preset: str, overrides: list[str] | None, rounds: int, model_name: str, max_rounds: int
+) -> RunParameters:
+    """``rounds`` 0 -> the preset's ``train.rounds``, ``model_name`` '' -> its ``registry.model_name``.
+
+    One function for both paths: ``pipeline_arguments`` (CLI, CI) and the
+    pipeline's first step (a run started in the Kubeflow UI with only a preset
+    chosen). Raises ``ConfigError`` naming ``rounds`` when the count is more
+    than the compiled pipeline can run, before anything trains.
+    """
+    cfg = load_config(preset=preset or None, overrides=list(overrides or []))
+    n = int(rounds) or cfg.train.rounds
+    if not 1 <= n <= max_rounds:
+        source = "" if rounds else f" (preset {cfg.preset}'s train.rounds)"
+        raise ConfigError(
+            f"rounds={n}{source}: this compiled pipeline runs 1 to {max_rounds} rounds; ask for fewer, or "
+            f"recompile with `dcgrpo compile --max-rounds {n}` and upload or submit that YAML"
+        )
+    return RunParameters(n, model_name or cfg.registry.model_name, round_pod(cfg))

@@ -12,9 +12,10 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.config import resolve_run_parameters
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,8 @@ def compile_yaml(out_path: str | Path = COMPILED_PATH, contract: Any = None, **s
 
     ``contract``: a ``dcgrpo.deploy.DeploymentContract`` (default: its defaults, the names manifests/ use).
     """
-    from pipelines.dc_grpo import ClusterSettings, compile_pipeline
-
     from dcgrpo.deploy import DeploymentContract
+    from dcgrpo.pipelines.dc_grpo import ClusterSettings, compile_pipeline
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,49 +68,12 @@ def load_compiled(path: str | Path) -> tuple[Any, Any]:
     return spec, executors
 
 
-class RunParameters(NamedTuple):
-    """The pipeline parameters that default to the preset's value, resolved."""
-
-    rounds: int
-    model_name: str
-    round_pod: str = "gpu"
-    """``launcher`` when rounds train on a RayJob (the round task only launches and follows it), else ``gpu``."""
-
-
-def round_pod(cfg) -> str:
-    """Where a round's compute runs: the pipeline selects the round task's pod size by this (issue 12, point 9)."""
-    return "launcher" if cfg.train.backend == "verl" and cfg.verl.launch == "rayjob" else "gpu"
-
-
-def resolve_run_parameters(
-    preset: str, overrides: list[str] | None, rounds: int, model_name: str, max_rounds: int
-) -> RunParameters:
-    """``rounds`` 0 -> the preset's ``train.rounds``, ``model_name`` '' -> its ``registry.model_name``.
-
-    One function for both paths: ``pipeline_arguments`` (CLI, CI) and the
-    pipeline's first step (a run started in the Kubeflow UI with only a preset
-    chosen). Raises ``ConfigError`` naming ``rounds`` when the count is more
-    than the compiled pipeline can run, before anything trains.
-    """
-    from dcgrpo.config import ConfigError, load_config
-
-    cfg = load_config(preset=preset or None, overrides=list(overrides or []))
-    n = int(rounds) or cfg.train.rounds
-    if not 1 <= n <= max_rounds:
-        source = "" if rounds else f" (preset {cfg.preset}'s train.rounds)"
-        raise ConfigError(
-            f"rounds={n}{source}: this compiled pipeline runs 1 to {max_rounds} rounds; ask for fewer, or "
-            f"recompile with `dcgrpo compile --max-rounds {n}` and upload or submit that YAML"
-        )
-    return RunParameters(n, model_name or cfg.registry.model_name, round_pod(cfg))
-
-
 def compiled_max_rounds(package: str | Path = COMPILED_PATH) -> int:
     """How many rounds a compiled pipeline can run: its highest ``train-round-K`` task."""
     import yaml
-    from pipelines.dc_grpo import ROUND_TASK
 
     from dcgrpo.config import ConfigError
+    from dcgrpo.pipelines.dc_grpo import ROUND_TASK
 
     spec = next(yaml.safe_load_all(Path(package).read_text()))
     pattern = re.compile(re.escape(ROUND_TASK).replace(r"\{\}", r"(\d+)") + "$")
@@ -327,7 +290,8 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path) -> Any:
     Kubernetes settings (GPUs, node pools, secrets, PVCs) are ignored locally.
     """
     import kfp.local
-    from pipelines.dc_grpo import ClusterSettings, build_pipeline
+
+    from dcgrpo.pipelines.dc_grpo import ClusterSettings, build_pipeline
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     log.info("running the pipeline locally with %s", json.dumps(arguments))

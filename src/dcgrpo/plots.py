@@ -1,8 +1,12 @@
-"""Plots a person would rather look at than read: lambda, discrepancy and reward over a run's steps."""
+"""Plots a person would rather look at than read: lambda, discrepancy and reward over a run's steps, and the
+HTML page that shows them with the evaluation table in the Kubeflow UI."""
 
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
+from typing import Any
 
 
 def plot_curves(history: list[dict[str, float]], out_path: str | Path, budget: float | None = None) -> Path:
@@ -36,3 +40,18 @@ def plot_curves(history: list[dict[str, float]], out_path: str | Path, budget: f
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def write_report(path: str | Path, meta: dict[str, Any], eval_markdown: str, plot: Path) -> None:
+    """An HTML page for the Kubeflow UI: ``meta`` as a table, the training curves (``plot``, a PNG embedded
+    inline; left out when there is none) and the eval table (``eval_markdown``). Every text is HTML-escaped."""
+    img = ""
+    if plot.is_file():
+        data = base64.b64encode(plot.read_bytes()).decode()
+        img = f'<img alt="lambda, discrepancy, reward" src="data:image/png;base64,{data}">'
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(
+        f"<html><body><h2>dcgrpo: {html.escape(str(meta.get('method', '')))}</h2><table>{rows}</table>"
+        f"<h3>Training curves</h3>{img}<h3>Evaluation</h3><pre>{html.escape(eval_markdown)}</pre></body></html>"
+    )

@@ -21,6 +21,10 @@ first; a version or registered model it created is deleted again); a
 promotion that fails before the alias move leaves the champion where it was
 and records ``promotion.decision=failed`` on the version it gates.
 
+The pipeline's steps (``dcgrpo.steps``) and the ``dcgrpo`` CLI go through the same functions at the end of this
+module: ``rank_methods`` (which method's model to register), ``register_and_gate``, ``promote_version`` and
+``rollback_version`` (the run config unpacked once: gate, budget, aliases, lock settings, serving).
+
 Rendering and applying serving manifests live in ``dcgrpo.serving``.
 """
 
@@ -35,14 +39,17 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dcgrpo import storage
 from dcgrpo.errors import DcgrpoError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from dcgrpo.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -654,3 +661,109 @@ def _record_failure(mlflow_client, name: str, version: str, exc: Exception) -> N
         mlflow_client.set_model_version_tag(name, version, TAG_REASON, f"{type(exc).__name__}: {exc}"[:5000])
     except Exception:  # the registry may be what failed; the alias has not moved either way
         log.warning("registry: could not record the failed promotion of %s v%s", name, version)
+
+
+# --- one path for the pipeline's steps and the CLI ------------------------------------------------------------------
+
+
+def rank_methods(gate_values: Sequence[float], discrepancies: Sequence[float], budget: float) -> int:
+    """The index of the best of several methods' models: what the pipeline registers (``select_best``).
+
+    Best = the highest gate metric among the models whose discrepancy is within ``budget`` (a model the gate
+    will refuse is not worth registering); if none is, the highest gate metric overall. Ties go to the lower
+    discrepancy, then to the earlier method. A NaN discrepancy is never within the budget.
+    """
+    if not gate_values or len(gate_values) != len(discrepancies):
+        raise ValueError(f"{len(gate_values)} gate values, {len(discrepancies)} discrepancies")
+    within = [j for j, d in enumerate(discrepancies) if d <= budget]
+    return max(within or range(len(gate_values)), key=lambda j: (gate_values[j], -discrepancies[j], -j))
+
+
+class Registered(NamedTuple):
+    version: str
+    passes_gate: bool
+    """The gate passed, or ``force``: whether a promotion should follow."""
+    reason: str
+    model_name: str
+    """The registered model the version belongs to (``+ registry.bf16_suffix`` for a bf16 registration)."""
+
+
+def register_and_gate(
+    mlflow_client,
+    cfg: RunConfig,
+    model_name: str,
+    run_id: str,
+    model_dir: str,
+    *,
+    metrics: dict[str, float],
+    final_lambda: float,
+    discrepancy: float,
+    quantization: str = "fp8",
+    bf16_twin: str | None = None,
+    by_reference: bool = False,
+    rollout_engine: str | None = None,
+    eval_engine: str | None = None,
+    force: bool = False,
+) -> Registered:
+    """Register ``model_dir`` (alias ``registry.challenger_alias``) and gate it against its model's champion.
+
+    The pipeline's ``register_model`` step and ``dcgrpo register`` both come here. ``quantization`` "bf16"
+    registers under ``model_name + registry.bf16_suffix``; ``bf16_twin``: the unquantised checkpoint of an FP8
+    export, registered there first. The tags (metrics, lambda, discrepancy, config hash, engines) are the same
+    for both versions. ``by_reference``: the directories are object-store URIs registered as they are
+    (``register_model``).
+
+    A failed gate is recorded on the version (``promotion.decision=rejected`` and its reason) unless ``force``:
+    then a promotion follows, which records its own decision. Returns ``passes_gate`` = passed or forced.
+    """
+    reg = cfg.registry
+    common = dict(
+        metrics=metrics, final_lambda=final_lambda, discrepancy=discrepancy, config_hash=cfg.config_hash(),
+        alias=reg.challenger_alias, endpoint_url=cfg.storage.s3_endpoint_url, by_reference=by_reference,
+        engines=engine_tags(rollout_engine, eval_engine, reg.vllm_image),
+    )  # fmt: skip
+    twin_name = model_name + reg.bf16_suffix
+    if bf16_twin is not None:
+        register_model(mlflow_client, twin_name, run_id, bf16_twin, quantization="bf16", artifact_path="model-bf16",
+                       **common)  # fmt: skip
+    name = twin_name if quantization == "bf16" else model_name
+    artifact_path = "model-bf16" if quantization == "bf16" else "model"
+    mv = register_model(mlflow_client, name, run_id, model_dir, quantization=quantization,
+                        artifact_path=artifact_path, **common)  # fmt: skip
+    champion = _alias_version(mlflow_client, name, reg.champion_alias)
+    ok, reason = gate(mv, champion, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit())
+    if not ok and not force:  # no promotion (which records its own decision) follows: record this one
+        mlflow_client.set_model_version_tag(name, mv.version, TAG_DECISION, "rejected")
+        mlflow_client.set_model_version_tag(name, mv.version, TAG_REASON, reason)
+    log.info("registered %s v%s; gate: %s (%s)%s", name, mv.version, ok, reason, "; forced" if force else "")
+    return Registered(str(mv.version), ok or force, reason if ok or not force else f"forced (gate said: {reason})",
+                      name)  # fmt: skip
+
+
+def _promotion_settings(cfg: RunConfig, model_name: str, serve: bool) -> dict[str, Any]:
+    """The lock settings and, with ``serve``, the InferenceService applier of ``promote``/``rollback``."""
+    from dcgrpo.serving import server
+
+    reg = cfg.registry
+    return dict(lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s,
+                serve=server(reg, model_name) if serve else None)  # fmt: skip
+
+
+def promote_version(
+    mlflow_client, cfg: RunConfig, model_name: str, version: str | int, *, force: bool = False, serve: bool = False
+) -> Decision:
+    """``promote`` with the run config's gate metric, discrepancy limit, champion alias and lock settings.
+
+    ``serve`` (``registry.serve_on_promote``, ``dcgrpo promote --serve``): the version's InferenceService is
+    applied before the alias moves (``_commit``). The pipeline's ``promote`` step and ``dcgrpo promote`` both
+    come here.
+    """
+    return promote(mlflow_client, model_name, version, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit(),
+                   force, cfg.registry.champion_alias, **_promotion_settings(cfg, model_name, serve))  # fmt: skip
+
+
+def rollback_version(mlflow_client, cfg: RunConfig, model_name: str, version: str | int, *, serve: bool = False
+                     ) -> Decision:  # fmt: skip
+    """``rollback`` with the run config's champion alias and lock settings (``serve`` as in ``promote_version``)."""
+    return rollback(mlflow_client, model_name, version, cfg.registry.champion_alias,
+                    **_promotion_settings(cfg, model_name, serve))  # fmt: skip

@@ -350,23 +350,3 @@ def score_batch(
 def score(completion: str, ground_truth: str, cfg: RewardConfig | None = None) -> float:
     """1.0 if the completion's final answer equals ``ground_truth`` (math-verify), else 0.0."""
     return score_batch([completion], [ground_truth], cfg)[0]
-
-
-def perturb_answer(answer: str) -> str:
-    """A wrong variant of ``answer`` for reward self-checks (a wrong value, not a wrong notation).
-
-    The first number that is not a subscript or exponent (``52_8`` is a base,
-    ``cm^2`` a unit) is increased by one; else the last number; else the next
-    choice letter; else ``+1`` is appended.
-    ``"\\frac{\\pi}{2}" -> "\\frac{\\pi}{3}"``, ``"52_8" -> "53_8"``, ``"\\text{(C)}" -> "\\text{(D)}"``.
-    """
-    runs = list(re.finditer(r"\d+", answer))
-    if runs:
-        main = [m for m in runs if not re.search(r"[_^]\{?$", answer[: m.start()])]
-        m = main[0] if main else runs[-1]
-        return answer[: m.start()] + str(int(m.group(0)) + 1) + answer[m.end() :]
-    letter = re.search(r"\(([A-E])\)|^([A-E])$", answer)
-    if letter:
-        g = 1 if letter.group(1) else 2
-        return answer[: letter.start(g)] + chr(ord(letter.group(g)) + 1) + answer[letter.end(g) :]
-    return f"{answer}+1"

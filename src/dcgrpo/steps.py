@@ -14,8 +14,6 @@ travels in the Model artifact's metadata). Every run carries the tag
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 import os
@@ -26,6 +24,7 @@ from typing import Any, NamedTuple
 
 from dcgrpo import storage
 from dcgrpo.config import RunConfig, load_config
+from dcgrpo.registry import Registered
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +293,7 @@ def _train_round_verl(
             shutil.copytree(result.hf_model, out, dirs_exist_ok=True)
     else:
         (out / VERL_ROUND_FILE).write_text(json.dumps({"checkpoint": str(result.folder), "step": result.step}))
-    scalars, d_round = _verl_round_metrics(cfg, run_id, first_step, result.step)
+    scalars, d_round = _verl_round_metrics(directory, first_step, result.step)
     if result.lam is not None:
         scalars["dc_lambda_after_round"] = result.lam
     meta = {
@@ -306,15 +305,20 @@ def _train_round_verl(
     return meta, scalars
 
 
-def _verl_round_metrics(cfg: RunConfig, run_id: str, first_step: int, last_step: int) -> tuple[dict, float]:
-    """(last logged dc/* values as Metrics scalars, mean batch discrepancy over this round's steps)."""
-    client = _mlflow_client(cfg)
-    last = client.get_run(run_id).data.metrics
+def _verl_round_metrics(directory: Path, first_step: int, last_step: int) -> tuple[dict, float]:
+    """(last dc/* values as Metrics scalars, mean batch discrepancy over this round's steps ``first_step+1..last_step``),
+    from the metrics file the trainer writes beside its checkpoints (``rounds.read_dc_metrics``), not from MLflow."""
+    from dcgrpo.verl_plugin.rounds import read_dc_metrics
+
+    steps = read_dc_metrics(directory, first_step, last_step)
+    last: dict[str, float] = {}
+    for row in steps.values():  # in step order: each key's value at the last step that recorded it
+        last.update(row)
     scalars = {k.replace("/", "_"): float(v) for k, v in last.items() if k.startswith("dc/")}
-    history = client.get_metric_history(run_id, "dc/discrepancy_mean")
-    d = [m.value for m in history if first_step < m.step <= last_step]
+    d = [row["dc/discrepancy_mean"] for row in steps.values() if "dc/discrepancy_mean" in row]
     if not d:
-        log.warning("run %s logged no dc/discrepancy_mean for steps %d..%d", run_id, first_step + 1, last_step)
+        log.warning("%s: the trainer recorded no dc/discrepancy_mean for steps %d..%d", directory, first_step + 1,
+                    last_step)  # fmt: skip
     return scalars, (sum(d) / len(d) if d else float("nan"))
 
 
@@ -386,6 +390,7 @@ def evaluate_step(
     """
     from dcgrpo.engines import engine_version
     from dcgrpo.evaluate import evaluate
+    from dcgrpo.plots import write_report
     from dcgrpo.tracking import start_run
 
     cfg = step_config(preset, overrides, mlflow_uri)
@@ -398,22 +403,10 @@ def evaluate_step(
     gate = cfg.eval.gate_metric
     if gate not in metrics:
         raise KeyError(f"eval.gate_metric {gate!r} was not measured; measured: {sorted(metrics)}")
-    write_report(report_path, model_meta, report.markdown(), Path(resolve_model(model_dir)) / "plots" / "dc_curves.png")
+    plot = Path(resolve_model(model_dir)) / "plots" / "dc_curves.png"
+    write_report(report_path, model_meta, report.markdown(), plot)
     scalars = {k.replace("/", "_").replace("@", "_at_"): float(v) for k, v in metrics.items()}
     return Evaluated(scalars, float(metrics[gate]), {"eval_metrics": metrics, "eval_engine": engine_version()})
-
-
-def write_report(path: str, meta: dict[str, Any], eval_markdown: str, plot: Path) -> None:
-    """An HTML page for the Kubeflow UI: the training curves and the eval table."""
-    img = ""
-    if plot.is_file():
-        img = f'<img alt="lambda, discrepancy, reward" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(
-        f"<html><body><h2>dcgrpo: {html.escape(str(meta.get('method', '')))}</h2><table>{rows}</table>"
-        f"<h3>Training curves</h3>{img}<h3>Evaluation</h3><pre>{html.escape(eval_markdown)}</pre></body></html>"
-    )
 
 
 # ------------------------------------------------------------------ selection, registry
@@ -457,28 +450,18 @@ class Best(NamedTuple):
 def select_best_step(
     preset: str, overrides: list[str], methods: list[str], gate_values: list[float], references: list[dict]
 ) -> Best:
-    """The best method and its ``model_reference`` (nothing is copied: the weights stay where evaluate read them).
+    """The best method (``registry.rank_methods`` within the promotion discrepancy limit) and its
+    ``model_reference`` (nothing is copied: the weights stay where evaluate read them)."""
+    from dcgrpo.registry import rank_methods
 
-    Best = the highest gate metric among the methods whose discrepancy is
-    within the promotion budget (a model the gate will refuse is not worth
-    registering); if none is, the highest gate metric overall. Ties go to the
-    lower discrepancy, then to the earlier method.
-    """
     if not methods or len(methods) != len(gate_values) or len(references) != len(methods):
         raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(references)} models")
     budget = step_config(preset, overrides).promotion_discrepancy_limit()
-    d = [float(r["metadata"].get("discrepancy", float("inf"))) for r in references]
-    within = [j for j in range(len(methods)) if d[j] <= budget]
-    i = max(within or range(len(methods)), key=lambda j: (gate_values[j], -d[j], -j))
-    log.info("best method: %s (gate %s; within budget %.3g: %s)", methods[i],
-             dict(zip(methods, gate_values, strict=True)), budget, [methods[j] for j in within])  # fmt: skip
+    d = [float(r["metadata"].get("discrepancy", float("inf"))) for r in references]  # none recorded: never within
+    i = rank_methods([float(g) for g in gate_values], d, budget)
+    log.info("best method: %s (gate %s; discrepancy %s; budget %.3g)", methods[i],
+             dict(zip(methods, gate_values, strict=True)), dict(zip(methods, d, strict=True)), budget)  # fmt: skip
     return Best(methods[i], float(gate_values[i]), references[i])
-
-
-class Registered(NamedTuple):
-    version: str
-    passes_gate: bool
-    reason: str
 
 
 def _run_summary(client, run_id: str, meta: dict[str, Any]) -> tuple[dict[str, float], float, str | None]:
@@ -506,31 +489,23 @@ def register_step(
 
     ``passes_gate`` decides whether the pipeline's promote task runs at all, so
     ``force`` (the run's ``force_promotion``) lets it run on a failed gate too;
-    promote then records the decision as forced.
+    promote then records the decision as forced. Registration and gate: ``registry.register_and_gate`` (as
+    ``dcgrpo register``).
     """
-    from dcgrpo.registry import TAG_DECISION, TAG_REASON, engine_tags, gate, register_model
+    from dcgrpo.registry import register_and_gate
 
     cfg = step_config(preset, overrides, mlflow_uri)
     mlc = _mlflow_client(cfg)
     run_id = model_meta["mlflow_run_id"]
     metrics, lam, eval_engine = _run_summary(mlc, run_id, model_meta)
-    d = float(model_meta["discrepancy"])
     by_ref = _is_remote(model_dir)  # a cluster's artifact store: register where it is; a local path: upload
-    engines = engine_tags(model_meta.get("rollout_engine"), eval_engine, cfg.registry.vllm_image)
-    common = dict(metrics=metrics, final_lambda=lam, discrepancy=d, config_hash=cfg.config_hash(), by_reference=by_ref,
-                  engines=engines)  # fmt: skip
     bf16 = _weights_uri(model_dir) if by_ref else latest_model_dir(model_dir)
-    register_model(mlc, model_name + cfg.registry.bf16_suffix, run_id, bf16,
-                   quantization="bf16", artifact_path="model-bf16", **common)  # fmt: skip
     fp8 = _weights_uri(fp8_dir) if by_ref else fp8_dir
-    mv = register_model(mlc, model_name, run_id, fp8, quantization="fp8", **common)
-    champion = _alias(mlc, model_name, cfg.registry.champion_alias)
-    ok, reason = gate(mv, champion, cfg.eval.gate_metric, cfg.promotion_discrepancy_limit())
-    if not ok and not force:  # promote (which records its own decision) will not run: record this one
-        mlc.set_model_version_tag(model_name, mv.version, TAG_DECISION, "rejected")
-        mlc.set_model_version_tag(model_name, mv.version, TAG_REASON, reason)
-    log.info("registered %s v%s; gate: %s (%s)%s", model_name, mv.version, ok, reason, "; forced" if force else "")
-    return Registered(str(mv.version), ok or force, reason if ok or not force else f"forced (gate said: {reason})")
+    return register_and_gate(
+        mlc, cfg, model_name, run_id, fp8, metrics=metrics, final_lambda=lam,
+        discrepancy=float(model_meta["discrepancy"]), bf16_twin=bf16, by_reference=by_ref,
+        rollout_engine=model_meta.get("rollout_engine"), eval_engine=eval_engine, force=force,
+    )  # fmt: skip
 
 
 def _is_remote(uri: str) -> bool:
@@ -544,30 +519,19 @@ def _weights_uri(uri: str) -> str:
     return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
 
 
-def _alias(mlc, name: str, alias: str):
-    """The version holding ``alias``, None if none does (a server error is raised, not read as "no champion")."""
-    from dcgrpo.registry import _alias_version
-
-    return _alias_version(mlc, name, alias)
-
-
 def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name: str, version: str, force: bool) -> str:
     """Promote ``version`` (the one register_step returned) through the registry's gate.
 
     Bound to that version even if another run has registered a newer challenger
-    meanwhile; the registry's promotion lock orders concurrent runs.
+    meanwhile; the registry's promotion lock orders concurrent runs. ``registry.promote_version`` (as
+    ``dcgrpo promote``).
     """
-    from dcgrpo.registry import promote
-    from dcgrpo.serving import server
+    from dcgrpo.registry import promote_version
 
     cfg = step_config(preset, overrides, mlflow_uri)
-    reg = cfg.registry
     # registry.serve_on_promote: the InferenceService is applied before the alias moves (registry._commit).
-    serve = server(reg, model_name) if reg.serve_on_promote else None
-    decision = promote(_mlflow_client(cfg), model_name, version, cfg.eval.gate_metric,
-                       cfg.promotion_discrepancy_limit(), force, reg.champion_alias,
-                       lock_wait_s=reg.promotion_lock_wait_s, lock_stale_s=reg.promotion_lock_stale_s,
-                       serve=serve)  # fmt: skip
+    decision = promote_version(_mlflow_client(cfg), cfg, model_name, version, force=force,
+                               serve=cfg.registry.serve_on_promote)  # fmt: skip
     return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
 
 

@@ -9,6 +9,7 @@
 No mocks: real verl, real Ray, real TransferQueue.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from dcgrpo.algorithm.step import DC_METRIC_KEYS, SHAPING_KEYS, method_hparams
 from dcgrpo.config import ConfigError, load_config
 from dcgrpo.verl_plugin import TRAINER_NAME
 from dcgrpo.verl_plugin.config import TRAIN_MAIN, render_overrides
+from dcgrpo.verl_plugin.launch import DC_METRICS_FILE
 from tests.verl.conftest import require_verl
 
 pytestmark = pytest.mark.verl
@@ -219,9 +221,10 @@ def transfer_queue():
 
 
 @pytest.mark.slow
-def test_compute_advantage_override_through_transfer_queue(transfer_queue, tmp_path):
+def test_compute_advantage_override_through_transfer_queue(transfer_queue, tmp_path, monkeypatch):
     from tensordict import TensorDict
     from tensordict.tensorclass import NonTensorData  # noqa: F401  (tq stores uid as non-tensor data)
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
     tq = transfer_queue
     data = _batch(3)
@@ -262,9 +265,18 @@ def test_compute_advantage_override_through_transfer_queue(transfer_queue, tmp_p
     assert metrics["dc/lambda"] == 0.5 and isinstance(metrics["dc/discrepancy_mean"], float)
     assert metrics["dc/discrepancy_mean"] == pytest.approx(float(stats["dc/discrepancy_mean"]))
     assert trainer._step_discrepancy == metrics["dc/discrepancy_mean"]  # pending for on_step_end
-    dual = trainer.dual_step()  # on_step_end: the rest of the step's dc/* keys
-    assert dual["dc/violation"] == pytest.approx(metrics["dc/discrepancy_mean"] - 2e-3)
-    assert set(metrics) | set(dual) >= set(DC_METRIC_KEYS)
+
+    # on_step_end, after verl's weight sync (stubbed: no rollout replicas here): the dual step
+    monkeypatch.setattr(PPOTrainerSync, "on_step_end", lambda self: None)
+    trainer.global_steps = 7
+    trainer.on_step_end()
+    metrics.update(trainer._consume_sync_metrics())  # as verl's loop does before logging the step's metrics
+    assert metrics["dc/violation"] == pytest.approx(metrics["dc/discrepancy_mean"] - 2e-3)
+    logged = {k: v for k, v in metrics.items() if k.startswith("dc/")}
+    assert set(logged) == set(DC_METRIC_KEYS)
+    # the same dc/* values, one line for the step, in the file the pipeline's train step reads
+    (line,) = (tmp_path / DC_METRICS_FILE).read_text().splitlines()
+    assert json.loads(line) == {"step": 7, **logged}
     tq.kv_clear(keys=keys, partition_id="train")
 
 

@@ -7,4 +7,3 @@ TIS/MIS/IcePop baselines), ``dual`` (Eq. 11), ``loss`` (Eq. 12), ``methods``
 The submodules are imported by name (``from dcgrpo.algorithm import advantage``), not here: ``methods`` (the
 registry) imports no torch, so the config can check method names against it on the light image.
 """
-

@@ -72,7 +72,9 @@ def shape_step(
     stats = masked_stats(d, mask)
     seq_adv = grpo_advantage(rewards.to(logp_train.device), group_ids, norm_by_std)  # (B,), Eq. 3
     method = get_method(method_cfg.name)
-    shaped = shape_advantages(method_cfg.name, seq_adv, d, logp_train, logp_infer, mask, method_hparams(method_cfg, lam))
+    shaped = shape_advantages(
+        method_cfg.name, seq_adv, d, logp_train, logp_infer, mask, method_hparams(method_cfg, lam)
+    )
     penalty = masked_mean(lam * d, mask) if method.penalised else d.new_zeros(())
     metrics = {f"dc/discrepancy_{k}": stats[k] for k in ("mean", "max", "p99", "std")}
     metrics |= {"dc/penalty_mean": penalty, "dc/lambda": float(lam)}  # a float: lambda is exact, not float32

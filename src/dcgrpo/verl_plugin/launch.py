@@ -5,7 +5,8 @@ run's ``trainer.default_local_dir`` and then runs ``verl.trainer.main_ppo``
 in this process with the overrides, so one RayJob or one in-pod launch trains
 exactly one pipeline round: the ``dc_grpo`` trainer reads the file and stops
 after step N with a checkpoint. Imports nothing from verl itself (verl is run
-as ``__main__``).
+as ``__main__``). The other files a launch leaves beside the checkpoints for the
+pipeline's train step are defined here too: ``ENGINE_FILE`` and ``DC_METRICS_FILE``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,30 @@ def write_engine_file(local_dir: str | Path) -> Path:
     path = Path(local_dir) / ENGINE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rollout_engine": f"{engine_version()} (verl {verl})", "verl": verl}))
+    return path
+
+
+DC_METRICS_FILE = "dc_metrics.jsonl"
+"""The ``dc/*`` metrics of each step, one JSON line ``{"step": N, "dc/...": value, ...}`` a step, appended by the
+``dc_grpo`` trainer beside its checkpoints: what the pipeline's train step reads back (verl logs the same values
+to MLflow for people). A step a resumed launch redid appears again, later in the file."""
+
+
+def append_dc_metrics(local_dir: str | Path, step: int, metrics: dict[str, float]) -> Path:
+    """Append step ``step``'s ``metrics`` to ``DC_METRICS_FILE`` as one line, flushed to disk before returning.
+
+    A line an earlier crash cut short is ended first, so it stays one unreadable line the reader skips.
+    """
+    path = Path(local_dir) / DC_METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
+    with open(path, "a+b") as f:  # appends go to the end whatever the read position
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 1, 0))
+        torn = size > 0 and f.read(1) != b"\n"
+        f.write((b"\n" if torn else b"") + line.encode())
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -8,6 +8,8 @@ and on every Ray node):
         inputs/data/{train,val}.parquet   staged once by the first round
         inputs/model/                     the warm-start model (HF)
         dcgrpo_round.json                 where the current launch stops
+        rollout_engine.json               the launch's vLLM and verl versions
+        dc_metrics.jsonl                  each step's dc/* metrics, one JSON line a step
         global_step_N/actor/huggingface/  verl's checkpoint, HF weights included
         global_step_N/dc_grpo.json        lambda
         latest_checkpointed_iteration.txt verl's tracker
@@ -188,3 +190,30 @@ def rollout_engine(directory: Path) -> str | None:
 
     path = Path(directory) / ENGINE_FILE
     return json.loads(path.read_text())["rollout_engine"] if path.is_file() else None
+
+
+def read_dc_metrics(directory: Path, first_step: int, last_step: int) -> dict[int, dict[str, float]]:
+    """The ``dc/*`` metrics the trainer recorded for steps ``first_step+1..last_step`` (``launch.DC_METRICS_FILE``),
+    by step in order; {} when there is no file.
+
+    A step recorded twice (a retried launch resumed before it and redid it) keeps its last line; a line a crash cut
+    short is skipped with a warning.
+    """
+    from dcgrpo.verl_plugin.launch import DC_METRICS_FILE
+
+    path = Path(directory) / DC_METRICS_FILE
+    if not path.is_file():
+        return {}
+    by_step: dict[int, dict[str, float]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row.pop("step"))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("%s, line %d: skipped, not a complete record (a write cut short?): %.80r", path, number, line)
+            continue
+        if first_step < step <= last_step:
+            by_step[step] = row
+    return dict(sorted(by_step.items()))

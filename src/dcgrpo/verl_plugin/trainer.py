@@ -18,7 +18,9 @@ as a trainer (``trainer.v1.trainer_mode=dc_grpo``) that subclasses verl's
 
 Metrics go into verl's step dict (logged by verl's ``Tracking``: console,
 MLflow) under the project's names: ``dc/lambda``, ``dc/discrepancy_{mean,max,
-p99,std}``, ``dc/violation``, ``dc/penalty_mean`` and ``dc/lambda_next``.
+p99,std}``, ``dc/violation``, ``dc/penalty_mean`` and ``dc/lambda_next``; the
+same values, one JSON line a step, go into ``dc_metrics.jsonl`` beside the
+checkpoints (``launch.DC_METRICS_FILE``): what the pipeline's train step reads.
 
 The shaping itself is ``shape_batch``: a pure function of a padded verl
 ``DataProto``, tested without Ray.
@@ -42,7 +44,7 @@ from dcgrpo.algorithm.methods import get_method
 from dcgrpo.algorithm.step import dual_step, shape_step
 from dcgrpo.config import ConfigError, MethodConfig
 from dcgrpo.verl_plugin import CONFIG_KEY, TRAINER_NAME
-from dcgrpo.verl_plugin.launch import read_stop_step
+from dcgrpo.verl_plugin.launch import append_dc_metrics, read_stop_step
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class DCGRPOTrainer(PPOTrainerSync):
         m = self.dc_method
         self.multiplier = LagrangeMultiplier(m.lambda_init, m.dual_lr, m.budget, m.lambda_max)
         self._step_discrepancy: float | None = None  # this step's batch-mean d, for the dual step
+        self._step_metrics: dict[str, float] = {}  # this step's shaping dc/* values, for DC_METRICS_FILE
 
     # verl's base class branches on the literal "sync" (replay buffer, TransferQueue
     # checkpoints, in-flight re-issue); this trainer *is* the sync loop under another name.
@@ -175,6 +178,7 @@ class DCGRPOTrainer(PPOTrainerSync):
         # metrics: floats once per step (host sync); dc/violation and dc/lambda_next come with the dual step
         metrics.update({k: float(v) for k, v in stats.items()})
         self._step_discrepancy = metrics["dc/discrepancy_mean"]
+        self._step_metrics = {k: metrics[k] for k in stats}
 
         nested_out = {k: response_to_nested(v, response_mask) for k, v in out.items()}
         return tq.kv_batch_put(
@@ -196,6 +200,10 @@ class DCGRPOTrainer(PPOTrainerSync):
         # verl merges these into this step's metrics right after on_step_end
         pending = getattr(self, "_pending_sync_metrics", None) or {}
         self._pending_sync_metrics = {**pending, **dual}
+        # every dc/* value of the step, for the pipeline's train step: right after the step's checkpoint, not
+        # after verl's validation and logging (a retried round whose checkpoint exists is not relaunched)
+        append_dc_metrics(self.config.trainer.default_local_dir, self.global_steps, {**self._step_metrics, **dual})
+        self._step_metrics = {}
 
     def dual_step(self) -> dict[str, float]:
         """One projected dual-ascent step on this step's mean d (Eq. 11, ``dcgrpo.algorithm.step.dual_step``):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 
-from dcgrpo.verl_plugin.launch import read_stop_step
+from dcgrpo.verl_plugin.launch import append_dc_metrics, read_stop_step
 
 
 def main() -> None:
@@ -36,6 +36,7 @@ def main() -> None:
     for step in range(start + 1, stop + 1):
         d = 1e-3 / step
         mlflow.log_metrics({"dc/discrepancy_mean": d, "dc/lambda": lam}, step=step)
+        append_dc_metrics(local, step, {"dc/discrepancy_mean": d, "dc/lambda": lam})  # as the dc_grpo trainer does
         lam = max(0.0, lam + dual_lr * (d - budget))
         if step % save_freq == 0 or step == stop:
             folder = local / f"global_step_{step}"

@@ -48,9 +48,9 @@ def train_round_launcher(
     the RayJob that holds the GPUs, so it runs on the light image without a GPU (issue 12, point 9).
 
     A component of its own name, not a second ``train_round``, so the compiled YAML gives it its own executor
-    and pod size; the body is ``train_round``'s (the images install the ``components`` package).
+    and pod size; the body is ``train_round``'s (the images install ``dcgrpo.components``).
     """
-    from components.train_round import train_round as run_round
+    from dcgrpo.components.train_round import train_round as run_round
 
     run_round(preset, overrides, method, round_index, rounds, mlflow_uri, kfp_run_id, dataset, model_in, model,
               metrics)  # fmt: skip

@@ -1,0 +1,5 @@
+"""The `promote` component (README.md beside this file)."""
+
+from .component import promote
+
+__all__ = ["promote"]

@@ -1,0 +1,5 @@
+"""The `select_best` component (README.md beside this file)."""
+
+from .component import select_best
+
+__all__ = ["select_best"]

@@ -1,0 +1,124 @@
+"""The workflow's layout: components and pipelines install as ``dcgrpo.components`` / ``dcgrpo.pipelines``, each
+component has its own folder (component, README, tests), and imports only go down the layers
+cli -> pipeline -> pipelines -> components -> library, so nothing in the library imports the workflow."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {
+    "dcgrpo": ROOT / "src" / "dcgrpo",
+    "dcgrpo.components": ROOT / "components",
+    "dcgrpo.pipelines": ROOT / "pipelines",
+}
+TOP_LEVEL_IMPORT = re.compile(r"(?<!from dcgrpo )\bimport (components|pipelines)\b|\bfrom (components|pipelines)\b")
+LAYERS = {"dcgrpo.cli": 4, "dcgrpo.pipeline": 3, "dcgrpo.pipelines": 2, "dcgrpo.components": 1}  # else 0: library
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the distribution, by its installed name (component folders' tests excluded)."""
+    found = {}
+    for package, folder in SOURCES.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("")
+            if "tests" in rel.parts or (package == "dcgrpo" and rel.parts[0] in ("components", "pipelines")):
+                continue
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            found[".".join((package, *parts))] = path
+    return found
+
+
+def _layer(module: str) -> int:
+    return max((rank for prefix, rank in LAYERS.items() if module == prefix or module.startswith(prefix + ".")),
+               default=0)  # fmt: skip
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Absolute names of every import in the file, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                package = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{package}.{base}" if base else package
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_package_list_names_every_package_folder():
+    """pyproject lists the packages by hand (package-dir maps folders outside src/): a folder it misses would be
+    missing from the images."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert {k: str(ROOT / v) if k else v for k, v in tool["package-dir"].items()} == {
+        "": "src", "dcgrpo.components": str(SOURCES["dcgrpo.components"]),
+        "dcgrpo.pipelines": str(SOURCES["dcgrpo.pipelines"])}  # fmt: skip
+    packages = {m for m, p in _modules().items() if p.name == "__init__.py"}
+    assert set(tool["packages"]) == packages
+
+
+def test_no_code_imports_the_workflow_as_top_level_packages():
+    offenders = []
+    for folder in ("src", "components", "pipelines", "tests", "benchmarks", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tops = {name.split(".")[0] for name in _imports(path, "x")}
+            offenders += [f"{path.relative_to(ROOT)} imports {t}" for t in tops & {"components", "pipelines"}]
+    for dockerfile in (ROOT / "containers").glob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        offenders += [f"{dockerfile.name}: {m.group()}" for m in TOP_LEVEL_IMPORT.finditer(text)]
+    assert not offenders
+
+
+def test_imports_only_go_down_the_layers():
+    """The library never imports the workflow (no package cycle); components never import the pipeline."""
+    modules = _modules()
+    upward = []
+    for module, path in modules.items():
+        for name in _imports(path, module):
+            if name.startswith("dcgrpo") and _layer(name) > _layer(module):
+                upward.append(f"{module} (layer {_layer(module)}) imports {name} (layer {_layer(name)})")
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_every_component_has_its_folder_readme_and_test():
+    from dcgrpo.components import GPU_STEPS, LIGHT_STEPS
+
+    folders = {fn.__module__.split(".")[2] for fn in (LIGHT_STEPS | GPU_STEPS).values()}
+    on_disk = {p.parent.name for p in (ROOT / "components").glob("*/component.py")}
+    assert folders == on_disk
+    for folder in folders:
+        assert (ROOT / "components" / folder / "README.md").is_file(), folder
+        assert (ROOT / "components" / folder / "tests" / f"test_{folder}_component.py").is_file(), folder
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_the_dcgrpo_package(tmp_path):
+    """What the images install (`pip install .`): the workflow inside dcgrpo, the presets, no top-level
+    ``components``/``pipelines`` that could clash with another project's."""
+    src = tmp_path / "src"  # what the Dockerfiles copy, so no stale build/ of a checkout leaks in
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("src", "components", "pipelines"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", str(src), "-w", str(tmp_path)], check=True, timeout=300)  # fmt: skip
+    (wheel,) = tmp_path.glob("dcgrpo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"dcgrpo", wheel.name.split("-py3")[0] + ".dist-info"}
+    expected = {f"dcgrpo/components/{p.parent.name}/component.py" for p in (ROOT / "components").glob("*/component.py")}
+    assert expected <= set(names) and "dcgrpo/pipelines/dc_grpo.py" in names
+    assert "dcgrpo/presets/tiny-cpu.yaml" in names and not any("/tests/" in n for n in names)
