@@ -170,12 +170,9 @@ def warm_start_step(
         else:
             shutil.copytree(src, out_dir, dirs_exist_ok=True)
         return {"base": model_uri}
-    from dcgrpo.models import build_tiny_model
-    from dcgrpo.train.sft import warm_start
+    from dcgrpo.train.sft import tiny_policy
 
-    with tempfile.TemporaryDirectory(prefix="dcgrpo-base-") as tmp:
-        base = build_tiny_model(cfg.model, tmp)
-        warm_start(cfg, base, str(Path(dataset_dir) / "train.parquet"), store or out_dir)
+    tiny_policy(cfg, str(Path(dataset_dir) / "train.parquet"), store or out_dir)
     if store is not None:
         write_model_ref(out_dir, store)
     return {"base": f"tiny-{cfg.model.arch}+sft{cfg.model.sft_steps}"}

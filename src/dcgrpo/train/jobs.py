@@ -20,12 +20,12 @@ from pathlib import Path
 
 from dcgrpo import storage
 from dcgrpo.data.synthetic import read_rows, write_synthetic_splits
-from dcgrpo.models import build_tiny_model, load_model_dir
+from dcgrpo.models import load_model_dir
 from dcgrpo.preflight import check_run_environment
 from dcgrpo.tracking import close_orphaned_runs, start_run, tracking_uri
 from dcgrpo.train import checkpoint as ckpt
 from dcgrpo.train.rl import TrainResult, rounds_left, train
-from dcgrpo.train.sft import warm_start
+from dcgrpo.train.sft import tiny_policy
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ def prepare_model(cfg, work_dir: str | Path, train_path: str) -> Path:
     tag = hashlib.sha256((key + cfg.data.model_dump_json()).encode()).hexdigest()[:10]
     sft_dir = work_dir / "models" / f"tiny-sft-{tag}"
     if not (sft_dir / "config.json").is_file():
-        base = build_tiny_model(cfg.model, work_dir / "models" / f"tiny-base-{tag}")
-        warm_start(cfg, base, train_path, sft_dir)
+        tiny_policy(cfg, train_path, sft_dir)
     return sft_dir
 
 

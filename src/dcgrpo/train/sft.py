@@ -79,3 +79,14 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
             shutil.copy(Path(model_dir) / extra, out_dir / extra)
     log.info("SFT warm start: %d steps, final loss %.3f -> %s", steps, loss.item(), out_dir)
     return out_dir
+
+
+def tiny_policy(cfg, train_path: str | Path, out_dir: str | Path) -> Path:
+    """The policy when no base model is given (``dcgrpo train`` and the pipeline's warm start alike): the tiny
+    model of ``cfg.model`` built in a temporary directory and warm-started into ``out_dir``."""
+    import tempfile
+
+    from dcgrpo.models import build_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="dcgrpo-base-") as tmp:
+        return warm_start(cfg, build_tiny_model(cfg.model, tmp), train_path, out_dir)
