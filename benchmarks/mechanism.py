@@ -137,13 +137,19 @@ def worker(args) -> None:
             row = {**s, "seed": args.seed, "steps": args.steps, "wall_s": time.perf_counter() - t0,
                    "acc_start": vals[0], "acc": vals[-1],
                    "curve": {k: [h[k] for h in steps] for k in ("dc/discrepancy_mean", "actor/entropy", "reward/mean")},
-                   "tokens": {k: mean(r[k] for r in recorded) for k in recorded[0]}}  # fmt: skip
+                   "tokens": {k: _nanmean([r[k] for r in recorded]) for k in recorded[0]}}  # fmt: skip
             print("ROW " + json.dumps(row), flush=True)
     finally:
         engine.close()
 
 
 # ------------------------------------------------------------------ driver, report
+
+
+def _nanmean(xs: list[float]) -> float:
+    """Mean over the steps that had the quantity (a probability bin can be empty in one step)."""
+    kept = [x for x in xs if x == x]
+    return mean(kept) if kept else float("nan")
 
 
 def _quarter(xs: list[float], last: bool) -> float:
