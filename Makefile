@@ -17,6 +17,7 @@ test: setup setup-verl
 
 lint: setup
 	.venv/bin/ruff check src tests components pipelines benchmarks
+	.venv/bin/ruff format --check src tests components pipelines benchmarks
 
 clean:
 	rm -rf .venv .venv-verl outputs .pytest_cache .ruff_cache
