@@ -475,9 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.exception("dcgrpo %s failed", args.command)
         print(f"dcgrpo {args.command}: error: {message}", file=sys.stderr)
-        if (
-            argv is None
-        ):  # the console script: exit now, so a native thread torn down at exit cannot turn 2 into SIGABRT
+        # The console script: exit now, so a native thread torn down at exit cannot turn 2 into SIGABRT.
+        if argv is None:
             sys.stdout.flush()
             sys.stderr.flush()
             logging.shutdown()

@@ -260,7 +260,7 @@ def _initial_state(cfg, model_dir, resume_from, n_rows: int, run) -> _LoopState:
         opt=torch.optim.AdamW(policy.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay),
         lam=LagrangeMultiplier(
             mc.lambda_init, mc.dual_lr if get_method(mc.name).dual_ascent else 0.0, mc.budget, mc.lambda_max
-        ),  # fmt: skip
+        ),
         sampler=PromptSampler(n_rows, cfg.data.seed + tc.seed),
         weights_dir=weights_dir,
     )
