@@ -105,6 +105,27 @@ def test_fp8_deploy_has_larger_discrepancy_than_bf16(tiny_dir, engine):
     assert d_fp8 > 2 * d_bf16, (float(d_fp8), float(d_bf16))
 
 
+def test_a_4bit_weight_grid_is_what_the_engine_serves(tiny_dir, engine):
+    """rollout.weight_grid (the lab's deploy ladder): the engine serves the int4-grid weights, so it agrees with a
+    trainer holding those same rounded weights (bf16 noise only) and disagrees more with the unrounded trainer."""
+    from dcgrpo.engines.weight_grids import round_state_dict
+
+    engine.close()  # one live in-process engine at a time
+    hf = HFEngine(str(tiny_dir), "fp32")
+    rounded = HFEngine(str(tiny_dir), "fp32")
+    keep = RunConfig().export.keep_high_precision
+    rounded.model.load_state_dict(round_state_dict(rounded.state_dict(), "int4_g32", keep))
+    with VLLMEngine(str(tiny_dir), "bf16", max_model_len=256, weight_grid="int4_g32") as int4:
+        assert int4.grid == "int4_g32"
+        lt, li, mask = _compare(int4, hf)
+        lt_r, li_r, mask_r = _compare(int4, rounded)
+    d_true = masked_stats(token_discrepancy(lt, li, mask, "log_ratio"), mask)["mean"]
+    d_same_grid = masked_stats(token_discrepancy(lt_r, li_r, mask_r, "log_ratio"), mask_r)["mean"]
+    assert d_same_grid < 0.05 and d_true > 2 * d_same_grid, (float(d_true), float(d_same_grid))
+    with pytest.raises(ValueError, match="needs precision bf16"):
+        VLLMEngine(str(tiny_dir), "fp8", max_model_len=256, weight_grid="int4_g32")
+
+
 def test_tied_embeddings_sync_updates_head(tmp_path, engine):
     engine.close()  # one live in-process engine at a time
     cfg = RunConfig().model.model_copy(update={"tie_word_embeddings": True})

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from dcgrpo.errors import DcgrpoError
 
 Precision = Literal["bf16", "fp16", "fp32", "fp8"]
+WeightGrid = Literal["none", "int4_g32", "int4_g128", "mxfp4", "nvfp4"]  # dcgrpo.engines.weight_grids
 DiscrepancyKind = Literal["prob_diff", "ratio", "log_ratio"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 PRESETS = ("tiny-cpu", "qwen3-8b", "qwen3-30b-a3b")
@@ -124,6 +125,20 @@ class RolloutConfig(_Section):
     nothing: benchmarks/results/vs_trl.md). A 8B model on CPU needs several GiB."""
     seed: int = 0
     """Engine-level seed (per-request seeds crash chunked prefill on vLLM CPU)."""
+    weight_grid: WeightGrid = "none"
+    """Lab setting (benchmarks/deploy_ladder.py): the rollout and evaluation engine serve their Linear weights
+    rounded onto this 4-bit grid (compressed-tensors' W4A16 group 32/128, MXFP4, NVFP4 numerics; served in
+    bf16, as vLLM's 4-bit kernels dequantise), to measure a larger mismatch than FP8's. Needs precision=bf16.
+    Training runs and evaluates with it locally; the pipeline refuses it, because the export writes FP8."""
+
+    @model_validator(mode="after")
+    def _grid_on_bf16(self) -> RolloutConfig:
+        if self.weight_grid != "none" and self.precision != "bf16":
+            raise ValueError(
+                f"weight_grid={self.weight_grid} replaces the deploy precision's rounding: set rollout.precision=bf16 "
+                f"(got {self.precision})"
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -187,9 +202,16 @@ class MethodConfig(_Section):
     """eta in Eq. 11. Scale it to the discrepancy: lambda moves by eta * (mean d - eps) per step, and with
     prob_diff violations of ~1e-4 on tiny-cpu, eta 1e4 moves lambda ~1 per step (measured: lambda reaches
     ~10 in 16 steps, mean d pulled from ~4e-4 to ~3e-4; eta 1 left lambda at ~2e-3, i.e. plain GRPO)."""
-    budget: float = Field(3e-4, ge=0)
+    budget: float | Literal["auto"] = 3e-4
     """eps: tolerated batch-mean discrepancy (prob_diff). The SFT'd tiny model's bf16-vs-fp32 mean d is
-    ~2-5e-4 and grows as RL sharpens the policy (measured), so 3e-4 makes the constraint bind on tiny-cpu."""
+    ~2-5e-4 and grows as RL sharpens the policy (measured), so 3e-4 makes the constraint bind on tiny-cpu.
+    ``auto`` (ours, not the paper's): eps = budget_auto_scale x the mean d of the first budget_auto_steps
+    steps (the warm start's discrepancy floor; lambda stays at lambda_init meanwhile). No sweep needed:
+    benchmarks/results/SCIENCE.md compares it with the best swept eps."""
+    budget_auto_steps: int = Field(4, gt=0)
+    """``budget: auto``: steps whose batch-mean d set the budget."""
+    budget_auto_scale: float = Field(1.0, gt=0)
+    """``budget: auto``: eps = this x the measured floor (1: the mismatch may not grow past where it started)."""
     lambda_max: float = Field(10.0, ge=0)
     """Projection bound of lambda."""
     discrepancy: DiscrepancyKind = "prob_diff"
@@ -202,6 +224,19 @@ class MethodConfig(_Section):
     mis_high: float = Field(2.0, gt=0)
     icepop_low: float = Field(0.5, gt=0)
     icepop_high: float = Field(5.0, gt=0)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_or_auto(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        try:
+            budget = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("Input should be a number >= 0, or 'auto'") from None
+        if not budget >= 0:  # also refuses NaN
+            raise ValueError("Input should be greater than or equal to 0")
+        return budget
 
     @field_validator("name")
     @classmethod
@@ -509,6 +544,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"train.group_size must be >= 2 for GRPO-based method {self.method.name!r} (got {self.train.group_size})"
             )
+        if self.method.budget == "auto" and self.registry.max_discrepancy is None:
+            raise ValueError(
+                "method.budget=auto needs registry.max_discrepancy: the promotion gate cannot follow a budget "
+                "that is only known after the first steps"
+            )
         return self
 
     def promotion_discrepancy_limit(self) -> float:
@@ -667,6 +707,11 @@ def resolve_run_parameters(
     than the compiled pipeline can run, before anything trains.
     """
     cfg = load_config(preset=preset or None, overrides=list(overrides or []))
+    if cfg.rollout.weight_grid != "none":
+        raise ConfigError(
+            f"rollout.weight_grid={cfg.rollout.weight_grid} is a lab setting (benchmarks/deploy_ladder.py): the "
+            "pipeline exports and serves FP8, so its rounds would train against a deployment it never makes"
+        )
     n = int(rounds) or cfg.train.rounds
     if not 1 <= n <= max_rounds:
         source = "" if rounds else f" (preset {cfg.preset}'s train.rounds)"

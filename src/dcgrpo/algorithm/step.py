@@ -81,10 +81,25 @@ def shape_step(
     return StepShaping(shaped, stats["mean"], metrics)
 
 
+def make_multiplier(method_cfg, dual_ascent: bool) -> LagrangeMultiplier:
+    """lambda for a run's ``method`` section: eta only for methods with dual ascent (others keep lambda_0), and
+    ``budget: auto`` measured over the first ``budget_auto_steps`` steps (see ``dual.auto_budget``)."""
+    mc = method_cfg
+    auto = mc.budget == "auto"
+    return LagrangeMultiplier(
+        mc.lambda_init, mc.dual_lr if dual_ascent else 0.0, None if auto else mc.budget, mc.lambda_max,
+        calibration_steps=mc.budget_auto_steps if auto else 0, budget_scale=mc.budget_auto_scale,
+    )  # fmt: skip
+
+
 def dual_step(multiplier: LagrangeMultiplier, method_name: str, discrepancy_mean: float) -> dict[str, float]:
     """Eq. 11 after the update, for methods with dual ascent: ``dc/violation`` (of this step's d, against the
-    budget) and ``dc/lambda_next`` (lambda for the next step; unchanged for the other methods)."""
+    budget) and ``dc/lambda_next`` (lambda for the next step; unchanged for the other methods); with
+    ``budget: auto``, ``dc/budget`` (the measured eps) once it is known."""
     violation = multiplier.violation(discrepancy_mean)
     if get_method(method_name).dual_ascent:
         multiplier.update(discrepancy_mean)
-    return {"dc/violation": violation, "dc/lambda_next": multiplier.value}
+    out = {"dc/violation": violation, "dc/lambda_next": multiplier.value}
+    if multiplier.calibration_steps and not multiplier.calibrating:  # budget: auto, once measured
+        out["dc/budget"] = multiplier.budget
+    return out

@@ -9,7 +9,9 @@ after temperature / top-p), which is what the training engine must match.
 Deploy precision ``fp8``: on GPU vLLM's own FP8 (``quantization="fp8"``); on
 CPU, where vLLM has no FP8 kernels, the engine runs in bf16 on weights rounded
 to the FP8 e4m3 block grid by ``dcgrpo.engines.fp8`` (the quantiser the FP8
-export uses), at load and at every ``sync_weights``.
+export uses), at load and at every ``sync_weights``. A ``weight_grid``
+(lab: int4 group 32/128, MXFP4, NVFP4 through ``dcgrpo.engines.weight_grids``)
+rounds a bf16 engine's weights the same way, on CPU and GPU alike.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class VLLMEngine:
         keep_high_precision: list[str] | None = None,
         fp8_block_size: int = 128,
         fp8_scheme: str = "fp8_block",
+        weight_grid: str = "none",
     ) -> None:
         if precision not in VLLM_DTYPES:
             raise ValueError(f"precision must be one of {sorted(VLLM_DTYPES)}, got {precision!r}")
@@ -82,6 +85,9 @@ class VLLMEngine:
         self.keep_high_precision = list(keep_high_precision or ["lm_head", "mlp.gate", "embed_tokens"])
         self.fp8_block_size = fp8_block_size
         self.fp8_scheme = fp8_scheme  # the export's scheme: served numerics match the exported checkpoint
+        if weight_grid != "none" and precision != "bf16":
+            raise ValueError(f"weight_grid {weight_grid!r} needs precision bf16, got {precision!r}")
+        self.weight_grid = weight_grid
         self.on_gpu = has_cuda()
         # In-process engine: fast start, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -111,13 +117,20 @@ class VLLMEngine:
         self.tie_word_embeddings = bool(
             getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False)
         )
-        if self.cpu_fp8:
-            # Serve FP8-grid weights from the start (the checkpoint itself is high precision).
+        if self.grid:
+            # Serve grid weights from the start (the checkpoint itself is high precision).
             self.sync_weights(_read_safetensors(self.model_path))
 
     @property
     def cpu_fp8(self) -> bool:
         return self.precision == "fp8" and not self.on_gpu
+
+    @property
+    def grid(self) -> str | None:
+        """The grid weights are rounded onto before serving (a ``weight_grids.GRIDS`` name), or None."""
+        if self.cpu_fp8:
+            return self.fp8_scheme
+        return None if self.weight_grid == "none" else self.weight_grid
 
     def generate(
         self,
@@ -156,10 +169,10 @@ class VLLMEngine:
         sd = {k: v.detach().to("cpu") for k, v in state_dict.items()}
         if self.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        if self.cpu_fp8:
-            from dcgrpo.engines.fp8 import fp8_round_state_dict
+        if self.grid:
+            from dcgrpo.engines.weight_grids import round_state_dict
 
-            sd = fp8_round_state_dict(sd, self.keep_high_precision, self.fp8_block_size, self.fp8_scheme)
+            sd = round_state_dict(sd, self.grid, self.keep_high_precision, self.fp8_block_size)
         # Cast to the engine's dtype here (vLLM would do the same on load, warning once per
         # tensor on every sync); it also halves what crosses into the engine.
         dtype = self.llm.llm_engine.model_config.dtype
@@ -212,5 +225,5 @@ def engine_from_config(cfg, model_dir: str, max_model_len: int) -> VLLMEngine:
         model_dir, cfg.rollout.precision, seed=cfg.rollout.seed, max_model_len=max_model_len,
         cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         keep_high_precision=cfg.export.keep_high_precision, fp8_block_size=cfg.export.block_size,
-        fp8_scheme=cfg.export.scheme,
+        fp8_scheme=cfg.export.scheme, weight_grid=cfg.rollout.weight_grid,
     )  # fmt: skip

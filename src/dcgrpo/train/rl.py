@@ -34,7 +34,7 @@ from dcgrpo.algorithm.discrepancy import masked_mean
 from dcgrpo.algorithm.dual import LagrangeMultiplier
 from dcgrpo.algorithm.loss import ppo_clip_loss
 from dcgrpo.algorithm.methods import get_method
-from dcgrpo.algorithm.step import dual_step, shape_step
+from dcgrpo.algorithm.step import dual_step, make_multiplier, shape_step
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template, engine_from_config
@@ -258,9 +258,7 @@ def _initial_state(cfg, model_dir, resume_from, n_rows: int, run) -> _LoopState:
     st = _LoopState(
         policy=policy,
         opt=torch.optim.AdamW(policy.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay),
-        lam=LagrangeMultiplier(
-            mc.lambda_init, mc.dual_lr if get_method(mc.name).dual_ascent else 0.0, mc.budget, mc.lambda_max
-        ),
+        lam=make_multiplier(mc, get_method(mc.name).dual_ascent),
         sampler=PromptSampler(n_rows, cfg.data.seed + tc.seed),
         weights_dir=weights_dir,
     )
@@ -340,13 +338,13 @@ def _end_round(cfg, st: _LoopState, out_dir: str, new_history: list[dict], run) 
     }
     uri = storage.join(out_dir, "checkpoints", f"step_{st.step:06d}")
     ckpt.save_checkpoint(uri, st.policy.model, st.policy.tokenizer, st.opt, state, endpoint)
-    plot_uri = _save_plot(st.history + new_history, out_dir, cfg.method.budget, run, endpoint)
+    plot_uri = _save_plot(st.history + new_history, out_dir, st.lam.budget, run, endpoint)
     if run is not None:
         run.flush(strict=True)  # raises TrackingUnavailable after retries; the checkpoint is already safe
     return uri, plot_uri
 
 
-def _save_plot(history, out_dir: str, budget: float, run, endpoint) -> str:
+def _save_plot(history, out_dir: str, budget: float | None, run, endpoint) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_curves(
             [h for h in history if "dc/lambda" in h or "val/accuracy" in h], Path(tmp) / "dc_curves.png", budget

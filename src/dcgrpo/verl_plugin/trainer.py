@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from dcgrpo.algorithm.dual import LagrangeMultiplier
 from dcgrpo.algorithm.methods import get_method
-from dcgrpo.algorithm.step import dual_step, shape_step
+from dcgrpo.algorithm.step import dual_step, make_multiplier, shape_step
 from dcgrpo.config import ConfigError, MethodConfig
 from dcgrpo.verl_plugin import CONFIG_KEY, TRAINER_NAME
 from dcgrpo.verl_plugin.launch import append_dc_metrics, read_stop_step
@@ -128,7 +128,7 @@ class DCGRPOTrainer(PPOTrainerSync):
         self.dc_method = method_config_from_verl(config.algorithm)
         self._check_verl_config(config)
         m = self.dc_method
-        self.multiplier = LagrangeMultiplier(m.lambda_init, m.dual_lr, m.budget, m.lambda_max)
+        self.multiplier = make_multiplier(m, get_method(m.name).dual_ascent)
         self._step_discrepancy: float | None = None  # this step's batch-mean d, for the dual step
         self._step_metrics: dict[str, float] = {}  # this step's shaping dc/* values, for DC_METRICS_FILE
 
