@@ -5,8 +5,9 @@ over seeds 0..n-1, with 95% t-intervals; comparisons are paired by seed against 
 
 Studies (``--studies``, in this order; a run shared by two studies is trained once):
 
-- ``ladder``   (part 2) GRPO and DC-GRPO on each deploy format of the rollout engine: bf16, FP8 block/channel
-  (``rollout.precision=fp8``), int4 group 128/32, MXFP4, NVFP4 (``rollout.weight_grid``; simulated on CPU).
+- ``ladder``   (part 2) GRPO and DC-GRPO (eps 3e-4, and ``budget=auto``) on each deploy format of the rollout
+  engine: bf16, FP8 block/channel (``rollout.precision=fp8``), int4 group 128/32, MXFP4, NVFP4
+  (``rollout.weight_grid``; simulated on CPU).
 - ``table2``   (Table 2) GRPO, DC-GRPO, TIS, MIS, IcePop with bf16 and FP8 deploy.
 - ``dual``     (Section 5) Dual-GRPO with a fixed lambda of 10/100/300 against DC-GRPO, whose budget lets lambda
   rise to the same lambda_max (300) only while the discrepancy is over it.
@@ -70,6 +71,7 @@ def studies(quick: bool) -> dict[str, list[tuple[str, dict, str]]]:
     out: dict[str, list[tuple[str, dict, str]]] = {}
     out["ladder"] = [(f"{m} {g}", run(m, g), f"grpo {g}" if m != "grpo" else "grpo bf16" if g != "bf16" else "")
                      for g in DEPLOYS for m in ("grpo", "dc-grpo")]  # fmt: skip
+    out["ladder"] += [(f"dc-grpo auto {g}", run("dc-grpo", g, "method.budget=auto"), f"grpo {g}") for g in DEPLOYS]
     out["table2"] = [(f"{m} {g}", run(m, g), f"grpo {g}" if m != "grpo" else "")
                      for g in ("bf16", "fp8_block") for m in ("grpo", "dc-grpo", "tis", "mis", "icepop")]  # fmt: skip
     out["dual"] = [("grpo", run("grpo"), "")] + [
