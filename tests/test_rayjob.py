@@ -247,3 +247,9 @@ def test_train_verl_dry_run_takes_namespace_and_image_flags(capsys):
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["metadata"]["namespace"] == "team-a"
     assert {t["spec"]["containers"][0]["image"] for t in _pod_templates(job)} == {"reg/verl:2"}
+
+
+def test_a_lab_weight_grid_is_refused_before_a_rayjob_is_rendered():
+    """verl's vLLM rollout serves the checkpoint as it is: a simulated 4-bit grid must not be silently dropped."""
+    with pytest.raises(ConfigError, match="rollout.weight_grid=int4_g32 is simulated by the built-in loop only"):
+        render_overrides(_cfg("rollout.weight_grid=int4_g32"), train_files="/checkpoints/data/train.parquet")

@@ -67,6 +67,11 @@ def _check_batches(cfg: RunConfig) -> None:
         )
     if v.rollout_tp > v.gpus_per_node or v.gpus_per_node % v.rollout_tp:
         raise ConfigError(f"verl.rollout_tp ({v.rollout_tp}) must divide verl.gpus_per_node ({v.gpus_per_node})")
+    if cfg.rollout.weight_grid != "none":  # verl's vLLM rollout serves the checkpoint as it is
+        raise ConfigError(
+            f"rollout.weight_grid={cfg.rollout.weight_grid} is simulated by the built-in loop only; verl's rollout "
+            "cannot round its weights onto it"
+        )
 
 
 def _megatron_overrides(cfg: RunConfig) -> dict[str, Any]:
