@@ -286,7 +286,7 @@ def _eps(line: dict) -> str:
 def report(plan, done: dict, seeds: int, steps: int, args, out: Path, wall_s: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tables = {study: study_table(entries, done, seeds) for study, entries in plan.items()}
-    used = {(line["key"], s) for t in tables.values() for line in t for s in range(seeds)}
+    used = {(line["key"], s) for t in tables.values() for line in t for s in range(seeds) if (line["key"], s) in done}
     run_s = sum(done[k]["wall_s"] for k in used if k in done)
     cmd = "benchmarks/lab.py" + (" --quick" if args.quick else "") + f" --studies {','.join(plan)}"
     lines = [f"# Mismatch lab: tiny-cpu, {steps} steps unless a row says otherwise, lr {args.lr:g}, seeds 0-{seeds - 1}",
