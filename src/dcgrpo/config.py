@@ -126,7 +126,7 @@ class RolloutConfig(_Section):
     seed: int = 0
     """Engine-level seed (per-request seeds crash chunked prefill on vLLM CPU)."""
     weight_grid: WeightGrid = "none"
-    """Lab setting (benchmarks/deploy_ladder.py): the rollout and evaluation engine serve their Linear weights
+    """Lab setting (benchmarks/lab.py, study ladder): the rollout and evaluation engine serve their Linear weights
     rounded onto this 4-bit grid (compressed-tensors' W4A16 group 32/128, MXFP4, NVFP4 numerics; served in
     bf16, as vLLM's 4-bit kernels dequantise), to measure a larger mismatch than FP8's. Needs precision=bf16.
     Training runs and evaluates with it locally; the pipeline refuses it, because the export writes FP8."""
@@ -709,7 +709,7 @@ def resolve_run_parameters(
     cfg = load_config(preset=preset or None, overrides=list(overrides or []))
     if cfg.rollout.weight_grid != "none":
         raise ConfigError(
-            f"rollout.weight_grid={cfg.rollout.weight_grid} is a lab setting (benchmarks/deploy_ladder.py): the "
+            f"rollout.weight_grid={cfg.rollout.weight_grid} is a lab setting (benchmarks/lab.py): the "
             "pipeline exports and serves FP8, so its rounds would train against a deployment it never makes"
         )
     n = int(rounds) or cfg.train.rounds
