@@ -23,12 +23,12 @@ from dcgrpo.config import ExportConfig
 from dcgrpo.engines.fp8 import (
     FP8_MAX,
     dequantize_fp8,
-    fp8_round_state_dict,
     is_quantisable,
     matches_any,
     quantize_dequantize_fp8,
     quantize_fp8,
 )
+from dcgrpo.engines.weight_grids import round_state_dict
 from dcgrpo.export import ExportError, export_fp8, load_dequantized
 from dcgrpo.models import ModelFileError
 
@@ -139,7 +139,7 @@ def test_export_reload_equals_engine_rounding(tmp_path, dtype, scheme):
     report = export_fp8(str(src), str(tmp_path / "fp8"), cfg)
 
     source_sd = load_file(src / "model.safetensors")
-    _assert_bit_equal(load_dequantized(str(tmp_path / "fp8")), fp8_round_state_dict(source_sd, KEEP, 128, scheme))
+    _assert_bit_equal(load_dequantized(str(tmp_path / "fp8")), round_state_dict(source_sd, scheme, KEEP, 128))
 
     exported = load_file(tmp_path / "fp8" / "model.safetensors")
     assert exported["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
@@ -164,7 +164,7 @@ def test_moe_router_gates_stay_high_precision(tmp_path):
         assert exported[f"model.layers.{layer}.mlp.experts.3.gate_proj.weight"].dtype == torch.float8_e4m3fn
     ignore = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["ignore"]
     assert ignore == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
-    _assert_bit_equal(load_dequantized(str(tmp_path / "fp8")), fp8_round_state_dict(source_sd, KEEP))
+    _assert_bit_equal(load_dequantized(str(tmp_path / "fp8")), round_state_dict(source_sd, "fp8_block", KEEP))
 
 
 def test_export_s3_round_trip(tmp_path, s3_server):
@@ -174,7 +174,7 @@ def test_export_s3_round_trip(tmp_path, s3_server):
     assert storage.exists("s3://dcgrpo-test/exports/fp8/_COMPLETE")
     _assert_bit_equal(
         load_dequantized("s3://dcgrpo-test/exports/fp8"),
-        fp8_round_state_dict(load_file(src / "model.safetensors"), KEEP),
+        round_state_dict(load_file(src / "model.safetensors"), "fp8_block", KEEP),
     )
 
 

@@ -25,7 +25,7 @@ Schemes
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -146,22 +146,3 @@ def is_quantisable(name: str, tensor: Tensor, keep_high_precision: Iterable[str]
         return False
     module = name.removesuffix(".weight")
     return not matches_any(module, keep_high_precision) and "norm" not in module.rsplit(".", 1)[-1]
-
-
-def fp8_round_state_dict(
-    state_dict: Mapping[str, Tensor],
-    keep_high_precision: list[str],
-    block_size: int = 128,
-    scheme: str = "fp8_block",
-) -> dict[str, Tensor]:
-    """A copy of ``state_dict`` with every quantisable Linear weight on the FP8 grid.
-
-    What a served FP8 checkpoint computes with, in the source dtypes: only 2-D
-    Linear weights change (see ``is_quantisable``); ``lm_head``, router gates
-    (``mlp.gate``), embeddings, norms and biases pass through untouched (the
-    same tensor objects).
-    """
-    return {
-        name: quantize_dequantize_fp8(t, block_size, scheme) if is_quantisable(name, t, keep_high_precision) else t
-        for name, t in state_dict.items()
-    }
