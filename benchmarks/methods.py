@@ -77,9 +77,8 @@ def _method_cost_us(name: str, cfg) -> float:
 
     from dcgrpo.algorithm.advantage import grpo_advantage
     from dcgrpo.algorithm.discrepancy import token_discrepancy
-    from dcgrpo.algorithm.dual import LagrangeMultiplier
     from dcgrpo.algorithm.methods import get_method, shape_advantages
-    from dcgrpo.algorithm.step import method_hparams
+    from dcgrpo.algorithm.step import make_multiplier, method_hparams
 
     B, T = cfg.train.responses_per_batch, cfg.rollout.max_response_length
     g = torch.Generator().manual_seed(0)
@@ -89,7 +88,7 @@ def _method_cost_us(name: str, cfg) -> float:
     rewards = (torch.rand(B, generator=g) > 0.5).float()  # (B,)
     group_ids = torch.arange(cfg.train.prompts_per_batch).repeat_interleave(cfg.train.group_size)
     mc, method = cfg.method, get_method(name)
-    lam = LagrangeMultiplier(mc.lambda_init, mc.dual_lr if method.dual_ascent else 0.0, mc.budget, mc.lambda_max)
+    lam = make_multiplier(mc, method.dual_ascent)
     times = []
     for _ in range(200):
         t0 = time.perf_counter()
