@@ -15,7 +15,6 @@ import time
 
 def main() -> None:
     from dcgrpo.config import RunConfig
-    from dcgrpo.data.benchmarks import default_benchmark_dir
     from dcgrpo.evaluate import evaluate
     from dcgrpo.models import build_tiny_model
 
@@ -25,6 +24,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-prompts", type=int, default=64)
+    ap.add_argument("--benchmark-dir", default="hub", help="hub (default: the full sets), samples, or a directory")
     args = ap.parse_args()
     cfg = RunConfig()
     cfg.eval.max_problems, cfg.eval.default_k = args.max_problems, args.k
@@ -33,7 +33,7 @@ def main() -> None:
         model = build_tiny_model(cfg.model, f"{tmp}/model")
         t = time.perf_counter()
         report = evaluate(str(model), cfg, f"{tmp}/out", benchmarks=args.benchmarks.split(","),
-                          benchmark_dir=str(default_benchmark_dir()), progress=False)  # fmt: skip
+                          benchmark_dir=args.benchmark_dir, progress=False)  # fmt: skip
         total = time.perf_counter() - t
     print(report.markdown(), end="")
     print(f"evaluate() total incl. engine start: {total:.1f}s")

@@ -70,14 +70,14 @@ def sweep(bench_dir, names, workers: int, sample: int | None = None, seed: int =
 
 
 def main() -> None:
-    from dcgrpo.data.benchmarks import BENCHMARKS, default_benchmark_dir
+    from dcgrpo.data.benchmarks import BENCHMARKS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benchmark-dir", default=None)
+    ap.add_argument("--benchmark-dir", default="hub", help="hub (default: the full sets), samples, or a directory")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--sample", type=int, default=None, help="rows per benchmark (default: all)")
     args = ap.parse_args()
-    bench_dir = args.benchmark_dir or default_benchmark_dir()
+    bench_dir = args.benchmark_dir
     res = sweep(bench_dir, list(BENCHMARKS), args.workers, args.sample)
     print("| benchmark | rows | reference scores 1 | perturbed scores 0 | seconds |")
     print("|---|---:|---:|---:|---:|")

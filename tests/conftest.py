@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TEST_BUCKET = "dcgrpo-test"
 
 
@@ -117,8 +116,11 @@ def model_dir(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real datasets in ../shared/data (skips where the checkout has none)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present")
-    return SHARED_DATA
+def sample_data() -> Path:
+    """The data samples shipped in the package (dcgrpo/data/samples, with their PROVENANCE.md): real rows of
+    DAPO-Math-17K and the six benchmarks, present in every clone and every installed copy."""
+    from dcgrpo.data.benchmarks import samples_dir
+
+    d = samples_dir()
+    assert (d / "PROVENANCE.md").is_file(), f"{d}: the package's data samples are missing"
+    return d

@@ -1,9 +1,12 @@
-"""DAPO-Math-17K preparation and benchmark loading on the real files (+ published-form and bad inputs)."""
+"""DAPO-Math-17K preparation and benchmark loading on real rows (the package's samples), the Hugging Face Hub
+path offline from a cache the test builds, the published form and bad inputs."""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import uuid
 
 import pyarrow as pa
@@ -20,14 +23,16 @@ def _read(path):
     return pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
 
 
-def test_real_counts(shared_data, tmp_path):
-    s = prepare_dapo(str(shared_data / "dapo_math_17k.parquet"), str(tmp_path), template="dapo", seed=0)
+def test_real_counts(sample_data, tmp_path):
+    s = prepare_dapo(str(sample_data / "dapo_math_17k.sample.parquet"), str(tmp_path), template="dapo", seed=0)
+    # The sample holds 7 exact-duplicate pairs and 2 problems with two different answers (rows 35/179, 282/7665;
+    # samples/PROVENANCE.md). The full SvS file gives 17,917 -> 650 duplicates, 12 conflict groups -> 17,243.
     assert (s.rows_in, s.bad_rows, s.duplicates, s.conflict_groups, s.conflict_rows, s.rows_out) == (
-        17917, 0, 650, 12, 24, 17243,
+        406, 0, 7, 2, 4, 395,
     )  # fmt: skip
-    assert (s.train_rows, s.val_rows) == (16898, 345)
+    assert (s.train_rows, s.val_rows) == (387, 8)  # val_fraction 0.02 of 395
     train, val = _read(tmp_path / "train.parquet"), _read(tmp_path / "val.parquet")
-    assert len(train) == 16898 and len(val) == 345
+    assert len(train) == 387 and len(val) == 8
     row = train[0]
     assert set(row) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
     assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].startswith(dapo.DAPO_PREFIX)
@@ -35,11 +40,11 @@ def test_real_counts(shared_data, tmp_path):
     problems = [r["extra_info"]["problem"] for r in train + val]
     assert len(set(problems)) == len(problems)  # no duplicates, no train/val leak
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["rows_out"] == 17243
+    assert summary["rows_out"] == 395
 
 
-def test_split_is_deterministic_by_seed(shared_data, tmp_path):
-    src = str(shared_data / "dapo_math_17k.parquet")
+def test_split_is_deterministic_by_seed(sample_data, tmp_path):
+    src = str(sample_data / "dapo_math_17k.sample.parquet")
     a = prepare_dapo(src, str(tmp_path / "a"), seed=1, template="boxed")
     b = prepare_dapo(src, str(tmp_path / "b"), seed=1, template="boxed")
     c = prepare_dapo(src, str(tmp_path / "c"), seed=2, template="boxed")
@@ -67,8 +72,8 @@ def _published_form(rows, repeats):
     return out
 
 
-def test_published_form_matches_deduplicated_form(shared_data, tmp_path):
-    rows = [json.loads(line) for line in (shared_data / "dapo_math_17k.jsonl").read_text().splitlines()[:300]]
+def test_published_form_matches_deduplicated_form(sample_data, tmp_path):
+    rows = [json.loads(line) for line in (sample_data / "dapo_math_17k.sample.jsonl").read_text().splitlines()[:300]]
     pub = tmp_path / "published.parquet"
     pq.write_table(pa.Table.from_pylist(_published_form(rows, 100)), pub)
     orig = tmp_path / "orig.jsonl"
@@ -130,27 +135,104 @@ def test_wrong_schema_fails_clearly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_s3_round_trip(shared_data, s3_server, tmp_path):
-    rows = [json.loads(line) for line in (shared_data / "dapo_math_17k.jsonl").read_text().splitlines()[:200]]
+def test_s3_round_trip(sample_data, s3_server, tmp_path):
+    rows = [json.loads(line) for line in (sample_data / "dapo_math_17k.sample.jsonl").read_text().splitlines()[:200]]
     storage.write_text("s3://dcgrpo-test/in/dapo.jsonl", "\n".join(json.dumps(r) for r in rows))
     s = prepare_dapo("s3://dcgrpo-test/in/dapo.jsonl", "s3://dcgrpo-test/prepared", seed=0)
     assert s.rows_out == len(_read("s3://dcgrpo-test/prepared/train.parquet")) + s.val_rows
     assert storage.exists("s3://dcgrpo-test/prepared/summary.json")
 
 
-def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
+def hub_cache(hf_home, repo_id: str, files: dict[str, bytes], commit: str = "0" * 40) -> None:
+    """A dataset repository in the standard Hugging Face cache layout (what a download leaves behind):
+    ``hub/datasets--<owner>--<name>/{blobs,snapshots/<commit>,refs/main}``."""
+    import hashlib
+
+    repo = hf_home / "hub" / f"datasets--{repo_id.replace('/', '--')}"
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def _parquet_bytes(rows) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty HF_HOME with the hub offline; set after dcgrpo and huggingface_hub were imported, as a user's
+    notebook or a pod's environment may do: the loaders read the environment at call time."""
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="pass a local or s3:// copy"):
-        prepare_dapo("hub", str(tmp_path / "out"))
+    return home
 
 
-EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 675}
+def test_benchmarks_load_from_the_hub_cache_offline(sample_data, offline_hub):
+    math500 = [
+        {"problem": r["problem"], "answer": r["answer"], "unique_id": r["id"]} for r in load_benchmark("math500")
+    ]
+    hub_cache(offline_hub, BENCHMARKS["math500"].hub_id, {"test.jsonl": "\n".join(map(json.dumps, math500)).encode()})
+    amc = [
+        {"question": r["problem"], "answer": float(r["answer"]), "id": i} for i, r in enumerate(load_benchmark("amc23"))
+    ]
+    decoy = [{"question": "not the test split", "answer": 1.0, "id": 0}]
+    hub_cache(offline_hub, BENCHMARKS["amc23"].hub_id, {"data/test-00000-of-00001.parquet": _parquet_bytes(amc),
+                                                        "data/train-00000-of-00001.parquet": _parquet_bytes(decoy)})  # fmt: skip
+    rows = load_benchmark("math500", "hub")
+    assert [(r["id"], r["problem"], r["answer"]) for r in rows] == [
+        (r["id"], r["problem"], r["answer"]) for r in load_benchmark("math500", sample_data)
+    ]
+    rows = load_benchmark("amc", "hub")  # an alias; only the test split's file
+    assert [r["problem"] for r in rows] == [r["problem"] for r in load_benchmark("amc23", sample_data)]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in load_benchmark("amc23", sample_data)]  # 27.0 -> 27
+
+
+def test_an_offline_hub_miss_is_one_line_naming_the_id_and_the_fix(offline_hub):
+    with pytest.raises(BenchmarkError) as err:
+        load_benchmark("aime24", "hub")
+    msg = str(err.value)
+    assert "\n" not in msg and "HuggingFaceH4/aime_2024" in msg and "HF_HUB_OFFLINE=1" in msg
+    assert str(offline_hub / "hub") in msg and "s3://" in msg  # where it looked, and the alternatives
+
+
+def test_dapo_from_the_hub_cache_offline_in_its_published_form(sample_data, offline_hub, tmp_path):
+    """``dcgrpo prepare --source hub`` in a fresh process, as a user runs it: the Hub's file (each problem 100x, the
+    DAPO template, UUID indexes) from the cache prepares exactly like the de-duplicated copy."""
+    rows = [json.loads(line) for line in (sample_data / "dapo_math_17k.sample.jsonl").read_text().splitlines()]
+    hub_cache(offline_hub, dapo.HUB_REPO, {dapo.HUB_FILE: _parquet_bytes(_published_form(rows, 100))})
+    cmd = [sys.executable, "-m", "dcgrpo.cli", "prepare", "--source", "hub", "--template", "dapo",
+           "--out", str(tmp_path / "hub"), "--no-track"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"hf://{dapo.HUB_REPO}/{dapo.HUB_FILE} (published form" in proc.stdout
+    local = prepare_dapo(str(sample_data / "dapo_math_17k.sample.jsonl"), str(tmp_path / "local"))
+    hub = json.loads((tmp_path / "hub" / "summary.json").read_text())
+    assert hub["rows_in"] == 100 * len(rows) and hub["rows_out"] == local.rows_out
+    assert hub["conflict_groups"] == local.conflict_groups
+    strip = lambda rs: [(r["prompt"], r["reward_model"]["ground_truth"]) for r in rs]  # noqa: E731
+    assert strip(_read(tmp_path / "hub" / "train.parquet")) == strip(_read(tmp_path / "local" / "train.parquet"))
+
+    miss = subprocess.run([*cmd[:5], "hf://someone/missing-set", "--out", str(tmp_path / "m"), "--no-track"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert miss.returncode != 0 and not (tmp_path / "m").exists()
+    assert "someone/missing-set" in miss.stderr and "HF_HUB_OFFLINE=1" in miss.stderr
+    assert "Traceback" not in miss.stderr
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
-def test_benchmarks_normalised(shared_data, name):
-    rows = load_benchmark(name, shared_data)
-    assert len(rows) == EXPECTED_ROWS[name]
+def test_benchmarks_normalised(sample_data, name):
+    rows = load_benchmark(name, sample_data)
+    assert len(rows) == 24 and rows == load_benchmark(name, "samples")  # the default source is the same files
     for r in rows:
         assert isinstance(r["id"], str) and r["problem"] and isinstance(r["answer"], str) and r["answer"]
 

@@ -31,7 +31,7 @@ def test_wilson_interval():
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
 
 
-def test_cli_evaluate_real_benchmarks(tiny_model, shared_data, mlflow_server, s3_server, tmp_path):
+def test_cli_evaluate_real_benchmarks(tiny_model, sample_data, mlflow_server, s3_server, tmp_path):
     """`dcgrpo evaluate` end to end: real engine, real files, results to S3 (moto), metrics to MLflow.
 
     A subprocess, not cli.main(): vLLM's kernel registration scans every module's
@@ -40,7 +40,7 @@ def test_cli_evaluate_real_benchmarks(tiny_model, shared_data, mlflow_server, s3
     """
     cmd = [
         sys.executable, "-m", "dcgrpo.cli", "evaluate", "--model", tiny_model,
-        "--benchmarks", "aime24,math500,olympiadbench,synthetic", "--benchmark-dir", str(shared_data),
+        "--benchmarks", "aime24,math500,olympiadbench,synthetic", "--benchmark-dir", str(sample_data),
         "--out", "s3://dcgrpo-test/eval-cli",
         "--set", "eval.max_problems=6", "--set", "eval.k={aime24: 2}",
         "--set", "eval.max_model_len=400",  # 3 of these olympiadbench prompts do not fit: scored 0, not a crash
@@ -82,18 +82,18 @@ def test_cli_bad_benchmark_file_fails_clearly(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_prepare_logs_summary(shared_data, mlflow_server, tmp_path, capsys):
+def test_cli_prepare_logs_summary(sample_data, mlflow_server, tmp_path, capsys):
     rc = cli.main([
-        "prepare", "--source", str(shared_data / "dapo_math_17k.parquet"), "--out", str(tmp_path / "dapo"),
+        "prepare", "--source", str(sample_data / "dapo_math_17k.sample.parquet"), "--out", str(tmp_path / "dapo"),
         "--set", f"tracking.mlflow_uri={mlflow_server}", "--set", f"storage.root={tmp_path}",
     ])  # fmt: skip
     assert rc == 0
     out = capsys.readouterr().out
-    assert "rows_out" in out and "17,243" in out
+    assert "rows_out" in out and "395" in out
     run_id = next(x for x in out.splitlines() if x.startswith("mlflow run:")).split()[-1]
     metrics = MlflowClient(mlflow_server).get_run(run_id).data.metrics
-    assert metrics["data/rows_in"] == 17917 and metrics["data/duplicates"] == 650
-    assert metrics["data/conflict_groups"] == 12 and metrics["data/rows_out"] == 17243
+    assert metrics["data/rows_in"] == 406 and metrics["data/duplicates"] == 7  # see test_data_prep.test_real_counts
+    assert metrics["data/conflict_groups"] == 2 and metrics["data/rows_out"] == 395
 
 
 def test_cli_prepare_wrong_schema(tmp_path, capsys):

@@ -159,9 +159,9 @@ def test_perturb_answer():
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
-def test_reference_scores_one_and_perturbed_zero(shared_data, name):
+def test_reference_scores_one_and_perturbed_zero(sample_data, name):
     """Deterministic sample per benchmark (the full sweep: benchmarks/reward_sweep.py)."""
-    rows = load_benchmark(name, shared_data)
+    rows = load_benchmark(name, sample_data)
     rows = random.Random(0).sample(rows, min(len(rows), 60))
     gts = [r["answer"] for r in rows]
     ref = reward.score_batch([f"... so the answer is \\boxed{{{a}}}" for a in gts], gts)

@@ -359,7 +359,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory, local or s3:// (default: model.path)")
     p.add_argument("--benchmarks", help="comma list, e.g. aime24,math500 (default: eval.benchmarks)")
-    p.add_argument("--benchmark-dir", help="directory of benchmark JSONL files (default: eval.benchmark_dir)")
+    p.add_argument(
+        "--benchmark-dir",
+        help="samples, hub, or a directory (local or s3://) of <name>.jsonl files (default: eval.benchmark_dir)",
+    )
     p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/eval)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

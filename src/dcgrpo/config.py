@@ -271,8 +271,10 @@ class RewardConfig(_Section):
 
 class EvalConfig(_Section):
     benchmarks: list[str] = Field(default_factory=lambda: ["synthetic", "math500", "amc23"])
-    benchmark_dir: str | None = None
-    """Directory of benchmark JSONL files. None: ../shared/data relative to the repo, if present."""
+    benchmark_dir: str = Field("samples", min_length=1)
+    """Where the benchmarks come from: ``samples`` (the first 24 rows of each, shipped in the package: the demo's),
+    ``hub`` (each benchmark's Hugging Face dataset, cached under ``HF_HOME``; ``HF_HUB_OFFLINE=1`` reads the cache
+    only), or a directory of ``<name>.jsonl`` files, local or ``s3://``."""
     k: dict[str, int] = Field(default_factory=dict)
     """Samples per problem for avg@k, per benchmark; missing ones use default_k."""
     default_k: int = Field(1, gt=0)

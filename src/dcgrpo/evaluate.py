@@ -34,7 +34,7 @@ from typing import Any
 
 from dcgrpo import reward, storage
 from dcgrpo.config import RunConfig
-from dcgrpo.data.benchmarks import canonical_name, default_benchmark_dir, load_benchmark
+from dcgrpo.data.benchmarks import canonical_name, load_benchmark
 from dcgrpo.data.dapo import PROMPT_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def build_prompt(row: dict[str, Any], template: str) -> str:
 
 
 def load_benchmarks(cfg: RunConfig, names: list[str], benchmark_dir: str | None) -> dict[str, list[dict]]:
-    source = benchmark_dir or cfg.eval.benchmark_dir or default_benchmark_dir()
+    source = benchmark_dir or cfg.eval.benchmark_dir
     out = {}
     for name in names:
         rows = load_benchmark(name, source, data_cfg=cfg.data)

@@ -1,9 +1,13 @@
 """Evaluation benchmarks normalised to ``{"id", "problem", "answer"}`` rows.
 
 Six public math benchmarks (AIME24, AIME25, AMC23, MATH-500, Minerva Math,
-OlympiadBench) load from a directory of JSONL files (``../shared/data`` in
-this checkout, see its PROVENANCE.md), local or ``s3://``, or from their
-public Hugging Face datasets when the hub is reachable. ``synthetic`` is the
+OlympiadBench) load from one of three sources (``eval.benchmark_dir``):
+
+- ``samples``: the first rows of each, shipped in the package (``dcgrpo/data/samples``, with their
+  PROVENANCE.md) so the demo and the tests run on a fresh clone;
+- ``hub``: each benchmark's public Hugging Face dataset, cached under ``HF_HOME`` (``dcgrpo.data.hub``);
+- a directory of ``<name>.jsonl`` files, local or ``s3://``.
+ ``synthetic`` is the
 held-out split of the synthetic arithmetic task (``dcgrpo.data.synthetic``);
 its rows also carry the exact ``prompt`` the tiny model was trained on.
 
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.data import hub
 from dcgrpo.errors import DataError
 
 
@@ -30,7 +36,7 @@ class BenchmarkSpec:
     file: str
     """JSONL file name inside the benchmark directory."""
     hub_id: str
-    """Public Hugging Face dataset (used only when no local file is given and the hub is reachable)."""
+    """Public Hugging Face dataset id (source ``hub``)."""
     hub_split: str
     hub_fields: tuple[str, str]
     """(problem field, answer field) in the hub dataset."""
@@ -46,6 +52,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 ALIASES = {"minerva": "minerva_math", "math-500": "math500", "olympiad": "olympiadbench", "amc": "amc23"}
 SYNTHETIC = "synthetic"
+SAMPLES = "samples"
+"""Source name of the samples shipped in the package."""
+HUB = "hub"
+"""Source name of the Hugging Face Hub."""
 
 
 def canonical_name(name: str) -> str:
@@ -56,10 +66,9 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def default_benchmark_dir() -> Path | None:
-    """``../shared/data`` next to the repository, if present."""
-    candidate = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
+def samples_dir() -> Path:
+    """The samples shipped in the package (benchmarks and a DAPO-Math-17K slice; see its PROVENANCE.md)."""
+    return Path(str(resources.files("dcgrpo.data") / "samples"))
 
 
 def _answer_text(value: Any) -> str | None:
@@ -125,22 +134,24 @@ def read_jsonl(uri: str, name: str) -> list[dict[str, Any]]:
 
 def _load_hub(name: str) -> list[dict[str, Any]]:
     spec = BENCHMARKS[name]
-    try:
-        from datasets import load_dataset  # optional: only for online use
-    except ImportError:
-        raise BenchmarkError(
-            f"benchmark {name}: no local directory given and the 'datasets' package is not installed "
-            f"(pass --benchmark-dir / eval.benchmark_dir with {spec.file})"
-        ) from None
-    try:
-        ds = load_dataset(spec.hub_id, split=spec.hub_split)
-    except Exception as exc:  # noqa: BLE001  (offline, renamed dataset, ...)
-        raise BenchmarkError(f"benchmark {name}: cannot load {spec.hub_id} from the hub: {exc}") from None
     pfield, afield = spec.hub_fields
-    return [
-        normalise_row({**r, "problem": r.get(pfield), "answer": r.get(afield)}, f"{spec.hub_id} row {i}", f"{name}-{i}")
-        for i, r in enumerate(ds)
-    ]
+    rows = []
+    try:
+        paths = hub.split_files(spec.hub_id, spec.hub_split)
+        records = [(path, hub.read_records(path)) for path in paths]
+    except hub.HubError as exc:
+        raise BenchmarkError(f"benchmark {name} (eval.benchmark_dir=hub): {exc}") from None
+    for path, recs in records:
+        for i, r in enumerate(recs):
+            where = f"{spec.hub_id} ({path.name}) row {i}"
+            rows.append(
+                normalise_row({**r, "problem": r.get(pfield), "answer": r.get(afield)}, where, f"{name}-{len(rows)}")
+            )
+    if not rows:
+        raise BenchmarkError(
+            f"benchmark {name}: Hugging Face dataset {spec.hub_id} split {spec.hub_split!r} has no rows"
+        )
+    return rows
 
 
 def load_synthetic(data_cfg) -> list[dict[str, Any]]:
@@ -159,20 +170,22 @@ def load_synthetic(data_cfg) -> list[dict[str, Any]]:
     ]
 
 
-def load_benchmark(name: str, source: str | Path | None = None, data_cfg=None) -> list[dict[str, Any]]:
-    """Rows of one benchmark: from ``source`` (a directory, local or s3://), else the hub.
+def load_benchmark(name: str, source: str | Path | None = SAMPLES, data_cfg=None) -> list[dict[str, Any]]:
+    """Rows of one benchmark from ``source``: ``samples``, ``hub`` or a directory (local or s3://).
 
-    ``data_cfg`` (a ``DataConfig``) is needed only for ``synthetic``.
+    ``data_cfg`` (a ``DataConfig``) is needed only for ``synthetic``, which is generated, not loaded.
     """
     name = canonical_name(name)
     if name == SYNTHETIC:
         if data_cfg is None:
-            from dcgrpo.config import DataConfig
+            from dcgrpo.config import DataConfig  # config imports this module (issue 24: the circle)
 
             data_cfg = DataConfig()
         return load_synthetic(data_cfg)
-    if source is None:
+    if source is None or str(source) == HUB:
         return _load_hub(name)
+    if str(source) == SAMPLES:
+        source = samples_dir()
     uri = storage.join(source, BENCHMARKS[name].file)
     if not storage.exists(uri):
         raise BenchmarkError(f"benchmark {name}: {uri} does not exist")

@@ -1,12 +1,13 @@
 """DAPO-Math-17K -> verl-schema train/validation parquet.
 
-Accepted inputs (local path, ``s3://`` URI, or ``hf://`` / ``hub`` for the
-published Hugging Face dataset ``BytedTsinghua-SIA/DAPO-Math-17k``):
+Accepted inputs: a local path, an ``s3://`` URI, ``hub`` (the published Hugging Face
+dataset ``BytedTsinghua-SIA/DAPO-Math-17k``) or ``hf://<owner>/<name>[/<file>]``, cached
+under ``HF_HOME`` (``dcgrpo.data.hub``; ``HF_HUB_OFFLINE=1`` reads the cache only). Forms:
 
 - the published parquet: every problem repeated 100x, the prompt wrapped in
   the DAPO "Answer:" template, UUID ``extra_info.index``;
-- the de-duplicated original-schema parquet (``../shared/data/dapo_math_17k.parquet``:
-  template stripped, integer indexes);
+- the de-duplicated original-schema parquet (the SvS copy; a 406-row slice ships as
+  ``dcgrpo/data/samples/dapo_math_17k.sample.parquet``: template stripped, integer indexes);
 - the normalised JSONL (``{"id", "problem", "answer"}`` per line).
 
 Steps, each counted in the summary:
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.data import hub
 from dcgrpo.data.schema import row_problem, text_problem
 from dcgrpo.errors import DataError
 
@@ -112,20 +114,24 @@ def strip_template(content: str) -> str:
 
 
 def _read_input(source: str) -> tuple[str, bytes]:
-    """(display name, bytes); ``hub`` / ``hf://...`` downloads the published parquet."""
-    if source in ("hub", "hf") or source.startswith("hf://"):
-        repo = source[len("hf://") :] if source.startswith("hf://") else HUB_REPO
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(repo, HUB_FILE, repo_type="dataset")
-        except Exception as exc:  # noqa: BLE001  (offline, auth, renamed file)
-            raise FileNotFoundError(
-                f"cannot download {repo}/{HUB_FILE} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-                "pass a local or s3:// copy instead"
-            ) from None
-        return f"hf://{repo}/{HUB_FILE}", open(path, "rb").read()
-    return source, storage.read_bytes(source)
+    """(display name, bytes) of a path, an s3:// URI or a Hugging Face dataset (``hub``, ``hf://...``)."""
+    if source not in ("hub", "hf") and not source.startswith("hf://"):
+        return source, storage.read_bytes(source)
+    parts = source[len("hf://") :].strip("/").split("/") if source.startswith("hf://") else HUB_REPO.split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise DapoSchemaError(f"{source}: expected hf://<owner>/<name>[/<file>]")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if not filename and repo == HUB_REPO:
+        filename = HUB_FILE
+    if filename:
+        path = hub.download_file(repo, filename)
+    else:
+        files = hub.split_files(repo, "train")
+        if len(files) > 1:
+            names = ", ".join(p.name for p in files)
+            raise DapoSchemaError(f"{source}: {len(files)} train files ({names}); name one: hf://{repo}/<file>")
+        path = files[0]
+    return f"hf://{repo}/{filename or path.name}", path.read_bytes()
 
 
 def _parquet_rows(name: str, data: bytes, bad: list[tuple[int, str]]) -> tuple[list[_Row | None], str]:
