@@ -12,6 +12,7 @@ index is scripts/resolve_locks.sh's job (network).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -233,3 +234,66 @@ def test_deployment_contract_names_only_images_built_here():
     named = {k: v for k, v in deploy.DeploymentContract().model_dump().items() if k.endswith("_image")}
     built = {deploy.image(name) for name in IMAGES}
     assert named and set(named.values()) <= built, f"contract images {named} vs built {sorted(built)}"
+
+
+@pytest.fixture(scope="module")
+def installed_light_package(tmp_path_factory):
+    """dcgrpo as the light image installs it: the Dockerfile's COPYs into a build folder, ``pip install --no-deps .``
+    into a separate, read-only site folder (no checkout beside it). Its dependencies come from this venv."""
+    tmp = tmp_path_factory.mktemp("image")
+    build, site = tmp / "build", tmp / "site"
+    copies = re.findall(
+        r"^COPY (?!containers/)(\S+(?: \S+)*) \S+$", (CONTAINERS / "Dockerfile.light").read_text(), re.M
+    )
+    build.mkdir()
+    skip = shutil.ignore_patterns("*.egg-info", "__pycache__")  # what a clean checkout does not hold
+    for entry in " ".join(copies).split():
+        src = ROOT / entry
+        if src.is_dir():
+            shutil.copytree(src, build / entry, ignore=skip)
+        else:
+            shutil.copy2(src, build / entry)
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(site),
+    ]
+    proc = subprocess.run([*pip, str(build)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    subprocess.run(["chmod", "-R", "a-w", str(site)], check=True)  # the image's site-packages: not the user's
+    yield site
+    subprocess.run(["chmod", "-R", "u+w", str(site)], check=True)
+
+
+def _run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_the_installed_package_carries_its_compiled_pipeline_and_data(installed_light_package, tmp_path):
+    """`dcgrpo submit` and `schedule` read the compiled YAML through the package; the demo's samples are there too."""
+    code = (
+        "import dcgrpo, dcgrpo.pipeline as p; from dcgrpo.data.benchmarks import load_benchmark, samples_dir; "
+        "print(dcgrpo.__file__); print(p.COMPILED_PATH); p.load_compiled(p.COMPILED_PATH); "
+        "print(p.compiled_max_rounds()); print(len(load_benchmark('math500')), samples_dir())"
+    )
+    proc = _run_installed(installed_light_package, tmp_path, "-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    module, compiled, rounds, samples = proc.stdout.splitlines()
+    site = str(installed_light_package)
+    assert module.startswith(site) and compiled.startswith(site) and samples.split()[1].startswith(site)
+    assert int(rounds) >= 1 and samples.split()[0] == "24"
+    compiled_file = Path(compiled)
+    assert compiled_file.read_bytes() == (ROOT / "pipelines" / "compiled" / "dc_grpo.yaml").read_bytes()
+
+
+def test_compile_in_the_installed_package_writes_to_the_working_directory(installed_light_package, tmp_path):
+    proc = _run_installed(installed_light_package, tmp_path, "-m", "dcgrpo.cli", "compile")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(tmp_path / "dc_grpo.yaml") and (tmp_path / "dc_grpo.yaml").stat().st_size > 0

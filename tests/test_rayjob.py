@@ -6,6 +6,7 @@ real ``kubernetes`` client. Everything of ours runs for real. No verl import.
 """
 
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -253,3 +254,42 @@ def test_a_lab_weight_grid_is_refused_before_a_rayjob_is_rendered():
     """verl's vLLM rollout serves the checkpoint as it is: a simulated 4-bit grid must not be silently dropped."""
     with pytest.raises(ConfigError, match="rollout.weight_grid=int4_g32 is simulated by the built-in loop only"):
         render_overrides(_cfg("rollout.weight_grid=int4_g32"), train_files="/checkpoints/data/train.parquet")
+
+
+# ---- names KubeRay accepts ------------------------------------------------------------------------------------------
+
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+
+
+class KubeRayNameRule(FakeKubeAPI):
+    """KubeRay (v1.4+) marks a RayJob named over 47 characters ``ValidationFailed``; here every job fails, so each
+    retried launch (submit_rayjob again) submits the next attempt's name."""
+
+    def status_of(self, name):
+        if len(name) > 47:
+            return {"jobDeploymentStatus": "ValidationFailed", "reason": "RayJob name should be no more than 47"}
+        return {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "an earlier attempt failed"}
+
+
+def test_every_rayjob_name_the_pipeline_can_produce_passes_kuberays_rule():
+    """Round k of a method in a KFP run (run ids are 36-character UUIDs), and each retry attempt of it."""
+    from dcgrpo.verl_plugin.rayjob import MAX_NAME, submit_rayjob
+
+    run_id = "0f5a1c6e-7d2b-4c3a-9e8f-1a2b3c4d5e6f"
+    methods = ["grpo", "dual-grpo", "dc-grpo", "tis", "mis", "icepop"]
+    bases = [f"r{k}-{m}-{run_id}" for k in (1, 9, 10, 25, 100, 1000) for m in methods]
+    names = [job_name(b) for b in bases]
+    assert len(set(names)) == len(names), "two rounds or methods share a RayJob name"
+    body = render_rayjob(_cfg(), render_overrides(_cfg(), train_files="/t.parquet"), name=bases[-1])
+    with KubeRayNameRule() as kube:
+        for base in names[:4]:
+            b = {**body, "metadata": {**body["metadata"], "name": base}}
+            tried = [submit_rayjob(kube.api, b, max_attempts=5) for _ in range(5)]  # the launcher retried 4 times
+            assert tried[0] == base and len(set(tried)) == 5
+            with pytest.raises(RayJobFailed, match="5 attempts exist and all failed"):
+                submit_rayjob(kube.api, b, max_attempts=5)
+    created = [j["metadata"]["name"] for j in kube.created]
+    assert len(created) == 20 and len(set(created)) == 20
+    for name in [*names, *created]:
+        assert len(name) <= MAX_NAME == 47 and re.fullmatch(DNS_LABEL, name), name
+    assert job_name("r1-grpo-short") == "r1-grpo-short"  # short names are kept as they are

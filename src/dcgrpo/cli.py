@@ -74,7 +74,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", help="Kubeflow profile namespace of the run (multi-user Kubeflow needs it)")
     p.add_argument("--service-account", default=DeploymentContract().service_account,
                    help="service account of the run's pods (manifests/rbac: may create RayJobs)")  # fmt: skip
-    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: pipelines/compiled/dc_grpo.yaml)")
+    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the one shipped in the package)")
     _pipeline_args(p)
 
 
@@ -94,7 +94,11 @@ def _arguments(args: argparse.Namespace) -> dict:
 
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default=None, help="where to write the YAML (default: pipelines/compiled/dc_grpo.yaml)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="where to write the YAML (default: pipelines/compiled/dc_grpo.yaml in a checkout, else ./dc_grpo.yaml)",
+    )
     p.add_argument("--image", help="image of the light steps (default: the deployment contract's light_image)")
     p.add_argument("--trainer-image", help="image of the GPU steps (default: the contract's gpu_image)")
     p.add_argument("--verl-image", help="image of the RayJobs' Ray nodes (default: the contract's verl_image)")
@@ -116,7 +120,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "submit/schedule time or in the Kubeflow UI"
         )
     from dcgrpo.deploy import DeploymentContract
-    from dcgrpo.pipeline import COMPILED_PATH, compile_yaml
+    from dcgrpo.pipeline import compile_yaml, default_compile_output
 
     update: dict = {"light_image": args.image, "gpu_image": args.trainer_image, "verl_image": args.verl_image,
                     "checkpoint_pvc": args.checkpoint_pvc, "checkpoint_mount": args.checkpoint_mount}  # fmt: skip
@@ -132,7 +136,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     defaults = DeploymentContract().model_dump()
     contract = DeploymentContract(**defaults | {k: v for k, v in update.items() if v is not None})
     settings = {"max_rounds": args.max_rounds} if args.max_rounds else {}
-    path = compile_yaml(args.output or COMPILED_PATH, contract, accelerator_limit=args.accelerator_limit, **settings)
+    path = compile_yaml(
+        args.output or default_compile_output(), contract, accelerator_limit=args.accelerator_limit, **settings
+    )
     print(path)
     return 0
 

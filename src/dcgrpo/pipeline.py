@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,23 @@ from dcgrpo.config import resolve_run_parameters
 
 log = logging.getLogger(__name__)
 
-COMPILED_PATH = Path(__file__).resolve().parents[2] / "pipelines" / "compiled" / "dc_grpo.yaml"
+COMPILED_PATH = Path(str(resources.files("dcgrpo.pipelines") / "compiled" / "dc_grpo.yaml"))
+"""The compiled pipeline, package data of ``dcgrpo.pipelines`` (``pipelines/compiled/`` in a checkout): found the
+same way in a checkout, an installed wheel and the light image."""
+COMPILED_NAME = COMPILED_PATH.name
 
 
-def compile_yaml(out_path: str | Path = COMPILED_PATH, contract: Any = None, **settings: Any) -> Path:
+def default_compile_output() -> Path:
+    """Where ``dcgrpo compile`` writes without ``--output``: the packaged file in a checkout (editable install),
+    else ``./dc_grpo.yaml`` (an installed package is not the user's to rewrite, and may be read-only)."""
+    import os
+
+    folder = COMPILED_PATH.parent
+    in_checkout = (folder.parents[1] / "pyproject.toml").is_file() and os.access(folder, os.W_OK)
+    return COMPILED_PATH if in_checkout else Path.cwd() / COMPILED_NAME
+
+
+def compile_yaml(out_path: str | Path, contract: Any = None, **settings: Any) -> Path:
     """Compile the pipeline (with ``ClusterSettings(contract, **settings)``) to ``out_path``.
 
     ``contract``: a ``dcgrpo.deploy.DeploymentContract`` (default: its defaults, the names manifests/ use).

@@ -16,6 +16,7 @@ Imports nothing from verl (the pipeline step only needs the kubernetes client).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shlex
@@ -44,10 +45,19 @@ class RayJobFailed(RuntimeError):
     """The RayJob (or the single-node verl run) ended without success."""
 
 
+MAX_NAME = 47
+"""KubeRay (v1.4+) refuses a RayJob whose name is longer (``ValidationFailed``): it derives its RayCluster's and
+pods' names from it. 47 also keeps the name a valid label value (<= 63), which KubeRay copies it into."""
+
+
 def job_name(run_name: str) -> str:
-    """A DNS-1123 name (<= 53 chars, KubeRay derives longer child names from it)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")
-    return (name[:53].rstrip("-")) or "dcgrpo-verl"
+    """A DNS-1123 label of at most ``MAX_NAME`` characters, distinct for distinct ``run_name``: a name that must
+    be cut keeps its first 40 characters and ends in 6 hex digits of its full text's hash."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "dcgrpo-verl"
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{name[: MAX_NAME - 7].rstrip('-')}-{digest}"
 
 
 def _secret_env(contract: DeploymentContract) -> list[dict[str, Any]]:
@@ -166,7 +176,7 @@ def submit_rayjob(api: Any, body: dict[str, Any], max_attempts: int = 5) -> str:
 
     ns, base = body["metadata"]["namespace"], body["metadata"]["name"]
     for attempt in range(1, max_attempts + 1):
-        name = base if attempt == 1 else f"{base[:49].rstrip('-')}-a{attempt}"
+        name = base if attempt == 1 else job_name(f"{base}-a{attempt}")
         try:
             api.create_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, {**body, "metadata": {**body["metadata"], "name": name}}
