@@ -119,7 +119,7 @@ def test_round_tasks_carry_the_contract_to_the_rayjobs_they_start(compiled):
 # --- the rendered RayJob and its committed example ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["rendered", "manifests/rayjob/rayjob.yaml"])
+@pytest.mark.parametrize("source", ["rendered", "manifests/examples/rayjob/rayjob.yaml"])
 def test_rayjob_uses_the_contracts_names(source):
     job = _rayjob() if source == "rendered" else yaml.safe_load((ROOT / source).read_text())
     assert job["metadata"]["namespace"] == C.namespace
@@ -171,9 +171,12 @@ def test_manifests_use_the_contracts_namespaces_accounts_images_and_volumes(mani
         elif not (obj["kind"] == "Secret" and ns == C.serving_namespace):
             assert ns == C.namespace, (obj["kind"], obj["metadata"]["name"], ns)
     accounts = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in manifests if o["kind"] == "ServiceAccount"}
-    assert (C.namespace, C.service_account) in accounts and (C.serving_namespace, C.serving_service_account) in accounts
-    for binding in (o for o in manifests if o["kind"] == "RoleBinding"):
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": C.service_account, "namespace": C.namespace}]
+    assert (C.serving_namespace, C.serving_service_account) in accounts
+    for binding in (o for o in manifests if o["kind"] == "RoleBinding"):  # our verbs, on Kubeflow's run accounts
+        # A RoleBinding's ServiceAccount subject without a namespace is one of the binding's own namespace (RBAC).
+        ns = binding["metadata"]["namespace"]
+        subjects = [(s["kind"], s["name"], s.get("namespace", ns)) for s in binding["subjects"]]
+        assert subjects == [("ServiceAccount", name, C.namespace) for name in C.run_accounts]
     sa = next(
         o for o in manifests if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == C.serving_service_account
     )
@@ -192,7 +195,7 @@ def test_run_config_defaults_agree_with_the_contract():
     reg = RegistryConfig()
     assert (reg.serving_namespace, reg.serving_service_account) == (C.serving_namespace, C.serving_service_account)
     rr = yaml.safe_load((MANIFESTS / "kfp" / "recurring-run.yaml").read_text())
-    assert rr["service_account"] == C.service_account
+    assert rr.get("service_account", "") == C.service_account
     # not run config: two runs deployed differently train the same thing (same config hash)
     assert not {"image", "namespace", "node_selector", "tolerations", "secret_env", "checkpoint_pvc"} & set(
         VerlConfig.model_fields
@@ -203,7 +206,7 @@ def test_readme_names_the_contracts_values():
     readme = (ROOT / "README.md").read_text()
     label = ",".join(f"{k}={v}" for k, v in C.gpu_node_selector.items())
     for value in (C.light_image, C.gpu_image, C.verl_image, C.s3_secret, C.mlflow_secret, C.postgres_secret,
-                  C.hf_secret, *C.s3_keys, *C.mlflow_keys, *C.hf_keys, label, C.service_account, C.model_cache_pvc, C.checkpoint_pvc,
+                  C.hf_secret, *C.s3_keys, *C.mlflow_keys, *C.hf_keys, label, *C.run_accounts, C.model_cache_pvc, C.checkpoint_pvc,
                   C.namespace, C.serving_namespace):  # fmt: skip
         assert value in readme, f"README does not mention {value}"
 

@@ -117,9 +117,14 @@ def test_kustomization_builds_and_validates(directory):
         validate(obj)
 
 
-def test_top_level_builds_everything():
+def test_top_level_builds_everything_and_starts_no_work():
+    """`kubectl apply -k manifests/` installs services, storage and RBAC; it starts no training and serves nothing
+    (a RayJob would take 16 GPUs; an InferenceService would fight promotion's field manager on re-apply)."""
     kinds = {o["kind"] for o in kustomize_build(MANIFESTS)}
-    assert {"Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "InferenceService"} <= kinds
+    assert {"Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "PersistentVolumeClaim"} <= kinds
+    assert not {"RayJob", "InferenceService", "Job", "Workflow"} & kinds
+    examples = {o["kind"] for d in ("rayjob", "inferenceservice") for o in kustomize_build(MANIFESTS / "examples" / d)}
+    assert examples == {"RayJob", "InferenceService"}  # kept, validated, applied by nobody
 
 
 def test_volumes_the_pipeline_and_rayjobs_mount_exist():
@@ -193,7 +198,7 @@ def test_rendered_serving_manifests_validate():
 
 
 def test_committed_inferenceservice_is_the_rendered_one():
-    committed = yaml.safe_load((MANIFESTS / "kserve" / "inferenceservice.yaml").read_text())
+    committed = yaml.safe_load((MANIFESTS / "examples" / "inferenceservice" / "inferenceservice.yaml").read_text())
     model = committed["spec"]["predictor"]["model"]
     version = committed["metadata"]["labels"]["dcgrpo/model-version"]
     assert committed == render_inference_service(
@@ -214,6 +219,4 @@ def test_recurring_run_example():
         assert (ROOT / path).is_file(), f"recurring-run.yaml names {path}, which does not exist"
     spec, _ = pipeline.load_compiled(pipeline.COMPILED_PATH)
     assert set(rr["runtime_config"]["parameters"]) <= set(spec.root.input_definitions.parameters)
-    assert rr["service_account"] == DeploymentContract().service_account
-    rbac_sas = {o["metadata"]["name"] for o in kustomize_build(MANIFESTS / "rbac") if o["kind"] == "ServiceAccount"}
-    assert rr["service_account"] in rbac_sas
+    assert "service_account" not in rr and DeploymentContract().service_account == ""  # Kubeflow's run account

@@ -23,7 +23,7 @@ from dcgrpo.verl_plugin.rayjob import RayJobFailed, follow_rayjob, job_name, ren
 from tests.kube_fake import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = ROOT / "manifests" / "rayjob"
+MANIFEST = ROOT / "manifests" / "examples" / "rayjob"
 K8S_VERSION = "1.30.0"
 
 
@@ -125,7 +125,9 @@ def test_manifest_template_is_the_rendered_rayjob_and_kustomizes(capsys):
     assert cli_main(["train-verl", *[a for a in argv if a != "\\"]]) == 0
     rendered = yaml.safe_load(capsys.readouterr().out)
     committed = yaml.safe_load((MANIFEST / "rayjob.yaml").read_text())
-    assert committed == rendered, "manifests/rayjob/rayjob.yaml is stale: regenerate it with the command in its header"
+    assert committed == rendered, (
+        "manifests/examples/rayjob/rayjob.yaml is stale: regenerate it with the command in its header"
+    )
     _check_required(committed)
     kustomization = yaml.safe_load((MANIFEST / "kustomization.yaml").read_text())
     assert all((MANIFEST / r).is_file() for r in kustomization["resources"])

@@ -292,7 +292,7 @@ def test_every_rendered_object_validates():
         _check_inference_service(serving.render_inference_service("DCGRPO_Qwen3.8B", "7", uri, CFG, quantization))
         for obj in serving.render_vllm_deployment("DCGRPO_Qwen3.8B", "7", uri, CFG, quantization):
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    committed = yaml.safe_load((MANIFESTS / "kserve" / "inferenceservice.yaml").read_text())
+    committed = yaml.safe_load((MANIFESTS / "examples" / "inferenceservice" / "inferenceservice.yaml").read_text())
     _check_inference_service(committed)
     import jsonschema
 

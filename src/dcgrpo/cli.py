@@ -73,7 +73,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="dcgrpo", help="KFP experiment name")
     p.add_argument("--namespace", help="Kubeflow profile namespace of the run (multi-user Kubeflow needs it)")
     p.add_argument("--service-account", default=DeploymentContract().service_account,
-                   help="service account of the run's pods (manifests/rbac: may create RayJobs)")  # fmt: skip
+                   help="service account of the run's pods (default: Kubeflow's run account, pipeline-runner or "
+                        "default-editor, which manifests/rbac lets create RayJobs; yours needs what KFP runs need too)")  # fmt: skip
     p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the one shipped in the package)")
     _pipeline_args(p)
 

@@ -53,8 +53,15 @@ class DeploymentContract(BaseModel):
     namespace: str = "kubeflow"
     """Where pipeline runs, RayJobs, MLflow and the PVCs live. Multi-user Kubeflow: the profile namespace
     (``dcgrpo submit --namespace``; a step in a pod uses its own pod's namespace)."""
-    service_account: str = "dcgrpo-pipeline"
-    """Runs use it (manifests/rbac lets it create and watch RayJobs)."""
+    service_account: str = ""
+    """The runs' service account. Empty (default): the account Kubeflow gives pipeline runs, which already may do
+    what KFP's driver/launcher and Argo's executor do in every pod (read the ``kfp-launcher`` ConfigMap and the
+    artifact store's Secret, get pods, create/patch ``workflowtaskresults``); manifests/rbac binds our extra verbs
+    (RayJobs; InferenceServices in the serving namespace) to both of Kubeflow's run accounts, ``run_accounts``.
+    A name: an account of your own, which then needs all of the above too."""
+    run_accounts: tuple[str, ...] = ("pipeline-runner", "default-editor")
+    """Kubeflow's run accounts: standalone KFP runs as ``pipeline-runner`` (in the KFP namespace), multi-user
+    Kubeflow as ``default-editor`` (in the profile namespace). manifests/rbac binds our verbs to both."""
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"dcgrpo/pool": "gpu"})
     """Label of the GPU node pool (label your pool's nodes with it: see the README)."""
     gpu_tolerations: tuple[dict[str, str], ...] = (

@@ -248,7 +248,7 @@ def submit(
     with _kfp_errors(host, f"creating a run in experiment {experiment!r}"):
         result = client.create_run_from_pipeline_package(
             str(package), arguments=arguments, experiment_name=experiment, namespace=namespace,
-            enable_caching=False, service_account=service_account,
+            enable_caching=False, service_account=service_account or None,
         )  # fmt: skip
     log.info("submitted run %s to %s (experiment %s)", result.run_id, host, experiment)
     if wait_s is None:
@@ -292,7 +292,7 @@ def schedule(
             no_catchup=True,
             pipeline_package_path=str(package),
             params=arguments,
-            service_account=service_account,
+            service_account=service_account or None,  # None: Kubeflow's run account
         )
     log.info("scheduled %s (%s) on %s", job_name, cron, host)
     return job.recurring_run_id
