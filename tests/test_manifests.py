@@ -220,3 +220,16 @@ def test_recurring_run_example():
     spec, _ = pipeline.load_compiled(pipeline.COMPILED_PATH)
     assert set(rr["runtime_config"]["parameters"]) <= set(spec.root.input_definitions.parameters)
     assert "service_account" not in rr and DeploymentContract().service_account == ""  # Kubeflow's run account
+
+
+def test_mlflow_server_runs_without_the_job_runner():
+    """`mlflow server`'s GenAI job runner made its exit on SIGTERM take ~28 s (of the pod's 30 s grace period) here;
+    the manifest and the demo's local server turn it off (dcgrpo uses no MLflow jobs)."""
+    import inspect
+
+    from dcgrpo import mlflow_server
+
+    deploy = next(o for o in kustomize_build(MANIFESTS / "mlflow") if o["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert '"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"' in inspect.getsource(mlflow_server.start_local_server)
