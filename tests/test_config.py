@@ -164,3 +164,13 @@ def test_gate_choices_are_metrics_evaluate_reports(name):
         reported |= set(BenchResult(b, 1, ev.k_for(b), 0.5, (0.0, 1.0), pass1_greedy=0.5).metrics())
     choices = gate_metric_choices(ev.benchmarks, ev.k, ev.default_k, ev.greedy_pass1)
     assert set(choices) <= reported and ev.gate_metric in choices
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-5\n  rounds: 2\n  lr: 2.0e-5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: not valid YAML: duplicate key 'lr' \(line 2 and line 4\)"):
+        load_config(path)
+    path.write_text("train:\n  lr: 1.0e-5\ntrain:\n  rounds: 2\n")  # a section twice: the first would be lost
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' \(line 1 and line 3\)"):
+        load_config(path)

@@ -118,3 +118,17 @@ def test_resumed_run_does_not_send_points_the_server_has(tmp_path, monkeypatch):
             again.log_metrics({"m": step * 1.0}, step=step)
     hist = MlflowClient(resolve_tracking_uri(cfg, str(tmp_path))).get_metric_history(run.run_id, "m")
     assert sorted(m.step for m in hist) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("uri", ["mlflow:5000", "localhost:5000", "mlflow.kubeflow.svc:5000", "./mlruns"])
+def test_a_tracking_uri_without_a_scheme_is_one_clear_error(uri, monkeypatch, tmp_path, capsys):
+    """MLflow itself would read these as a file store and fail later about its filesystem backend."""
+    from dcgrpo.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # a local store (./outputs/mlflow.db) would appear here
+    rc = main(["promote", "--version", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"MLFLOW_TRACKING_URI={uri!r} has no scheme" in err and "http://" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+    assert resolve_tracking_uri(TrackingConfig(mlflow_uri="http://mlflow:5000"), str(tmp_path)) == "http://mlflow:5000"

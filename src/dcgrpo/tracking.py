@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dcgrpo.config import ConfigError
 from dcgrpo.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,23 @@ def scalarize(metrics: dict[str, Any]) -> dict[str, float]:
 def resolve_tracking_uri(tracking_cfg, storage_root: str) -> str:
     """Config value, else ``$MLFLOW_TRACKING_URI``, else local sqlite under ``storage_root``."""
     if tracking_cfg.mlflow_uri:
-        return tracking_cfg.mlflow_uri
+        return _checked_uri(tracking_cfg.mlflow_uri, "tracking.mlflow_uri")
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _checked_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
     return f"sqlite:///{_local_root(storage_root) / 'mlflow.db'}"
+
+
+def _checked_uri(uri: str, where: str) -> str:
+    """A URI with a scheme: MLflow reads a bare ``host:port`` or path as a file store (deprecated, and not the
+    server the user meant), failing later with a message about its filesystem backend."""
+    if uri.strip() == "databricks":  # MLflow's one scheme-less URI
+        return uri
+    if not re.match(r"^[a-z][a-z0-9+.-]*:", uri.strip(), re.I) or re.match(r"^[^:/]+:\d+", uri.strip()):
+        raise ConfigError(
+            f"{where}={uri!r} has no scheme: use http(s)://host:port for a tracking server "
+            "(e.g. http://mlflow:5000), or sqlite:///path/mlflow.db for a local store"
+        )
+    return uri
 
 
 def tracking_uri(cfg, override: str | None = None) -> str:
