@@ -174,6 +174,37 @@ def test_registering_the_same_model_twice_returns_the_first_version(mlc, model_d
     assert mlc.get_model_version_by_alias(name, "challenger").version == max(versions, key=int)
 
 
+def _stored_sha(mlc, mv, filename: str, tmp_path) -> str:
+    """sha256 of ``filename`` as the registry stores it for version ``mv`` (downloaded from its source)."""
+    import hashlib
+
+    from mlflow.artifacts import download_artifacts
+
+    out = download_artifacts(artifact_uri=f"{mv.source}/{filename}", dst_path=str(tmp_path / f"v{mv.version}"),
+                             tracking_uri=mlc._tracking_client.tracking_uri)  # fmt: skip
+    return hashlib.sha256(Path(out).read_bytes()).hexdigest()
+
+
+def test_a_registered_versions_files_never_change(mlc, model_dir, tmp_path):
+    """register (dir A) -> promote -> register (dir B, same run): the champion's stored weights are still A's
+    (they were B's before: the run's one `model` folder was rewritten in place)."""
+    import hashlib
+
+    name, run_id = _name(), _run_id(mlc)
+    v1 = _register_run(mlc, name, run_id, model_dir)
+    assert registry.promote(mlc, name, v1.version, GATE, BUDGET).promoted
+    sha_a = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    other = tmp_path / "b"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "model.safetensors").write_bytes(b"\1" * 64)  # other weights
+    v2 = _register_run(mlc, name, run_id, other)
+    assert v2.version != v1.version and v2.source != v1.source
+    assert _champion(mlc, name).version == v1.version
+    assert _stored_sha(mlc, mlc.get_model_version(name, v1.version), "model.safetensors", tmp_path) == sha_a
+    assert _stored_sha(mlc, v2, "model.safetensors", tmp_path) == hashlib.sha256(b"\1" * 64).hexdigest()
+
+
 class _CreateVersionFails(MlflowClient):
     def create_model_version(self, *args, **kwargs):
         raise RuntimeError("registry unavailable")

@@ -30,6 +30,7 @@ Rendering and applying serving manifests live in ``dcgrpo.serving``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -200,6 +201,12 @@ def _source_id(model_dir: str) -> str:
     return model_dir if storage.is_s3(model_dir) else str(Path(model_dir).resolve())
 
 
+def _artifact_key(source_dir: str, quantization: str) -> str:
+    """The run-artifact folder name of one registered directory: stable, so a retried registration of the same
+    directory writes the same folder, and distinct for distinct directories."""
+    return f"{quantization}-{hashlib.sha256(source_dir.encode()).hexdigest()[:12]}"
+
+
 def _get_run(mlflow_client, name: str, run_id: str):
     from mlflow.exceptions import MlflowException
 
@@ -288,6 +295,9 @@ def register_model(
         return mv
     source = source_dir
     if not by_reference:
+        # One artifact folder per (directory, quantization) of the run: a second directory registered from the same
+        # run never rewrites the files an earlier version (a served champion) points at.
+        artifact_path = f"{artifact_path}/{_artifact_key(source_dir, quantization)}"
         with storage.local_copy(model_dir, endpoint_url) as local:
             if not (Path(local) / "config.json").is_file():
                 raise RegistryError(f"{model_dir}: not a model directory (no config.json)")
@@ -353,7 +363,39 @@ def _metric(mv, metric: str) -> float | None:
 #
 # MLflow has no compare-and-set, but registered-model names are unique in its store: creating
 # "<name>.promotion-lock" succeeds for exactly one caller (the others get RESOURCE_ALREADY_EXISTS).
-# The lock model carries its holder in tags; the server's creation time dates it.
+# The lock model carries its holder's token in tags; the server's creation time dates it.
+#
+# Nor has MLflow a conditional delete: delete_registered_model removes whatever model has the name when the request
+# lands. A holder that reads "my token" and then deletes would delete a successor's lock if, in between, its own
+# lock were broken as stale and taken again. So the lock is deleted only by someone holding the guard
+# "<lock>.breaking" (a second create-once model), after re-reading the lock under it:
+#   release  takes the guard (waiting for it), re-reads, deletes only if the token is its own;
+#   break    takes the guard (one try: whoever holds it is deleting already), re-reads, deletes only if it is still
+#            the lock it saw stale (same token) and still older than ``stale_s``.
+# Nobody else can delete the lock while we hold the guard, and a lock that exists cannot change, so the re-read and
+# the delete see the same lock: a holder never deletes a lock it does not hold, and two breakers that saw the same
+# stale lock never delete the fresh lock a third caller took after the first break.
+#
+# Any read may find the lock or the guard gone: its holder deleted it between our create and our read. MLflow says
+# RESOURCE_DOES_NOT_EXIST then, even from create_registered_model (on a duplicate name its SQL store re-reads the
+# existing model to word its error, and that model may be gone by then: issue 22). "Does not exist" means free,
+# try again; "already exists" means taken; every other MLflow error surfaces.
+#
+# What is left is the guard's own deletion, as unconditional. A guard is held for three calls (read, delete, read);
+# it counts as stale (its holder died in between) after max(stale_s, GUARD_STALE_MIN_S), and its holder deletes it
+# only while it is younger than half that, so a holder's delete could hit a successor's guard only if the request
+# took over GUARD_STALE_MIN_S / 2 = 15 s to land after its own read. Two waiters that both break the same dead
+# guard could both end up holding the next one only if one's delete lands after the other's back-off (>= 50 ms)
+# and create; two "holders" of the guard could then again delete a successor's lock. Both cases need a process
+# that died or stalled inside the guard first. A release that cannot take the guard within RELEASE_GUARD_WAIT_S
+# (its holder died) deletes its lock only while younger than stale_s / 2 (see ``_release``).
+# Ages are the server's creation time against this machine's clock: skew beyond the stale ages defeats any lease.
+
+GUARD_SUFFIX = ".breaking"
+GUARD_STALE_MIN_S = 30.0
+RELEASE_GUARD_WAIT_S = 10.0
+_GONE = "RESOURCE_DOES_NOT_EXIST"
+_TAKEN = "RESOURCE_ALREADY_EXISTS"
 
 
 @dataclass
@@ -364,7 +406,7 @@ class _Held:
 
 
 def _lock_state(mlflow_client, lock: str) -> _Held | None:
-    """Who holds ``lock`` and for how long (None: nobody)."""
+    """Who holds ``lock`` (or its guard) and for how long (None: nobody, or it vanished as we read it)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -378,7 +420,7 @@ def _lock_state(mlflow_client, lock: str) -> _Held | None:
 
 
 def _try_create(mlflow_client, lock: str, token: str, holder: str) -> bool:
-    """Atomically create the lock model; False if it exists."""
+    """Atomically create the lock (or guard) model; False if it exists, or existed a moment ago."""
     from mlflow.exceptions import MlflowException
 
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -389,9 +431,9 @@ def _try_create(mlflow_client, lock: str, token: str, holder: str) -> bool:
         )  # fmt: skip
         return True
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return False
+        if exc.error_code in (_TAKEN, _GONE):  # _GONE: taken when we asked, released before the server answered
+            return False
+        raise
 
 
 def _delete_quietly(mlflow_client, model: str) -> None:
@@ -404,28 +446,59 @@ def _delete_quietly(mlflow_client, model: str) -> None:
             raise
 
 
-def _break_stale(mlflow_client, lock: str, stale: _Held, stale_s: float) -> None:
-    """Delete a lock left by a crashed holder, unless someone else is already doing so.
+def _take_guard(mlflow_client, lock: str, purpose: str, stale_s: float, wait_s: float) -> str | None:
+    """Create ``<lock>.breaking``: its token, or None if someone else held it for all of ``wait_s`` (0: one try).
 
-    The breaker holds ``<lock>.breaking`` (itself a create-once model) and
-    re-reads the lock under it, so two breakers that saw the same stale lock
-    cannot delete a fresh one the first breaker's successor just took.
+    A guard older than ``max(stale_s, GUARD_STALE_MIN_S)`` was left by a process that died holding it: it is
+    deleted (with a warning) and taken on a later try, after the back-off (see the notes above)."""
+    guard, token = lock + GUARD_SUFFIX, uuid.uuid4().hex
+    deadline = time.monotonic() + wait_s
+    while True:
+        if _try_create(mlflow_client, guard, token, _holder(purpose)):
+            return token
+        held = _lock_state(mlflow_client, guard)
+        if held is None:
+            continue  # dropped between our create and our read: try again at once
+        if held.token == token:
+            return token  # our create went through on a retried request
+        if held.age_s > max(stale_s, GUARD_STALE_MIN_S):
+            log.warning("registry: removing %s left by %s %.0f s ago", guard, held.holder, held.age_s)
+            _delete_quietly(mlflow_client, guard)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(random.uniform(0.05, 0.3))
+
+
+def _drop_guard(mlflow_client, lock: str, token: str, stale_s: float) -> None:
+    """Delete our guard, unless it is old enough that someone may be removing it as stale (then it expires)."""
+    guard = lock + GUARD_SUFFIX
+    held = _lock_state(mlflow_client, guard)
+    if held is None or held.token != token:
+        log.warning("registry: %s was removed as stale while this process held it", guard)
+    elif held.age_s < max(stale_s, GUARD_STALE_MIN_S) / 2:
+        _delete_quietly(mlflow_client, guard)
+    else:
+        log.warning("registry: held %s for %.0f s; left to expire as stale", guard, held.age_s)
+
+
+def _break_stale(mlflow_client, lock: str, stale: _Held, stale_s: float) -> None:
+    """Delete a lock left by a crashed holder, unless someone else holds the guard (breaking or releasing it).
+
+    Under the guard the lock is read again and deleted only if it is still the one seen stale: two breakers
+    that saw the same stale lock cannot delete the fresh one the first breaker's successor just took, and the
+    first read, which may mix a deleted lock's age with its successor's tags, decides nothing by itself.
     """
-    marker = lock + ".breaking"
-    token = uuid.uuid4().hex
-    if not _try_create(mlflow_client, marker, token, _holder("breaking a stale lock")):
-        held = _lock_state(mlflow_client, marker)
-        if held is not None and held.age_s > stale_s:  # a breaker crashed mid-break
-            _delete_quietly(mlflow_client, marker)
+    guard = _take_guard(mlflow_client, lock, "breaking a stale lock", stale_s, wait_s=0)
+    if guard is None:
         return
     try:
         now = _lock_state(mlflow_client, lock)
-        if now is not None and now.token == stale.token:
+        if now is not None and now.token == stale.token and now.age_s > stale_s:
             log.warning("registry: breaking stale promotion lock %s held by %s for %.0f s (> %.0f s)",
                         lock, now.holder, now.age_s, stale_s)  # fmt: skip
             _delete_quietly(mlflow_client, lock)
     finally:
-        _delete_quietly(mlflow_client, marker)
+        _drop_guard(mlflow_client, lock, guard, stale_s)
 
 
 def _holder(purpose: str) -> str:
@@ -441,7 +514,8 @@ def promotion_lock(
     Waits up to ``wait_s`` for another holder (then ``RegistryError`` naming
     it), breaks a lock older than ``stale_s`` with a warning, and always
     releases its own lock (only its own: a lock broken as stale and re-taken
-    by someone else is left alone).
+    by someone else is left alone). A lock that vanishes while we look at it
+    is free: we try again.
     """
     lock, token, holder = name + LOCK_SUFFIX, uuid.uuid4().hex, _holder(purpose)
     deadline = time.monotonic() + wait_s
@@ -449,6 +523,8 @@ def promotion_lock(
         held = _lock_state(mlflow_client, lock)
         if held is None:
             continue  # released between our create and our read: try again at once
+        if held.token == token:
+            break  # our create went through on a retried request
         if held.age_s > stale_s:
             _break_stale(mlflow_client, lock, held, stale_s)
         elif time.monotonic() >= deadline:
@@ -460,17 +536,30 @@ def promotion_lock(
     try:
         yield
     finally:
-        _release(mlflow_client, lock, token, holder)
+        _release(mlflow_client, lock, token, holder, stale_s, min(wait_s, RELEASE_GUARD_WAIT_S))
 
 
-def _release(mlflow_client, lock: str, token: str, holder: str) -> None:
-    """Delete our own lock; best effort (an error here must not mask the promotion's own outcome)."""
+def _release(mlflow_client, lock: str, token: str, holder: str, stale_s: float, guard_wait_s: float) -> None:
+    """Delete our own lock, under the guard; best effort (an error here must not mask the promotion's outcome).
+
+    The guard is held for milliseconds; if it stays taken for ``guard_wait_s``, its holder died in it. Then our
+    lock is deleted without the guard if it is younger than ``stale_s / 2``: nobody breaks a lock younger than
+    ``stale_s``, so that delete is ours unless it takes ``stale_s / 2`` to land. Otherwise it is left to expire.
+    """
     try:
-        held = _lock_state(mlflow_client, lock)
-        if held is not None and held.token == token:
-            _delete_quietly(mlflow_client, lock)
-        else:
-            log.warning("registry: promotion lock %s was broken while %s held it", lock, holder)
+        guard = _take_guard(mlflow_client, lock, f"releasing the lock of {holder}", stale_s, guard_wait_s)
+        try:
+            held = _lock_state(mlflow_client, lock)
+            if held is None or held.token != token:
+                log.warning("registry: promotion lock %s was broken while %s held it", lock, holder)
+            elif guard is not None or held.age_s < stale_s / 2:
+                _delete_quietly(mlflow_client, lock)
+            else:
+                log.warning("registry: %s taken for %.0f s; promotion lock %s left to expire after %.0f s",
+                            lock + GUARD_SUFFIX, guard_wait_s, lock, stale_s)  # fmt: skip
+        finally:
+            if guard is not None:
+                _drop_guard(mlflow_client, lock, guard, stale_s)
     except Exception as exc:
         log.warning("registry: could not release %s (%s); it counts as stale after the stale timeout", lock, exc)
 
