@@ -331,3 +331,17 @@ def test_engine_tags_say_whether_the_rollout_engine_is_the_served_one():
         "dcgrpo.engine.rollout_matches_serving"] == "true"  # fmt: skip
     unknown = engine_tags(None, None, "vllm/vllm-openai:v0.33.0")
     assert unknown["dcgrpo.engine.rollout"] == unknown["dcgrpo.engine.rollout_matches_serving"] == "unknown"
+
+
+@pytest.mark.parametrize("bad", ["it's-mine", 'say "hi"'])
+def test_a_model_name_with_a_quote_is_refused_before_anything_is_written(mlc, mlflow_server, model_dir, bad, capsys):
+    """MLflow's search filter cannot hold a quote (`Invalid clause(s) in filter string` mid-registration)."""
+    from dcgrpo.config import ConfigError, load_config
+
+    with pytest.raises(registry.RegistryError, match="contain no quotes"):
+        _register(mlc, bad, model_dir, acc=0.5)
+    with pytest.raises(registry.RegistryError, match="contain no quotes"):
+        registry.promote(mlc, bad, 1, GATE, BUDGET)
+    assert not mlc.search_registered_models(f"name LIKE '%{bad[:2]}%'")
+    with pytest.raises(ConfigError, match="registry.model_name"):
+        load_config(overrides=[f"registry.model_name={bad}"])

@@ -403,8 +403,8 @@ class StorageConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    model_name: str = "dcgrpo-tiny"
-    """Registered model of the served (FP8) checkpoint."""
+    model_name: str = Field("dcgrpo-tiny", min_length=1, pattern=r"^[^'\"`]+$")
+    """Registered model of the served (FP8) checkpoint. No quotes: MLflow's search filters cannot hold them."""
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     bf16_suffix: str = "-bf16"

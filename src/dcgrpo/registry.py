@@ -207,6 +207,13 @@ def _artifact_key(source_dir: str, quantization: str) -> str:
     return f"{quantization}-{hashlib.sha256(source_dir.encode()).hexdigest()[:12]}"
 
 
+def check_model_name(name: str) -> str:
+    """Refuse a registered-model name MLflow's search filters cannot hold (a quote), before anything is written."""
+    if not name or any(q in name for q in "'\"`"):
+        raise RegistryError(f"registered model name {name!r}: must be non-empty and contain no quotes")
+    return name
+
+
 def _get_run(mlflow_client, name: str, run_id: str):
     from mlflow.exceptions import MlflowException
 
@@ -282,6 +289,7 @@ def register_model(
     if a later write fails, the version (and a registered model this call
     created) is deleted again, so a failed registration leaves the registry as it was.
     """
+    check_model_name(name)
     for key, value in {"final_lambda": final_lambda, "discrepancy": discrepancy, **metrics}.items():
         if not math.isfinite(float(value)):
             raise RegistryError(f"{name}: {key} is {value}; refusing to register a version with a non-finite value")
@@ -684,6 +692,7 @@ def promote(
     the served object) untouched, and ``version`` (only it) carries
     ``promotion.decision=failed`` (best effort).
     """
+    check_model_name(name)
     version = str(version)
     with promotion_lock(mlflow_client, name, f"promoting v{version}", lock_wait_s, lock_stale_s):
         mv = _model_version(mlflow_client, name, version)
@@ -715,6 +724,7 @@ def rollback(
     (serve first, then the alias move); ``version`` is tagged
     ``promotion.decision=rolled_back`` naming the version it replaced.
     """
+    check_model_name(name)
     version = str(version)
     with promotion_lock(mlflow_client, name, f"rolling back to v{version}", lock_wait_s, lock_stale_s):
         mv = _model_version(mlflow_client, name, version)
