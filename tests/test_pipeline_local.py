@@ -94,7 +94,7 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on
             "Contents"
         ]
     ]
-    assert any(k.endswith("model/config.json") for k in keys)
+    assert any(re.search(r"/model/fp8-[0-9a-f]{12}/config\.json$", k) for k in keys)  # one folder per registered dir
 
 
 def test_failing_step_fails_the_run_and_registers_nothing(tmp_path, mlflow_server):
