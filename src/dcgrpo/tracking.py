@@ -228,6 +228,23 @@ class Run:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
 
+def run_name(method: str, pipeline_run_id: str = "") -> str:
+    """A method's MLflow run name in a pipeline run: ``<method>-<first 8 characters of the pipeline run id>``, so
+    runs of different pipeline runs never share a name (precision is in the run's tags, not its name)."""
+    return f"{method}-{pipeline_run_id[:8]}" if pipeline_run_id else method
+
+
+def run_params(cfg) -> dict[str, Any]:
+    """The run config as MLflow params, less what does not describe the training: the ``verl.*`` settings of a run
+    on the built-in loop, and the tracking URI (where the run is recorded, and a local server's port is gone once
+    the demo ends)."""
+    return {
+        k: v
+        for k, v in cfg.to_flat_dict().items()
+        if k != "tracking.mlflow_uri" and (cfg.train.backend == "verl" or not k.startswith("verl."))
+    }
+
+
 def _param_str(v: Any) -> str:
     s = json.dumps(v) if isinstance(v, list | dict) else str(v)
     return s[:6000]  # MLflow's param value limit
