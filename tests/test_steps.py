@@ -135,8 +135,27 @@ def test_mark_failed_marks_only_this_pipelines_runs(mlflow_server):
     assert client.get_run(mine).info.status == "RUNNING"
     assert steps.mark_failed_step(mlflow_server, "run-a", "FAILED", "prepare-data: bad parquet") == 1
     assert client.get_run(mine).info.status == "FAILED"
-    assert client.get_run(mine).data.tags["dcgrpo.pipeline_error"] == "prepare-data: bad parquet"
+    note = client.get_run(mine).data.tags["dcgrpo.pipeline_error"]
+    assert note.startswith("pipeline run run-a ended FAILED: prepare-data: bad parquet; the failed step's log")
     assert client.get_run(other).info.status == "RUNNING"
+
+
+def test_a_failed_run_says_why_in_mlflow(mlflow_server, tmp_path):
+    """The exception that ended a step's run is its tag dcgrpo.error, and the exit handler's note points at it
+    (issue 27: "Task exit-handler-1 failed." alone names neither the task nor the cause)."""
+    from dcgrpo.tracking import ERROR_TAG, start_run
+
+    cfg = steps.step_config("tiny-cpu", [f"storage.root={tmp_path}"], mlflow_server)
+    with (
+        pytest.raises(KeyError),
+        start_run(cfg.tracking, storage_root=str(tmp_path), tags={"kfp_run_id": "r-x"}) as run,
+    ):
+        raise KeyError("eval.gate_metric 'eval/x/avg_1' was not measured")
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run.run_id).data.tags[ERROR_TAG].startswith("KeyError: ")
+    steps.mark_failed_step(mlflow_server, "r-x", "FAILED", "Task exit-handler-1 failed.")
+    note = client.get_run(run.run_id).data.tags["dcgrpo.pipeline_error"]
+    assert "Task exit-handler-1 failed.; this run's own error: KeyError: " in note and "was not measured" in note
 
 
 def test_every_component_is_a_thin_shell_over_dcgrpo_steps():

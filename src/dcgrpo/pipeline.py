@@ -331,10 +331,12 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path, verbose: boo
 
 
 class _TaskLogFilter:
-    """A stdout that leaves out the executor input KFP's executor logs for every task (``Got executor_input:``
-    and the JSON under it) from the task logs kfp.local prints; everything else passes through, line by line."""
+    """A stdout that leaves out what KFP's executor logs for every task before the task's own output (the
+    executor input, ``Got executor_input:`` and a page of JSON under it; where it found the component) from the
+    task logs kfp.local prints; everything else passes through, line by line."""
 
     MARKER = "Got executor_input:"
+    DROPPED = ("INFO]: Looking for component `", 'INFO]: Loading KFP component "')
 
     def __init__(self, out) -> None:
         self.out, self._pending, self._closing = out, "", None
@@ -355,6 +357,8 @@ class _TaskLogFilter:
             return
         if line.rstrip().endswith(self.MARKER):
             self._closing = ""
+            return
+        if any(d in line for d in self.DROPPED):
             return
         self.out.write(line + "\n")
 
@@ -495,8 +499,11 @@ def demo(
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     arguments["mlflow_uri"] = uri
     console = Console(width=max(Console().width, 120))
-    # vLLM logs every engine start and weight sync at INFO/WARNING; kfp.local echoes it all.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM logs every engine start and weight sync at INFO/WARNING, and transformers draws a progress bar for every
+    # model it loads or saves; kfp.local echoes it all. -v keeps them.
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     t0 = time.time()
     try:
         run_local(arguments, root / "kfp", verbose=verbose)

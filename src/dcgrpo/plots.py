@@ -17,6 +17,18 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], lis
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def curve_panels(history: list[dict[str, float]], budget: float | None, method: str | None) -> tuple[list[str], bool]:
+    """(the panels ``plot_curves`` draws, whether it draws the budget line eps) for this method and data."""
+    show_lambda, show_budget = bool(_series(history, "dc/lambda")[0]), budget is not None
+    if method is not None:
+        from dcgrpo.algorithm.methods import METHODS
+
+        entry = METHODS.get(method)
+        if entry is not None:
+            show_lambda, show_budget = entry.penalised, show_budget and entry.dual_ascent
+    return ["lambda"] * show_lambda + ["discrepancy", "reward"], show_budget
+
+
 def plot_curves(
     history: list[dict[str, float]], out_path: str | Path, budget: float | None = None, method: str | None = None
 ) -> Path:
@@ -31,14 +43,8 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    show_lambda, show_budget = bool(_series(history, "dc/lambda")[0]), budget is not None
-    if method is not None:
-        from dcgrpo.algorithm.methods import METHODS
-
-        entry = METHODS.get(method)
-        if entry is not None:
-            show_lambda, show_budget = entry.penalised, show_budget and entry.dual_ascent
-    panels = ["lambda"] * show_lambda + ["discrepancy", "reward"]
+    panels, show_budget = curve_panels(history, budget, method)
+    show_lambda = "lambda" in panels
     fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.4 * len(panels) + 0.4), sharex=True, squeeze=False)
     ax = dict(zip(panels, axes[:, 0], strict=True))
     if show_lambda:

@@ -597,7 +597,12 @@ def mark_failed_step(mlflow_uri: str, kfp_run_id: str, state: str, error: str = 
     experiments = [e.experiment_id for e in mlc.search_experiments()]
     runs = mlc.search_runs(experiments, filter_string=f"tags.{KFP_RUN_TAG} = '{kfp_run_id}'") if experiments else []
     for run in runs:
-        mlc.set_tag(run.info.run_id, "dcgrpo.pipeline_error", (error or state)[:5000])
+        # KFP says only which group failed ("Task exit-handler-1 failed."); the failing step's own exception is
+        # the tag dcgrpo.error of the run it was writing to, when it was writing to one.
+        own = run.data.tags.get("dcgrpo.error")
+        note = f"; this run's own error: {own}" if own else "; the failed step's log in KFP says why"
+        mlc.set_tag(run.info.run_id, "dcgrpo.pipeline_error",
+                    f"pipeline run {kfp_run_id} ended {state}: {error or state}{note}"[:5000])  # fmt: skip
         mlc.set_terminated(run.info.run_id, "FAILED")
     log.warning("pipeline %s ended %s: marked %d MLflow run(s) FAILED", kfp_run_id, state, len(runs))
     return len(runs)

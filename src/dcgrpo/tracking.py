@@ -57,6 +57,8 @@ from dcgrpo.errors import ServiceUnavailable
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+ERROR_TAG = "dcgrpo.error"
+"""On a run that ended FAILED in this process: the exception (type and message) that ended it."""
 PROCESS_TAG = "dcgrpo.process"
 """``host:pid:start time`` of the process writing to a run (see module docstring)."""
 
@@ -303,15 +305,15 @@ def start_run(
         run.set_tags({**(tags or {}), PROCESS_TAG: this_process()})  # the run's writer is this process now
     elif params:
         run.log_params(params)
-    status = "FINISHED"
+    status, error = "FINISHED", ""
     try:
         yield run
         run.flush(strict=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         try:
@@ -319,6 +321,8 @@ def start_run(
                 run.flush()
                 if run._buffer:
                     run._spill()
+            if error:  # what a person opening the failed run in MLflow reads first
+                client.set_tag(run_id, ERROR_TAG, error[:5000])
             client.set_terminated(run_id, status)
         except Exception as exc:  # the server may be what failed
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
