@@ -498,12 +498,16 @@ def demo(
         if not keep_server:  # MLflow's "View run at http://127.0.0.1:<port>" links would die with the server
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     arguments["mlflow_uri"] = uri
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 150))
     # vLLM logs every engine start and weight sync at INFO/WARNING, and transformers draws a progress bar for every
     # model it loads or saves; kfp.local echoes it all. -v keeps them.
+    # Libraries' deprecation notices about their own dependencies (vLLM on torch.distributed) and torch's C++ notes
+    # (NUMA binding) repeat at every engine start of every task: nothing a demo user can act on.
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     t0 = time.time()
     try:
         run_local(arguments, root / "kfp", verbose=verbose)
@@ -515,22 +519,28 @@ def demo(
             stop_local_server(proc)
     gate = cfg.eval.gate_metric
     table = Table(title=f"dcgrpo demo: {preset}, methods {', '.join(arguments['methods'])}, {wall:.0f} s")
-    for col in ("method", "val acc start -> end", f"{gate} (fp8)", f"mean d, last round ({ROUND_DISCREPANCY})",
-                f"lambda after the last step ({LAMBDA_KEY})", "version", "aliases"):  # fmt: skip
-        table.add_column(col)
+    for col in ("method", "val acc start -> end", f"{gate} (fp8)", "mean d, last round", "lambda, last step",
+                "version", "aliases"):  # fmt: skip
+        table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(r["method"], f"{r['acc_start']:.3f} -> {r['acc_end']:.3f}", f"{r['gate']:.4g}",
                       f"{r['discrepancy']:.2e}", f"{r['lambda']:.4g}", str(r["version"]), r["aliases"])  # fmt: skip
     console.print(table)
+    console.print(f"mean d, last round: {ROUND_DISCREPANCY}, the round's mean of dc/discrepancy_mean (d: the batch-mean "
+                  f"gap between the engines' token probabilities); lambda, last step: {LAMBDA_KEY}, after the last "
+                  "dual update; the same names and values in MLflow, the registry's tags and the reports")  # fmt: skip
     console.print(f"promotion gate: {gate} >= champion's, mean d of the last round <= "
                   f"{cfg.promotion_discrepancy_limit():.3g}")  # fmt: skip
     for r in rows:
         console.print(f"  {r['method']}: {r['decision']}")
     reports = _reports(root / "kfp", t0)
-    if reports:
-        console.print("evaluation reports (HTML):")
-        for path in reports:
-            console.print(f"  {path}", soft_wrap=True)
+    if reports:  # KFP names the artifact file "report": a browser shows it as text without the .html
+        console.print("evaluation reports (open in a browser; KFP's artifacts copied from the task folders):")
+        (root / "reports").mkdir(parents=True, exist_ok=True)
+        for method, path in reports:
+            page = root / "reports" / f"{method}.html"
+            page.write_bytes(path.read_bytes())
+            console.print(f"  {method}: {page.as_uri()}", soft_wrap=True)
     ui = "http://127.0.0.1:5000"
     if proc is not None and keep_server:
         ui = uri
@@ -556,6 +566,12 @@ def _experiment_id(uri: str, name: str) -> str | None:
     return exp.experiment_id if exp is not None else None
 
 
-def _reports(kfp_root: Path, since: float) -> list[Path]:
-    """The evaluation reports (KFP HTML artifacts named ``report``) this demo wrote under ``kfp_root``."""
-    return sorted(p for p in kfp_root.glob("*/**/report") if p.is_file() and p.stat().st_mtime >= since)
+def _reports(kfp_root: Path, since: float) -> list[tuple[str, Path]]:
+    """(method, path) of the evaluation reports (KFP HTML artifacts named ``report``) this demo wrote under
+    ``kfp_root`` (kfp.local names a loop's folders by iteration, so the method comes from the page's title)."""
+    found = []
+    for path in sorted(kfp_root.glob("*/**/report")):
+        if path.is_file() and path.stat().st_mtime >= since:
+            title = re.search(r"<title>dcgrpo evaluation: (.*?)</title>", path.read_text(errors="replace")[:2000])
+            found.append((title[1] if title else "?", path))
+    return sorted(found)

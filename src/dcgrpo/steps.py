@@ -115,12 +115,13 @@ def prepare_data_step(
     """
     from dataclasses import asdict
 
-    from dcgrpo.tracking import start_run
+    from dcgrpo.tracking import run_name, start_run
 
     cfg = step_config(preset, overrides, mlflow_uri)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tags = {KFP_RUN_TAG: kfp_run_id, "dcgrpo.step": "prepare"}
-    with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_name="prepare-data", tags=tags) as run:
+    name = run_name("prepare-data", kfp_run_id)
+    with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_name=name, tags=tags) as run:
         if data_uri:
             from dcgrpo.data.dapo import prepare_dapo
 
