@@ -328,11 +328,10 @@ def _pipeline_runs(client, experiment: str, since_ms: int) -> list:
 def summarize_pipeline_run(tracking_uri: str, cfg, since_ms: int) -> list[dict[str, Any]]:
     """Per method: accuracy before/after training, eval gate metric, discrepancy, lambda,
     registered version and aliases (read back from MLflow, the record of the run)."""
-    from mlflow.tracking import MlflowClient
-
     from dcgrpo.steps import EVAL_METRICS_TAG
+    from dcgrpo.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     versions = {}
     try:
         for mv in client.search_model_versions(f"name = '{cfg.registry.model_name}'"):
