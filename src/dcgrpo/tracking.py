@@ -50,6 +50,7 @@ Metrics become Python floats in exactly one place, ``scalarize``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,6 +65,7 @@ from typing import Any
 
 from dcgrpo.config import ConfigError
 from dcgrpo.errors import ServiceUnavailable
+from dcgrpo.shutdown import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +281,7 @@ def start_run(
     """Create (or re-attach to, with ``run_id``) an MLflow run; yields a ``Run``.
 
     The run is FINISHED after a clean exit (metrics flushed strictly), FAILED
-    after an exception, KILLED after Ctrl-C.
+    after an exception, KILLED after Ctrl-C or SIGTERM (its reason in the tag ``dcgrpo.closed_reason``).
     """
     uri = resolve_tracking_uri(tracking_cfg, storage_root)
     client = mlflow_client(uri)
@@ -311,8 +313,10 @@ def start_run(
     try:
         yield run
         run.flush(strict=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:  # Ctrl-C, or SIGTERM (dcgrpo.shutdown): stopped, not broken
         status = "KILLED"
+        with contextlib.suppress(Exception):
+            run.set_tags({"dcgrpo.closed_reason": str(exc) or type(exc).__name__})
         raise
     except BaseException:
         status = "FAILED"
