@@ -182,7 +182,7 @@ def test_prepare_max_bad_rows_must_be_a_count(tmp_path, value, needle):
     "override, needles",
     [
         ("eval.benchmarks=[aime99]", ["eval.benchmarks", "unknown benchmark 'aime99'", "aime24", "synthetic"]),
-        ("eval.gate_metric=eval/foo/avg@1", ["eval.gate_metric", "eval/foo/avg@1", "eval/synthetic/avg@1"]),
+        ("eval.gate_metric=eval/foo/avg_1", ["eval.gate_metric", "eval/foo/avg_1", "eval/synthetic/avg_1"]),
         ("eval.k={aime99: 4}", ["eval.k", "unknown benchmark 'aime99'"]),
     ],
 )

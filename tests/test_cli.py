@@ -30,6 +30,27 @@ def test_bad_config_exits_2_naming_the_field(args, field, tmp_path):
     assert field in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_help_verbose_and_host(tmp_path):
+    """`dcgrpo --help` says what the tool is; -v works after the command too; `submit` without --host or $KFP_HOST
+    is one line naming both (not argparse's "required" when the default comes from the environment)."""
+    import os
+
+    top = run("--help", cwd=tmp_path, timeout=120).stdout
+    assert "DC-GRPO" in top and "Kubeflow" in top and "thin shell" not in top
+    proc = run("config", "-v", "--set", "method.budget=-1", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr  # -v after the command: the traceback is shown
+    env = {k: v for k, v in os.environ.items() if k != "KFP_HOST"}
+    proc = subprocess.run([DCGRPO, "submit"], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert proc.returncode == 2 and "--host" in proc.stderr and "KFP_HOST" in proc.stderr
+    assert "required" not in run("submit", "--help", cwd=tmp_path, timeout=120).stdout
+
+
+def test_demo_refuses_a_bad_method_before_starting_mlflow(tmp_path):
+    proc = run("demo", "--methods", "grpo,foo", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "method.name" in proc.stderr and "foo" in proc.stderr
+    assert not (tmp_path / "outputs").exists()  # no server started, nothing written
+
+
 def test_missing_files_exit_2_with_the_path(tmp_path):
     proc = run("evaluate", "--model", str(tmp_path / "nope"), "--no-track", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr

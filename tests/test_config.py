@@ -125,18 +125,18 @@ def test_flat_dict_hash_and_yaml_round_trip(tmp_path):
         (["eval.k={aime99: 4}"], "eval.k", "choose from aime24"),
         (["eval.k={aime24: 0}"], "eval.k", "must be >= 1"),
         (["eval.benchmarks=[math500, MATH-500]"], "eval.benchmarks", "math500 is listed more than once"),
-        (["eval.gate_metric=eval/foo/avg@1"], "eval.gate_metric", "eval/synthetic/avg@1, eval/synthetic/pass@1_greedy"),
-        # The default gate (eval/synthetic/avg@1) is no longer measured: say so at load, not after training.
+        (["eval.gate_metric=eval/foo/avg_1"], "eval.gate_metric", "eval/synthetic/avg_1, eval/synthetic/pass_1_greedy"),
+        # The default gate (eval/synthetic/avg_1) is no longer measured: say so at load, not after training.
         (
             ["eval.benchmarks=[aime24]"],
             "eval.gate_metric",
-            "choose one of: eval/aime24/avg@1, eval/aime24/pass@1_greedy",
+            "choose one of: eval/aime24/avg_1, eval/aime24/pass_1_greedy",
         ),
-        (["eval.default_k=4"], "eval.gate_metric", "eval/synthetic/avg@4"),
+        (["eval.default_k=4"], "eval.gate_metric", "eval/synthetic/avg_4"),
         (
-            ["eval.greedy_pass1=false", "eval.gate_metric=eval/synthetic/pass@1_greedy"],
+            ["eval.greedy_pass1=false", "eval.gate_metric=eval/synthetic/pass_1_greedy"],
             "eval.gate_metric",
-            "choose one of: eval/synthetic/avg@1, eval/math500/avg@1, eval/amc23/avg@1 ",
+            "choose one of: eval/synthetic/avg_1, eval/math500/avg_1, eval/amc23/avg_1 ",
         ),
     ],
 )
@@ -148,8 +148,20 @@ def test_eval_settings_evaluate_cannot_run_are_rejected(overrides, field, choice
 
 def test_eval_benchmark_aliases_are_canonical():
     cfg = load_config(overrides=["eval.benchmarks=[synthetic, MATH-500]", "eval.k={math-500: 4}",
-                                 "eval.gate_metric=eval/math500/avg@4"])  # fmt: skip
+                                 "eval.gate_metric=eval/math500/avg_4"])  # fmt: skip
     assert cfg.eval.benchmarks == ["synthetic", "math500"] and cfg.eval.k_for("math500") == 4
+
+
+def test_the_gate_metric_has_one_spelling_everywhere():
+    """MLflow forbids @ in metric names, so the gate metric is spelt as MLflow stores it (issue 27); the avg@k
+    spelling of older configs is read as that name."""
+    from dcgrpo.evaluate import mlflow_key
+
+    assert load_config(overrides=["eval.gate_metric=eval/synthetic/avg@1"]).eval.gate_metric == "eval/synthetic/avg_1"
+    assert load_config(preset="qwen3-8b").eval.gate_metric == "eval/aime24/avg_32"
+    for name in PRESETS:
+        gate = load_config(preset=name).eval.gate_metric
+        assert mlflow_key(gate) == gate
 
 
 @pytest.mark.parametrize("name", PRESETS)

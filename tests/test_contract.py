@@ -1,5 +1,5 @@
 """One deployment contract (dcgrpo.deploy): the compiled pipeline, the rendered RayJob, every manifest
-and the README agree with it, so a rename in one place cannot leave another behind.
+and docs/cluster.md agree with it, so a rename in one place cannot leave another behind.
 
 Each test parses what a cluster receives (the committed compiled YAML, the RayJob that
 `dcgrpo train-verl --dry-run` prints, `kubectl kustomize manifests/`) and compares its names with
@@ -202,13 +202,13 @@ def test_run_config_defaults_agree_with_the_contract():
     )
 
 
-def test_readme_names_the_contracts_values():
-    readme = (ROOT / "README.md").read_text()
+def test_cluster_docs_name_the_contracts_values():
+    readme = (ROOT / "docs" / "cluster.md").read_text()
     label = ",".join(f"{k}={v}" for k, v in C.gpu_node_selector.items())
     for value in (C.light_image, C.gpu_image, C.verl_image, C.s3_secret, C.mlflow_secret, C.postgres_secret,
                   C.hf_secret, *C.s3_keys, *C.mlflow_keys, *C.hf_keys, label, *C.run_accounts, C.model_cache_pvc, C.checkpoint_pvc,
                   C.namespace, C.serving_namespace):  # fmt: skip
-        assert value in readme, f"README does not mention {value}"
+        assert value in readme, f"docs/cluster.md does not mention {value}"
 
 
 # --- static validation of everything a cluster receives -------------------------------------------------------------

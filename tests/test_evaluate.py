@@ -57,7 +57,7 @@ def test_cli_evaluate_real_benchmarks(tiny_model, sample_data, mlflow_server, s3
         assert r["problems"] == 6 and r["ci95"][0] <= r["avg_at_k"] <= r["ci95"][1] and r["pass1_greedy"] is not None
     assert by["olympiadbench"]["too_long"] == 3
     assert results["generated_tokens"] > 0 and results["tokens_per_s"] > 0
-    assert results["metrics"]["eval/aime24/avg@2"] == by["aime24"]["avg_at_k"]
+    assert results["metrics"]["eval/aime24/avg_2"] == by["aime24"]["avg_at_k"]
     assert "95% interval" in storage.read_text("s3://dcgrpo-test/eval-cli/results.md")
     assert len(storage.read_text("s3://dcgrpo-test/eval-cli/samples.jsonl").splitlines()) == 24
     run_id = next(x for x in proc.stdout.splitlines() if x.startswith("mlflow run:")).split()[-1]

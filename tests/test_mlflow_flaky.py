@@ -72,13 +72,13 @@ def test_a_create_whose_answer_is_lost_does_not_create_twice(proxy, mlc, tmp_pat
 def test_register_gate_and_promote_with_every_second_request_failing(proxy, mlc, tmp_path, model_dir):
     """Every second MLflow request of the registry's (API and artifact uploads) answers 503: the outcome is the
     one of a healthy server, the champion's stored files are byte-identical, the lock is released."""
-    cfg = load_config(overrides=["eval.gate_metric=eval/synthetic/avg@1"])
+    cfg = load_config(overrides=["eval.gate_metric=eval/synthetic/avg_1"])
     run_id = mlc.create_run(mlc.create_experiment(f"reg-{uuid.uuid4().hex[:6]}")).info.run_id
     name = f"flaky-model-{uuid.uuid4().hex[:6]}"
     client = registry.client(proxy.uri)
     proxy.fail("*", r"^/api/2\.0/mlflow(-artifacts)?/", every=2)
     registered = registry.register_and_gate(client, cfg, name, run_id, str(model_dir),
-                                            metrics={"eval/synthetic/avg@1": 0.5}, final_lambda=0.0,
+                                            metrics={"eval/synthetic/avg_1": 0.5}, final_lambda=0.0,
                                             discrepancy=1e-4)  # fmt: skip
     decision = registry.promote_version(client, cfg, name, registered.version)
     assert len(proxy.failed()) >= 8, proxy.failed()
@@ -98,10 +98,10 @@ def test_a_503_on_the_lock_release_does_not_block_the_next_promotion(proxy, mlc,
     run_id = mlc.create_run(mlc.create_experiment(f"rel-{uuid.uuid4().hex[:6]}")).info.run_id
     name = f"release-{uuid.uuid4().hex[:6]}"
     client = registry.client(proxy.uri)
-    v1 = registry.register_model(client, name, run_id, str(model_dir), metrics={"eval/synthetic/avg@1": 0.5},
+    v1 = registry.register_model(client, name, run_id, str(model_dir), metrics={"eval/synthetic/avg_1": 0.5},
                                  final_lambda=0.0, discrepancy=1e-4, config_hash="h").version  # fmt: skip
     proxy.fail("DELETE", API + "registered-models/delete", times=2)  # the lock's and the guard's deletes
-    assert registry.promote(client, name, v1, "eval/synthetic/avg@1", 1e-3).promoted
+    assert registry.promote(client, name, v1, "eval/synthetic/avg_1", 1e-3).promoted
     assert len(proxy.failed()) == 2
     # Before: the lock stayed and the next promotion waited for it to go stale (10 min). Now it is free at once.
-    assert registry.promote(client, name, v1, "eval/synthetic/avg@1", 1e-3, lock_wait_s=1.0).reason == registry.ALREADY
+    assert registry.promote(client, name, v1, "eval/synthetic/avg_1", 1e-3, lock_wait_s=1.0).reason == registry.ALREADY

@@ -87,7 +87,7 @@ def test_export_reads_through_the_reference_and_registration_names_the_volume(ti
     assert ref["model_uri"] == f"pvc://{C.checkpoint_pvc}/models/run-4/base"
 
     exp = mlc.create_experiment(f"store-{uuid.uuid4().hex[:6]}")
-    run = mlc.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg@1": 0.5})}).info
+    run = mlc.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg_1": 0.5})}).info
     mlc.log_metric(run.run_id, "dc/lambda", 0.0)
     name = f"store-{uuid.uuid4().hex[:6]}"
     uri = mlc.tracking_uri

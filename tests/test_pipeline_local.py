@@ -79,7 +79,7 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == [1, 2], (method, key)
         evals = json.loads(run.data.tags["dcgrpo.eval_metrics"])
-        assert "eval/synthetic/avg@1" in evals and "eval/amc23/avg@1" in evals
+        assert "eval/synthetic/avg_1" in evals and "eval/amc23/avg_1" in evals
 
     champion = client.get_model_version_by_alias("dcgrpo-e2e", "champion")
     assert champion.tags["quantization"] == "fp8"
@@ -132,7 +132,7 @@ def test_pipeline_with_verl_rounds_hands_verls_model_to_export_and_registry(tmp_
     (run,) = [r for r in runs if r.data.tags.get("method") == "dc-grpo"]
     assert run.info.status == "FINISHED" and run.data.tags["backend"] == "verl"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "dc/discrepancy_mean")] == [1, 2, 3, 4]
-    assert "eval/synthetic/avg@1" in json.loads(run.data.tags["dcgrpo.eval_metrics"])
+    assert "eval/synthetic/avg_1" in json.loads(run.data.tags["dcgrpo.eval_metrics"])
     (version,) = client.search_model_versions("name = 'dcgrpo-verl-e2e'")
     assert version.run_id == run.info.run_id and version.tags["quantization"] == "fp8"
     (run_dir,) = (tmp_path / "ckpt").iterdir()

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from dcgrpo import registry, storage
 from dcgrpo.cli import main as cli_main
 
-GATE = "eval/synthetic/avg@1"
+GATE = "eval/synthetic/avg_1"
 BUDGET = 5e-3
 
 
@@ -30,7 +30,7 @@ def _register(mlc, name, model_dir, acc: float, d: float = 1e-3, **kw):
     mlc.set_terminated(run.info.run_id)
     return registry.register_model(
         kw.pop("client", mlc), name, run.info.run_id, str(model_dir),
-        metrics={GATE: acc, "eval/math500/avg@1": acc / 2}, final_lambda=0.25, discrepancy=d,
+        metrics={GATE: acc, "eval/math500/avg_1": acc / 2}, final_lambda=0.25, discrepancy=d,
         config_hash="abc123", **kw,
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException, RestException
 
 from dcgrpo import registry
 
-GATE = "eval/synthetic/avg@1"
+GATE = "eval/synthetic/avg_1"
 BUDGET = 5e-3
 
 

@@ -27,7 +27,7 @@ from tests.kube_fake import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-GATE = "eval/synthetic/avg@1"
+GATE = "eval/synthetic/avg_1"
 BUDGET = 5e-3
 CFG = RegistryConfig()  # the defaults: what a cluster gets out of the box
 K8S_VERSION = "1.31.0"

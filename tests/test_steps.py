@@ -1,6 +1,7 @@
 """Pipeline steps as library functions, on real temp files and a real MLflow server."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -53,12 +54,65 @@ def test_evaluate_report_page_embeds_the_curves_and_escapes_the_text(tmp_path):
     plot = tmp_path / "dc_curves.png"
     plot.write_bytes(b"PNG?")
     out = tmp_path / "report" / "index.html"
-    write_report(str(out), {"method": "dc-grpo", "note": "<b>x</b>"}, "| eval | a<b |", plot)
+    write_report(str(out), "dcgrpo: dc-grpo", {"method": "dc-grpo", "note": "<b>x</b>"}, (["eval"], [["a<b"]]), plot)
     page = out.read_text()
-    assert "<h2>dcgrpo: dc-grpo</h2>" in page and f"data:image/png;base64,{base64.b64encode(b'PNG?').decode()}" in page
+    assert "<h1>dcgrpo: dc-grpo</h1>" in page and f"data:image/png;base64,{base64.b64encode(b'PNG?').decode()}" in page
     assert "&lt;b&gt;x&lt;/b&gt;" in page and "a&lt;b" in page and "<b>x</b>" not in page
-    write_report(str(out), {}, "", tmp_path / "missing.png")  # a run without curves: no image
+    write_report(str(out), "t", {}, ([], []), tmp_path / "missing.png")  # a run without curves: no image
     assert "<img" not in out.read_text()
+
+
+def test_evaluate_report_renders_an_html_table_with_rounded_numbers(tmp_path):
+    """The page the evaluate step writes (issue 27): a styled page, the evaluation as an HTML table (not Markdown in
+    <pre>), numbers rounded, KFP's float-typed integers shown as integers, the quantities under their MLflow names."""
+    from html.parser import HTMLParser
+
+    from dcgrpo.evaluate import BenchResult, EvalReport
+    from dcgrpo.plots import plot_curves, write_report
+
+    report = EvalReport("model", "fp8", [BenchResult("synthetic", 16, 1, 0.8125, (0.5699, 0.9340), 0.75, (0.5, 0.9))],
+                        wall_s=3.21, generate_s=1.5, generated_tokens=1234, settings={"temperature": 0.7})  # fmt: skip
+    meta = {"method": "dc-grpo", "round": 2.0, "step": 16.0, "lambda": 7.230684229172768,
+            "discrepancy": 0.00032612345678, "mlflow_run_id": "abc", "rollout_engine": "vllm 0.x"}  # fmt: skip
+    cfg = steps.step_config("tiny-cpu", [])
+    summary = steps.report_summary(cfg, meta, "eval/synthetic/avg_1", 0.8125, "vllm 0.x")
+    history = [{"step": 0, "val/accuracy": 0.75}] + [
+        {"step": s, "dc/lambda": 0.5 * s, "dc/discrepancy_mean": 3e-4, "dc/discrepancy_p99": 1e-3, "reward/mean": 0.6}
+        for s in (1, 2)
+    ]
+    plot = plot_curves(history, tmp_path / "dc_curves.png", 3e-4, "dc-grpo")
+    out = tmp_path / "report.html"
+    write_report(out, "dcgrpo evaluation: dc-grpo", summary, report.table(), plot, note=report.throughput_line())
+    page = out.read_text()
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cells, self.tags, self._in = 0, [], set(), False
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            self.tables += tag == "table"
+            self._in = tag in ("td", "th")
+
+        def handle_endtag(self, tag):
+            self._in = False
+
+        def handle_data(self, data):
+            if self._in:
+                self.cells.append(data)
+
+    parsed = Cells()
+    parsed.feed(page)
+    assert parsed.tables == 2 and "pre" not in parsed.tags and "style" in parsed.tags and "img" in parsed.tags
+    assert ["benchmark", "problems", "k", "avg@k (%)"] == parsed.cells[parsed.cells.index("benchmark") :][:4]
+    assert {"81.2", "[57.0, 93.4]", "75", "16"} <= set(parsed.cells)  # percent, one decimal
+    assert {"7.231", "3.26e-04", "2"} <= set(parsed.cells)  # lambda, mean d, rounds trained
+    assert "lambda after the last step (dc/lambda_next)" in parsed.cells
+    assert "mean d, last round (dc/discrepancy_round_mean)" in parsed.cells
+    assert "7.230684" not in page and "2.0<" not in page and "16.0<" not in page
+    for number in re.findall(r"\d+\.\d+", " ".join(parsed.cells)):  # no unrounded float anywhere
+        assert len(number.replace(".", "").lstrip("0")) <= 4, number
 
 
 def test_model_reference_points_at_the_latest_checkpoint_inside_the_artifact(tmp_path, monkeypatch):
@@ -81,8 +135,27 @@ def test_mark_failed_marks_only_this_pipelines_runs(mlflow_server):
     assert client.get_run(mine).info.status == "RUNNING"
     assert steps.mark_failed_step(mlflow_server, "run-a", "FAILED", "prepare-data: bad parquet") == 1
     assert client.get_run(mine).info.status == "FAILED"
-    assert client.get_run(mine).data.tags["dcgrpo.pipeline_error"] == "prepare-data: bad parquet"
+    note = client.get_run(mine).data.tags["dcgrpo.pipeline_error"]
+    assert note.startswith("pipeline run run-a ended FAILED: prepare-data: bad parquet; the failed step's log")
     assert client.get_run(other).info.status == "RUNNING"
+
+
+def test_a_failed_run_says_why_in_mlflow(mlflow_server, tmp_path):
+    """The exception that ended a step's run is its tag dcgrpo.error, and the exit handler's note points at it
+    (issue 27: "Task exit-handler-1 failed." alone names neither the task nor the cause)."""
+    from dcgrpo.tracking import ERROR_TAG, start_run
+
+    cfg = steps.step_config("tiny-cpu", [f"storage.root={tmp_path}"], mlflow_server)
+    with (
+        pytest.raises(KeyError),
+        start_run(cfg.tracking, storage_root=str(tmp_path), tags={"kfp_run_id": "r-x"}) as run,
+    ):
+        raise KeyError("eval.gate_metric 'eval/x/avg_1' was not measured")
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run.run_id).data.tags[ERROR_TAG].startswith("KeyError: ")
+    steps.mark_failed_step(mlflow_server, "r-x", "FAILED", "Task exit-handler-1 failed.")
+    note = client.get_run(run.run_id).data.tags["dcgrpo.pipeline_error"]
+    assert "Task exit-handler-1 failed.; this run's own error: KeyError: " in note and "was not measured" in note
 
 
 def test_every_component_is_a_thin_shell_over_dcgrpo_steps():
@@ -109,7 +182,7 @@ def test_force_promotion_lets_the_promote_task_run_on_a_failed_gate(mlflow_serve
     name = f"force-test-{uuid.uuid4().hex[:6]}"
 
     def registered(acc: float, force: bool):
-        run = client.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg@1": acc})})
+        run = client.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg_1": acc})})
         client.log_metric(run.info.run_id, "dc/lambda", 0.0)
         model = tmp_path / f"m-{acc}-{force}"
         model.mkdir()
@@ -140,7 +213,7 @@ def test_register_step_by_reference_uploads_nothing(mlflow_server):
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     exp = client.create_experiment(f"byref-{uuid.uuid4().hex[:6]}")
-    run = client.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg@1": 0.5})}).info
+    run = client.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg_1": 0.5})}).info
     client.log_metric(run.run_id, "dc/lambda", 0.0)
     name = f"byref-{uuid.uuid4().hex[:6]}"
     meta = {"mlflow_run_id": run.run_id, "discrepancy": 1e-4}
@@ -165,10 +238,10 @@ def test_register_step_takes_the_eval_results_evaluate_handed_on(mlflow_server):
     run = client.create_run(client.create_experiment(f"handed-{uuid.uuid4().hex[:6]}")).info  # no eval tag at all
     name = f"handed-{uuid.uuid4().hex[:6]}"
     meta = {"mlflow_run_id": run.run_id, "discrepancy": 1e-4, "lambda": 0.25, "rollout_engine": "vllm 0.33.0",
-            "eval_metrics": {"eval/synthetic/avg@1": 0.625}, "eval_engine": "vllm 0.33.0"}  # fmt: skip
+            "eval_metrics": {"eval/synthetic/avg_1": 0.625}, "eval_engine": "vllm 0.33.0"}  # fmt: skip
     out = steps.register_step("", [], mlflow_server, name, meta, "minio://b/m", "minio://b/f")
     tags = client.get_model_version(name, out.version).tags
-    assert json.loads(tags[TAG_METRICS]) == {"eval/synthetic/avg@1": 0.625} and float(tags[TAG_LAMBDA]) == 0.25
+    assert json.loads(tags[TAG_METRICS]) == {"eval/synthetic/avg_1": 0.625} and float(tags[TAG_LAMBDA]) == 0.25
     assert tags["dcgrpo.engine.rollout_matches_serving"] == "true" and out.passes_gate  # first version: no champion
     with pytest.raises(RuntimeError, match="has no evaluation results"):  # without them: the run is asked
         steps.register_step("", [], mlflow_server, name + "-x", {"mlflow_run_id": run.run_id, "discrepancy": 1e-4},

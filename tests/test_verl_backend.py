@@ -81,9 +81,10 @@ def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs,
     assert meta1["step"] == STEPS and meta1["backend"] == "verl" and meta1["round"] == 1
     assert meta1["rollout_engine"].startswith("vllm ") and "(verl " in meta1["rollout_engine"]  # the launch's
     assert meta1["discrepancy"] == pytest.approx((1e-3 / 1 + 1e-3 / 2) / 2)  # mean over this round's steps
-    assert scalars1["dc_lambda_after_round"] == meta1["lambda"] > 0
-    assert scalars1["dc_discrepancy_mean"] == pytest.approx(1e-3 / 2)  # the round's last step, from the file
-    assert set(scalars1) == {"dc_discrepancy_mean", "dc_lambda", "dc_lambda_after_round"}
+    assert scalars1["dc/lambda_next"] == meta1["lambda"] > 0  # the KFP metrics carry MLflow's names and values
+    assert scalars1["dc/discrepancy_mean"] == pytest.approx(1e-3 / 2)  # the round's last step, from the file
+    assert scalars1["dc/discrepancy_round_mean"] == meta1["discrepancy"]
+    assert set(scalars1) == {"dc/discrepancy_mean", "dc/lambda", "dc/lambda_next", "dc/discrepancy_round_mean"}
 
     out2, meta2, _ = _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)
     assert meta2["step"] == 2 * STEPS and meta2["mlflow_run_id"] == meta1["mlflow_run_id"]
@@ -215,7 +216,7 @@ def test_round_metrics_come_from_the_trainers_file(tmp_path, caplog):
         scalars, d = _verl_round_metrics(tmp_path, 2, 4)
     assert d == pytest.approx((0.3 + 0.8) / 2)
     # each key's last value in the round: dc/violation from step 3, which the redone step 4 did not log
-    assert scalars == {"dc_discrepancy_mean": 0.8, "dc_lambda": 40.0, "dc_violation": 0.0}
+    assert scalars == {"dc/discrepancy_mean": 0.8, "dc/lambda": 40.0, "dc/violation": 0.0}
     assert "line 7: skipped" in caplog.text
 
     caplog.clear()  # the next append ends the cut line, so only that one line is lost

@@ -1,4 +1,7 @@
-"""`dcgrpo` command line: a thin shell over library functions.
+"""dcgrpo: DC-GRPO reinforcement learning for LLMs whose rollouts come from a quantized (FP8) inference engine, run
+as a Kubeflow pipeline with MLflow tracking and registry. `dcgrpo demo` runs the whole pipeline on this machine.
+
+Each subcommand is a few lines around one library function.
 
 Every subcommand takes ``--config FILE``, ``--preset NAME`` and repeated
 ``--set section.field=value`` overrides, resolved by ``dcgrpo.config`` alone.
@@ -27,7 +30,7 @@ class UserError(DcgrpoError):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (sections as in dcgrpo.config)")
+    p.add_argument("--config", metavar="FILE", help="YAML run config (sections as in dcgrpo.config)")
     p.add_argument("--preset", help="tiny-cpu (default), qwen3-8b or qwen3-30b-a3b")
     p.add_argument(
         "--set",
@@ -66,10 +69,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
     from dcgrpo.deploy import DeploymentContract
 
-    host = os.environ.get("KFP_HOST") or None
-    p.add_argument("--host", default=host, required=host is None,
-                   help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (default: $KFP_HOST); "
-                   "a bearer token comes from $KFP_TOKEN")  # fmt: skip
+    p.add_argument("--host", default=os.environ.get("KFP_HOST") or None,
+                   help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (default: $KFP_HOST; one of "
+                   "them is needed); a bearer token comes from $KFP_TOKEN")  # fmt: skip
     p.add_argument("--experiment", default="dcgrpo", help="KFP experiment name")
     p.add_argument("--namespace", help="Kubeflow profile namespace of the run (multi-user Kubeflow needs it)")
     p.add_argument("--service-account", default=DeploymentContract().service_account,
@@ -82,7 +84,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 def _submit_args(p: argparse.ArgumentParser) -> None:
     _cluster_args(p)
     p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 unless it succeeds")
-    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, help="seconds --wait follows the run")
+    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, metavar="SECONDS",
+                   help="how long --wait follows the run (default: 6 hours)")  # fmt: skip
 
 
 def _arguments(args: argparse.Namespace) -> dict:
@@ -144,10 +147,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_host(args: argparse.Namespace) -> None:
+    if not args.host:
+        raise UserError("no Kubeflow Pipelines endpoint: pass --host https://<kfp>/pipeline or set $KFP_HOST")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one pipeline run to a Kubeflow Pipelines endpoint."""
     from dcgrpo.pipeline import COMPILED_PATH, submit
 
+    _need_host(args)
     run_id, state = submit(
         args.host, _arguments(args), args.experiment, Path(args.package or COMPILED_PATH), namespace=args.namespace,
         service_account=args.service_account, wait_s=args.wait_timeout if args.wait else None,
@@ -163,6 +172,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     """Create a recurring run (max concurrency 1, no catch-up) for scheduled retraining."""
     from dcgrpo.pipeline import COMPILED_PATH, schedule
 
+    _need_host(args)
     try:
         job_id = schedule(args.host, args.cron, _arguments(args), args.experiment, args.job_name,
                           Path(args.package or COMPILED_PATH), args.namespace, args.service_account)  # fmt: skip
@@ -231,9 +241,12 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", required=True, help="MLflow run the model came from")
     p.add_argument("--model-dir", required=True, help="model directory, local or s3://")
     p.add_argument("--metrics", required=True, help="JSON object of eval metrics, or a file holding one")
-    p.add_argument("--final-lambda", type=float, required=True)
-    p.add_argument("--discrepancy", type=float, required=True, help="final batch-mean discrepancy d")
-    p.add_argument("--quantization", choices=["fp8", "bf16"], default="fp8")
+    p.add_argument("--final-lambda", type=float, required=True,
+                   help="lambda after the run's last step (dc/lambda_next): the version's dc/lambda_final tag")  # fmt: skip
+    p.add_argument("--discrepancy", type=float, required=True,
+                   help="the run's mean d over its last round (dc/discrepancy_round_mean), what the gate compares")  # fmt: skip
+    p.add_argument("--quantization", choices=["fp8", "bf16"], default="fp8",
+                   help="the weights' format, a version tag (default: fp8)")  # fmt: skip
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -428,7 +441,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.config:
         raise UserError("demo takes --preset and --set overrides (the pipeline's parameters), not --config")
     methods = [m for m in args.methods.split(",") if m]
-    rows = demo(args.preset or "tiny-cpu", args.overrides, methods, args.rounds, args.data_uri, args.keep_server)
+    rows = demo(args.preset or "tiny-cpu", args.overrides, methods, args.rounds, args.data_uri, args.keep_server,
+                verbose=args.verbose)  # fmt: skip
     return 0 if rows else 1
 
 
@@ -436,7 +450,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="grpo,dc-grpo", help="comma-separated methods to run side by side")
     p.add_argument("--rounds", type=int, help="training rounds (default: the config's train.rounds)")
     p.add_argument("--data-uri", default="", help="DAPO parquet to prepare (default: the synthetic task)")
-    p.add_argument("--keep-server", action="store_true", help="leave the local MLflow server running")
+    p.add_argument("--keep-server", action="store_true",
+                   help="leave the demo's local MLflow server running after it ends (its links stay valid)")  # fmt: skip
 
 
 COMMANDS: dict[
@@ -444,7 +459,11 @@ COMMANDS: dict[
 ] = {
     "config": (cmd_config, "print the resolved run config", None),
     "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", _train_args),
-    "demo": (cmd_demo, "the whole pipeline locally (kfp.local) on the tiny-cpu preset", _demo_args),
+    "demo": (
+        cmd_demo,
+        "the whole pipeline on this machine (kfp.local, vLLM CPU, a local MLflow), tiny-cpu preset",
+        _demo_args,
+    ),
     "prepare": (cmd_prepare, "prepare DAPO-Math-17K as verl-schema parquet", _prepare_args),
     "evaluate": (cmd_evaluate, "avg@k on math benchmarks with vLLM", _evaluate_args),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
@@ -457,12 +476,19 @@ COMMANDS: dict[
 }
 
 
+VERBOSE_HELP = "debug logging, tracebacks of errors, and (demo) every pipeline task's executor input"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgrpo", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    doc = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog="dcgrpo", description=" ".join(doc[0].split()),
+                                     epilog="`dcgrpo <command> --help` describes a command's options.")  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     for name, (handler, help_text, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # also after the command (`dcgrpo demo -v`); SUPPRESS keeps a `dcgrpo -v demo` from being reset to False
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         _add_config_args(p)
         if add_args is not None:
             add_args(p)

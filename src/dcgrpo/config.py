@@ -293,9 +293,10 @@ class EvalConfig(_Section):
     (tiny model, 2 cores: 16 prompts x 2 samples ~230 tok/s, 128 x 2 ~1,700 tok/s)."""
     max_problems: int | None = Field(16, gt=0)
     """Cap per benchmark (None = all); the tiny preset samples to stay fast."""
-    gate_metric: str = Field("eval/synthetic/avg@1", validate_default=True)  # checked even when not set
-    """Metric the promotion gate and method selection compare: ``eval/<benchmark>/avg@<k>`` (k: ``k_for``)
-    or ``eval/<benchmark>/pass@1_greedy`` (with greedy_pass1) of a benchmark in ``benchmarks``."""
+    gate_metric: str = Field("eval/synthetic/avg_1", validate_default=True)  # checked even when not set
+    """Metric the promotion gate and method selection compare: ``eval/<benchmark>/avg_<k>`` (avg@k; k: ``k_for``)
+    or ``eval/<benchmark>/pass_1_greedy`` (with greedy_pass1) of a benchmark in ``benchmarks``: the names MLflow,
+    KFP and the registry show. The ``avg@<k>`` / ``pass@1_greedy`` spelling is read as these."""
 
     # Validated at load time: a typo here would otherwise surface only after training, in evaluate or promote.
     @field_validator("benchmarks")
@@ -318,6 +319,12 @@ class EvalConfig(_Section):
         if bad:
             raise ValueError(f"samples per problem must be >= 1, got {bad}")
         return {_benchmark_name(b): v for b, v in k.items()}
+
+    @field_validator("gate_metric", mode="before")
+    @classmethod
+    def _one_spelling(cls, metric: Any) -> Any:
+        """``avg@32`` -> ``avg_32``: the spelling MLflow stores (it forbids ``@``), so one name is used everywhere."""
+        return metric.replace("@", "_") if isinstance(metric, str) else metric
 
     @field_validator("gate_metric")
     @classmethod
@@ -349,9 +356,9 @@ def gate_metric_choices(benchmarks: list[str], k: dict[str, int], default_k: int
     """The score metrics ``dcgrpo.evaluate`` logs for these settings (``BenchResult.metrics``' key forms)."""
     out = []
     for b in benchmarks:
-        out.append(f"eval/{b}/avg@{k.get(b, default_k)}")
+        out.append(f"eval/{b}/avg_{k.get(b, default_k)}")
         if greedy_pass1:
-            out.append(f"eval/{b}/pass@1_greedy")
+            out.append(f"eval/{b}/pass_1_greedy")
     return out
 
 

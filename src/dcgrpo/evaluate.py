@@ -12,9 +12,9 @@ temperature-0 sample per problem.
 
 Outputs under ``out_dir`` (local or s3://, written atomically after all
 benchmarks finished): ``results.json``, ``results.md`` (benchmark, k, score,
-95% interval) and ``samples.jsonl``; MLflow metrics ``eval/<bench>/avg@<k>``
-and ``eval/<bench>/pass@1_greedy`` (MLflow forbids ``@`` in names: logged as
-``avg_<k>`` / ``pass_1_greedy``, see ``mlflow_key``) plus those files as artifacts.
+95% interval) and ``samples.jsonl``; MLflow metrics ``eval/<bench>/avg_<k>`` (avg@k)
+and ``eval/<bench>/pass_1_greedy`` (greedy pass@1), the one spelling of these names everywhere (MLflow forbids
+``@`` in names), plus those files as artifacts.
 
 Every benchmark is loaded (and validated) before the engine starts, so bad
 input fails in seconds with the file, line and field named.
@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def mlflow_key(metric: str) -> str:
-    """MLflow metric names allow only ``[/\\w.\\- :]``: ``eval/aime24/avg@32`` is logged as ``eval/aime24/avg_32``.
+    """MLflow metric names allow only ``[/\\w.\\- :]``: any other character becomes ``_`` (the metric names of
+    ``BenchResult.metrics`` are valid already; ``eval.gate_metric`` takes the old ``avg@32`` spelling this way).
 
-    Same rule as ``dcgrpo.registry``'s tag keys; results.json and the registry's
-    ``eval_metrics`` tag keep the ``@`` names (the gate metric's spelling).
+    Same rule as ``dcgrpo.registry``'s tag keys.
     """
     return re.sub(r"[^/\w.\- :]", "_", metric)
 
@@ -77,13 +77,13 @@ class BenchResult:
 
     def metrics(self) -> dict[str, float]:
         m = {
-            f"eval/{self.benchmark}/avg@{self.k}": self.avg_at_k,
-            f"eval/{self.benchmark}/avg@{self.k}_ci_low": self.ci95[0],
-            f"eval/{self.benchmark}/avg@{self.k}_ci_high": self.ci95[1],
+            f"eval/{self.benchmark}/avg_{self.k}": self.avg_at_k,
+            f"eval/{self.benchmark}/avg_{self.k}_ci_low": self.ci95[0],
+            f"eval/{self.benchmark}/avg_{self.k}_ci_high": self.ci95[1],
             f"eval/{self.benchmark}/problems": float(self.problems),
         }
         if self.pass1_greedy is not None:
-            m[f"eval/{self.benchmark}/pass@1_greedy"] = self.pass1_greedy
+            m[f"eval/{self.benchmark}/pass_1_greedy"] = self.pass1_greedy
         return m
 
 
@@ -116,25 +116,36 @@ class EvalReport:
         d["metrics"] = self.metrics()
         return json.dumps(d, indent=2)
 
-    def markdown(self) -> str:
-        lines = [
-            f"Model `{self.model}` ({self.precision}); T={self.settings.get('temperature')}, "
-            f"top-p={self.settings.get('top_p')}, max tokens={self.settings.get('max_tokens')}",
-            "",
-            "| benchmark | problems | k | avg@k | 95% interval | greedy pass@1 | too long |",
-            "|---|---:|---:|---:|---|---:|---:|",
-        ]
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """(header, rows) of the results table, scores in percent rounded to 0.1: what ``markdown`` and the
+        pipeline's HTML report (``dcgrpo.plots.write_report``) show."""
+        header = ["benchmark", "problems", "k", "avg@k (%)", "95% interval", "greedy pass@1 (%)", "too long"]
+        rows: list[list[Any]] = []
         for r in self.results:
-            greedy = "-" if r.pass1_greedy is None else f"{100 * r.pass1_greedy:.1f}"
-            lines.append(
-                f"| {r.benchmark} | {r.problems} | {r.k} | {100 * r.avg_at_k:.1f} "
-                f"| [{100 * r.ci95[0]:.1f}, {100 * r.ci95[1]:.1f}] | {greedy} | {r.too_long} |"
-            )
-        lines += [
-            "",
+            greedy = "-" if r.pass1_greedy is None else round(100 * r.pass1_greedy, 1)
+            interval = f"[{100 * r.ci95[0]:.1f}, {100 * r.ci95[1]:.1f}]"
+            rows.append([r.benchmark, r.problems, r.k, round(100 * r.avg_at_k, 1), interval, greedy, r.too_long])
+        return header, rows
+
+    def settings_line(self) -> str:
+        return (
+            f"Model {self.model} ({self.precision}); T={self.settings.get('temperature')}, "
+            f"top-p={self.settings.get('top_p')}, max tokens={self.settings.get('max_tokens')}"
+        )
+
+    def throughput_line(self) -> str:
+        return (
             f"{self.generated_tokens:,} tokens generated in {self.generate_s:.1f}s "
-            f"({self.tokens_per_s:,.0f} tok/s); wall {self.wall_s:.1f}s.",
-        ]
+            f"({self.tokens_per_s:,.0f} tok/s); wall {self.wall_s:.1f}s."
+        )
+
+    def markdown(self) -> str:
+        header, rows = self.table()
+        align = ["---", "---:", "---:", "---:", "---", "---:", "---:"]
+        lines = [self.settings_line(), "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+        for row in rows:
+            lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row) + " |")
+        lines += ["", self.throughput_line()]
         return "\n".join(lines) + "\n"
 
 

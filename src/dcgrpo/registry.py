@@ -185,7 +185,7 @@ def load_metrics(value: str, what: str = "metrics") -> dict[str, float]:
         isinstance(v, int | float) and not isinstance(v, bool) for v in data.values()
     )
     if not numbers or not data:
-        raise RegistryError(f'{what}: expected a JSON object of numbers, e.g. {{"eval/aime24/avg@16": 0.3}}; '
+        raise RegistryError(f'{what}: expected a JSON object of numbers, e.g. {{"eval/aime24/avg_16": 0.3}}; '
                             f"got {text[:80]!r}")  # fmt: skip
     return {str(k): float(v) for k, v in data.items()}
 

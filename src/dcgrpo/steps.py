@@ -124,12 +124,13 @@ def prepare_data_step(
     """
     from dataclasses import asdict
 
-    from dcgrpo.tracking import start_run
+    from dcgrpo.tracking import run_name, start_run
 
     cfg = step_config(preset, overrides, mlflow_uri)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tags = {KFP_RUN_TAG: kfp_run_id, "dcgrpo.step": "prepare"}
-    with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_name="prepare-data", tags=tags) as run:
+    name = run_name("prepare-data", kfp_run_id)
+    with start_run(cfg.tracking, storage_root=str(_local_root(cfg)), run_name=name, tags=tags) as run:
         if data_uri:
             from dcgrpo.data.dapo import prepare_dapo
 
@@ -241,7 +242,7 @@ def train_round_step(
     Returns (metadata for the output Model, scalars for the Metrics artifact).
     Rounds at or past ``rounds`` copy the input through unchanged.
     """
-    from dcgrpo.tracking import start_run
+    from dcgrpo.tracking import run_name, run_params, start_run
 
     if round_index >= rounds:
         shutil.copytree(model_in_dir, out_dir, dirs_exist_ok=True)
@@ -264,25 +265,47 @@ def train_round_step(
     store = model_store(kfp_run_id, method, f"round-{round_index + 1}")  # the checkpoint volume, when mounted
     weights_dir = str(store) if store is not None else out_dir
     with start_run(
-        cfg.tracking, storage_root=str(_local_root(cfg)), run_name=f"{method}-{cfg.rollout.precision}",
-        params=cfg.to_flat_dict(), tags={KFP_RUN_TAG: kfp_run_id, "method": method}, run_id=run_id,
+        cfg.tracking, storage_root=str(_local_root(cfg)), run_name=run_name(method, kfp_run_id),
+        params=run_params(cfg), tags=_run_tags(cfg, kfp_run_id, method), run_id=run_id,
     ) as run:  # fmt: skip
+        log.info("%s round %d of %d: MLflow run %s", method, round_index + 1, rounds, run.run_id)
         result = train(
             cfg, model_dir=model_in, train_path=str(data / "train.parquet"), val_path=str(data / "val.parquet"),
-            out_dir=weights_dir, resume_from=resume, run=run, rounds=1, progress=False,
+            out_dir=weights_dir, resume_from=resume, run=run, rounds=1, progress=True,
         )  # fmt: skip
+        d_round = _round_discrepancy([h.get("dc/discrepancy_mean") for h in result.history])
+        run.log_metrics({ROUND_DISCREPANCY: d_round}, step=result.step)
     if store is not None:
         write_model_ref(out_dir, store)
-    scalars = summarize(result.history)
-    d_round = [h["dc/discrepancy_mean"] for h in result.history if "dc/discrepancy_mean" in h]
+    scalars = summarize(result.history) | {ROUND_DISCREPANCY: d_round}
     meta = {
         "method": method, "round": round_index + 1, "mlflow_run_id": result.run_id, "step": result.step,
         "lambda": result.lam, "checkpoint": Path(result.checkpoint).relative_to(weights_dir).as_posix(),
         "rollout_engine": engine_version(),
-        # The round's mean of the batch-mean discrepancy: what selection and the gate compare.
-        "discrepancy": sum(d_round) / len(d_round) if d_round else float("nan"),
+        "discrepancy": d_round,  # what selection and the gate compare
     }  # fmt: skip
-    return meta, {k.replace("/", "_"): float(v) for k, v in scalars.items()}
+    return meta, {k: float(v) for k, v in scalars.items()}
+
+
+ROUND_DISCREPANCY = "dc/discrepancy_round_mean"
+"""The mean over a round's steps of the batch-mean discrepancy ``dc/discrepancy_mean``: what method selection and
+the promotion gate compare (the registry's ``dc/discrepancy_final`` of a version is its last round's), logged to
+MLflow at the round's last step and shown under this name by the demo and the evaluation report."""
+LAMBDA_KEY = "dc/lambda_next"
+"""Lambda after a step's dual update (Eq. 11): the one a checkpoint keeps and the next round starts from. A run's
+final lambda (the registry's ``dc/lambda_final``, the demo table, the report) is its last step's value of it."""
+
+
+def _round_discrepancy(values: list[float | None]) -> float:
+    measured = [v for v in values if v is not None]
+    return sum(measured) / len(measured) if measured else float("nan")
+
+
+def _run_tags(cfg: RunConfig, kfp_run_id: str, method: str, **extra: str) -> dict[str, str]:
+    """A method's MLflow run tags: the pipeline run (``KFP_RUN_TAG``), the method, and the precision each engine
+    ran at (rollouts in ``rollout.precision``; evaluation and serving on the FP8 export)."""
+    return {KFP_RUN_TAG: kfp_run_id, "method": method, "dcgrpo.rollout_precision": cfg.rollout.precision,
+            "dcgrpo.eval_precision": "fp8", **extra}  # fmt: skip
 
 
 VERL_ROUND_FILE = "verl_round.json"
@@ -299,7 +322,7 @@ def _train_round_verl(
     evaluation read); earlier rounds write only ``VERL_ROUND_FILE``, since verl
     resumes from the checkpoint volume, not from the artifact.
     """
-    from dcgrpo.tracking import start_run, tracking_uri
+    from dcgrpo.tracking import run_name, run_params, start_run, tracking_uri
     from dcgrpo.verl_plugin import rounds as verl_rounds
     from dcgrpo.verl_plugin.config import render_env
 
@@ -310,8 +333,8 @@ def _train_round_verl(
     inputs = verl_rounds.stage_inputs(directory, dataset_dir, latest_model_dir(model_in_dir))
     first_step = round_index * cfg.train.steps_per_round
     with start_run(
-        cfg.tracking, storage_root=str(_local_root(cfg)), run_name=f"{method}-{cfg.rollout.precision}",
-        params=cfg.to_flat_dict(), tags={KFP_RUN_TAG: kfp_run_id, "method": method, "backend": "verl"},
+        cfg.tracking, storage_root=str(_local_root(cfg)), run_name=run_name(method, kfp_run_id),
+        params=run_params(cfg), tags=_run_tags(cfg, kfp_run_id, method, backend="verl"),
         run_id=model_in_meta.get("mlflow_run_id"),
     ) as run:  # fmt: skip
         result = verl_rounds.train_round(
@@ -319,6 +342,8 @@ def _train_round_verl(
             pipeline_run_id=kfp_run_id, env=render_env(cfg, uri, run.run_id),
         )  # fmt: skip
         run_id = run.run_id
+        scalars, d_round = _verl_round_metrics(directory, first_step, result.step)
+        run.log_metrics({ROUND_DISCREPANCY: d_round}, step=result.step)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if round_index + 1 == rounds:  # the HF model verl saved on the checkpoint volume: referenced, not copied
@@ -328,9 +353,9 @@ def _train_round_verl(
             shutil.copytree(result.hf_model, out, dirs_exist_ok=True)
     else:
         (out / VERL_ROUND_FILE).write_text(json.dumps({"checkpoint": str(result.folder), "step": result.step}))
-    scalars, d_round = _verl_round_metrics(directory, first_step, result.step)
+    scalars[ROUND_DISCREPANCY] = d_round
     if result.lam is not None:
-        scalars["dc_lambda_after_round"] = result.lam
+        scalars[LAMBDA_KEY] = result.lam  # after the round's last dual step, as verl's checkpoint keeps it
     meta = {
         "method": method, "round": round_index + 1, "mlflow_run_id": run_id, "step": result.step,
         "lambda": result.lam, "backend": "verl",
@@ -349,7 +374,7 @@ def _verl_round_metrics(directory: Path, first_step: int, last_step: int) -> tup
     last: dict[str, float] = {}
     for row in steps.values():  # in step order: each key's value at the last step that recorded it
         last.update(row)
-    scalars = {k.replace("/", "_"): float(v) for k, v in last.items() if k.startswith("dc/")}
+    scalars = {k: float(v) for k, v in last.items() if k.startswith("dc/")}
     d = [row["dc/discrepancy_mean"] for row in steps.values() if "dc/discrepancy_mean" in row]
     if not d:
         log.warning("%s: the trainer recorded no dc/discrepancy_mean for steps %d..%d", directory, first_step + 1,
@@ -439,9 +464,39 @@ def evaluate_step(
     if gate not in metrics:
         raise KeyError(f"eval.gate_metric {gate!r} was not measured; measured: {sorted(metrics)}")
     plot = Path(resolve_model(model_dir)) / "plots" / "dc_curves.png"
-    write_report(report_path, model_meta, report.markdown(), plot)
-    scalars = {k.replace("/", "_").replace("@", "_at_"): float(v) for k, v in metrics.items()}
+    write_report(
+        report_path, f"dcgrpo evaluation: {model_meta.get('method', '')}",
+        report_summary(cfg, model_meta, gate, metrics[gate], engine_version()), report.table(), plot,
+        note=f"{report.settings_line()}. {report.throughput_line()} Scores in percent; the gate reads {gate} as a "
+        "fraction.",
+    )  # fmt: skip
+    scalars = {k: float(v) for k, v in metrics.items()}  # MLflow's names, in KFP too
     return Evaluated(scalars, float(metrics[gate]), {"eval_metrics": metrics, "eval_engine": engine_version()})
+
+
+def report_summary(
+    cfg: RunConfig, meta: dict[str, Any], gate: str, gate_value: float, eval_engine: str
+) -> dict[str, Any]:
+    """The head table of a method's evaluation report: the names and values the demo table, MLflow and the
+    registry show for the same quantities (KFP metadata turns integers into floats: they are ints again here)."""
+
+    def num(key: str) -> Any:
+        value = meta.get(key)
+        return int(value) if isinstance(value, float) and value.is_integer() and key in ("round", "step") else value
+
+    rows = {
+        "method": meta.get("method", ""),
+        "rounds trained": num("round"),
+        "steps": num("step"),
+        f"lambda after the last step ({LAMBDA_KEY})": meta.get("lambda"),
+        f"mean d, last round ({ROUND_DISCREPANCY})": meta.get("discrepancy"),
+        f"{gate} (gate, FP8)": gate_value,
+        "promotion limit on mean d": cfg.promotion_discrepancy_limit(),
+        "rollouts": f"{cfg.rollout.precision} on {meta.get('rollout_engine', '?')}",
+        "evaluation": f"fp8 on {eval_engine}",
+        "MLflow run": meta.get("mlflow_run_id", ""),
+    }
+    return {k: v for k, v in rows.items() if v is not None}
 
 
 # ------------------------------------------------------------------ selection, registry
@@ -581,7 +636,12 @@ def mark_failed_step(mlflow_uri: str, kfp_run_id: str, state: str, error: str = 
     experiments = [e.experiment_id for e in mlc.search_experiments()]
     runs = mlc.search_runs(experiments, filter_string=f"tags.{KFP_RUN_TAG} = '{kfp_run_id}'") if experiments else []
     for run in runs:
-        mlc.set_tag(run.info.run_id, "dcgrpo.pipeline_error", (error or state)[:5000])
+        # KFP says only which group failed ("Task exit-handler-1 failed."); the failing step's own exception is
+        # the tag dcgrpo.error of the run it was writing to, when it was writing to one.
+        own = run.data.tags.get("dcgrpo.error")
+        note = f"; this run's own error: {own}" if own else "; the failed step's log in KFP says why"
+        mlc.set_tag(run.info.run_id, "dcgrpo.pipeline_error",
+                    f"pipeline run {kfp_run_id} ended {state}: {error or state}{note}"[:5000])  # fmt: skip
         mlc.set_terminated(run.info.run_id, "FAILED")
     log.warning("pipeline %s ended %s: marked %d MLflow run(s) FAILED", kfp_run_id, state, len(runs))
     return len(runs)

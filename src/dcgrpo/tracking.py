@@ -70,6 +70,8 @@ from dcgrpo.shutdown import Terminated
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+ERROR_TAG = "dcgrpo.error"
+"""On a run that ended FAILED in this process: the exception (type and message) that ended it."""
 PROCESS_TAG = "dcgrpo.process"
 """``host:pid:start time`` of the process writing to a run (see module docstring)."""
 CREATE_TOKEN_TAG = "dcgrpo.create_token"
@@ -263,6 +265,23 @@ class Run:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
 
+def run_name(method: str, pipeline_run_id: str = "") -> str:
+    """A method's MLflow run name in a pipeline run: ``<method>-<first 8 characters of the pipeline run id>``, so
+    runs of different pipeline runs never share a name (precision is in the run's tags, not its name)."""
+    return f"{method}-{pipeline_run_id[:8]}" if pipeline_run_id else method
+
+
+def run_params(cfg) -> dict[str, Any]:
+    """The run config as MLflow params, less what does not describe the training: the ``verl.*`` settings of a run
+    on the built-in loop, and the tracking URI (where the run is recorded, and a local server's port is gone once
+    the demo ends)."""
+    return {
+        k: v
+        for k, v in cfg.to_flat_dict().items()
+        if k != "tracking.mlflow_uri" and (cfg.train.backend == "verl" or not k.startswith("verl."))
+    }
+
+
 def _param_str(v: Any) -> str:
     s = json.dumps(v) if isinstance(v, list | dict) else str(v)
     return s[:6000]  # MLflow's param value limit
@@ -309,7 +328,7 @@ def start_run(
         run.set_tags({**(tags or {}), PROCESS_TAG: this_process()})  # the run's writer is this process now
     elif params:
         run.log_params(params)
-    status = "FINISHED"
+    status, error = "FINISHED", ""
     try:
         yield run
         run.flush(strict=True)
@@ -318,8 +337,8 @@ def start_run(
         with contextlib.suppress(Exception):
             run.set_tags({"dcgrpo.closed_reason": str(exc) or type(exc).__name__})
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         try:
@@ -327,6 +346,8 @@ def start_run(
                 run.flush()
                 if run._buffer:
                     run._spill()
+            if error:  # what a person opening the failed run in MLflow reads first
+                client.set_tag(run_id, ERROR_TAG, error[:5000])
             client.set_terminated(run_id, status)
         except Exception as exc:  # the server may be what failed
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)

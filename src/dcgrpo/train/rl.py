@@ -178,8 +178,9 @@ def train(
             if run is not None and (step % cfg.tracking.log_every == 0 or step % tc.steps_per_round == 0):
                 run.log_metrics(metrics, step=step)  # every log_every steps and every round's last
             new_history.append({"step": step, **metrics})
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", lam=f"{lam.value:.3g}", d=f"{d_mean:.2e}")
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", lam=f"{lam.value:.3g}", d=f"{d_mean:.2e}",
+                            refresh=False)  # fmt: skip
+            bar.update(1)  # one line per step where the output is a log, not a terminal
 
             # ---- 11. round end: held-out accuracy, checkpoint, plot, strict metric flush ----
             if step % tc.steps_per_round == 0:
@@ -347,17 +348,15 @@ def _end_round(cfg, st: _LoopState, out_dir: str, new_history: list[dict], run) 
     }
     uri = storage.join(out_dir, "checkpoints", f"step_{st.step:06d}")
     ckpt.save_checkpoint(uri, st.policy.model, st.policy.tokenizer, st.opt, state, endpoint, cfg.train.keep_checkpoints)
-    plot_uri = _save_plot(st.history + new_history, out_dir, st.lam.budget, run, endpoint)
+    plot_uri = _save_plot(st.history + new_history, out_dir, st.lam.budget, run, endpoint, cfg.method.name)
     if run is not None:
         run.flush(strict=True)  # raises TrackingUnavailable after retries; the checkpoint is already safe
     return uri, plot_uri
 
 
-def _save_plot(history, out_dir: str, budget: float | None, run, endpoint) -> str:
+def _save_plot(history, out_dir: str, budget: float | None, run, endpoint, method: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        png = plot_curves(
-            [h for h in history if "dc/lambda" in h or "val/accuracy" in h], Path(tmp) / "dc_curves.png", budget
-        )
+        png = plot_curves(history, Path(tmp) / "dc_curves.png", budget, method)
         uri = storage.join(out_dir, "plots", "dc_curves.png")
         storage.write_bytes(uri, png.read_bytes(), endpoint)
         if run is not None:
@@ -377,7 +376,7 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
         last = steps[-1]
         for k in ("dc/discrepancy_mean", "dc/discrepancy_max", "reward/mean", "timing/step_s"):
             out[k] = last[k]
-        out["dc/lambda"] = last.get("dc/lambda_next", last["dc/lambda"])  # lambda after the last step
+        out["dc/lambda_next"] = last.get("dc/lambda_next", last["dc/lambda"])  # lambda after the last step
         out["reward/mean_avg"] = sum(h["reward/mean"] for h in steps) / len(steps)
         out["timing/step_s_avg"] = sum(h["timing/step_s"] for h in steps) / len(steps)
     if vals:

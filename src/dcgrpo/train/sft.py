@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -63,7 +64,8 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
     steps = cfg.model.sft_steps
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    bar = tqdm(range(steps), desc="sft", dynamic_ncols=True)
+    # A line every 10 s where the output is a log (a pipeline task's), not 600 of them; live in a terminal.
+    bar = tqdm(range(steps), desc="sft", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     for step in bar:
         batch_ex = rng.sample(examples, min(SFT_BATCH_SIZE, len(examples)))
         batch = engine.token_batch([p for p, _ in batch_ex], [r for _, r in batch_ex])

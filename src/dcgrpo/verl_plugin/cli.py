@@ -31,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-files", help="prepared validation parquet (default: the training files)")
     p.add_argument("--model-path", help="HF model directory (default: model.path)")
     p.add_argument("--round", type=int, help="pipeline round r: stop after step r x steps_per_round (default: all)")
-    p.add_argument("--mode", choices=["rayjob", "single-node"], default="rayjob")
+    p.add_argument("--mode", choices=["rayjob", "single-node"], default="rayjob",
+                   help="rayjob: submit a KubeRay RayJob and follow it (default); single-node: run verl here")  # fmt: skip
     p.add_argument("--name", help="RayJob / experiment name (default: tracking.run_name or the config hash)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: tracking.mlflow_uri)")
     p.add_argument("--mlflow-run-id", help="attach verl's MLflow logger to this run")
