@@ -240,7 +240,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
         with dsl.ExitHandler(exit_task, name="dc-grpo-run"):
             data = _light(
                 c.prepare_data(
-                    preset=preset, overrides=overrides, data_uri=data_uri, mlflow_uri=mlflow_uri, kfp_run_id=run_id,
+                    preset=preset, overrides=overrides, data_uri=data_uri, model_uri=model_uri, mlflow_uri=mlflow_uri,
+                    kfp_run_id=run_id,
                     rounds=rounds, model_name=model_name, max_rounds=s.max_rounds,
                 ),
                 s,

@@ -58,6 +58,27 @@ def test_missing_files_exit_2_with_the_path(tmp_path):
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr
 
 
+@pytest.mark.parametrize("bad", ["model", "benchmark"])
+def test_evaluate_input_errors_leave_no_mlflow_run(bad, tmp_path, mlflow_server):
+    """Checked before the MLflow run is created: no empty FAILED run is left behind (tracked mode)."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    experiment = f"eval-{uuid.uuid4().hex[:6]}"
+    args = ["evaluate", "--model", str(tmp_path / "nope") if bad == "model" else str(model), "--benchmarks",
+            "aime24" if bad == "model" else "no-such-bench", "--set", f"tracking.mlflow_uri={mlflow_server}",
+            "--set", f"tracking.experiment={experiment}", "--out", str(tmp_path / "eval")]  # fmt: skip
+    proc = run(*args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("--model: " in proc.stderr and "nope does not exist" in proc.stderr) if bad == "model" else (
+        "no-such-bench" in proc.stderr)  # fmt: skip
+    assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None, "a run was created"
+
+
 @pytest.mark.slow
 def test_train_smoke_writes_a_checkpoint_and_logs_to_a_local_store(tmp_path):
     proc = run(

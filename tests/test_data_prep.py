@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -250,3 +252,55 @@ def test_benchmark_errors(tmp_path):
 def test_synthetic_benchmark_carries_prompts():
     rows = load_benchmark("synthetic")
     assert rows and all(r["prompt"] and r["answer"] for r in rows)
+
+
+# ------------------------------------------------------------------ prompt length (data.max_prompt_length)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from dcgrpo.config import load_config
+    from dcgrpo.models import run_tokenizer
+
+    return run_tokenizer(load_config())  # the tiny model's, as `dcgrpo prepare` uses it without model.path
+
+
+def test_prompts_over_the_limit_are_dropped_and_counted_with_the_runs_tokenizer(sample_data, tmp_path, tiny_tokenizer):
+    from dcgrpo.data.schema import prompt_lengths
+    from dcgrpo.data.synthetic import read_rows
+
+    src = str(sample_data / "dapo_math_17k.sample.parquet")
+    full = prepare_dapo(src, str(tmp_path / "all"), template="boxed")
+    s = prepare_dapo(src, str(tmp_path / "fit"), template="boxed", tokenizer=tiny_tokenizer, max_prompt_length=128)
+    assert 0 < s.too_long < full.rows_out and s.rows_out == full.rows_out - s.too_long
+    kept = read_rows(s.train_path) + read_rows(s.val_path)
+    assert len(kept) == s.rows_out and max(prompt_lengths(kept, tiny_tokenizer)) <= 128
+    assert "too_long" in s.table() and s.metrics()["data/too_long"] == s.too_long
+    with pytest.raises(DapoSchemaError, match=r"every prompt is longer than data.max_prompt_length=16 tokens "
+                                              r"\(shortest \d+"):  # fmt: skip
+        prepare_dapo(src, str(tmp_path / "none"), template="boxed", tokenizer=tiny_tokenizer, max_prompt_length=16)
+    assert not (tmp_path / "none").exists(), "nothing written"
+
+
+def test_train_refuses_a_too_long_prompt_before_any_engine_or_run(sample_data, tmp_path):
+    """The README's DAPO path without preparation for this model: one line naming file, rows and the limit."""
+    prepared = prepare_dapo(str(sample_data / "dapo_math_17k.sample.parquet"), str(tmp_path / "dapo"))
+    dcgrpo = str(Path(sys.executable).with_name("dcgrpo"))
+    proc = subprocess.run(
+        [dcgrpo, "train", "--set", f"data.train_path={prepared.train_path}", "--set", f"data.val_path={prepared.val_path}",
+         "--set", f"storage.root={tmp_path / 'root'}", "--set", "model.sft_steps=0"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={k: v for k, v in os.environ.items()
+                                                                         if k != "MLFLOW_TRACKING_URI"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (
+        f"{prepared.train_path}: " in proc.stderr
+        and "prompts are longer than data.max_prompt_length=128" in proc.stderr
+    )
+    assert "row 0: " in proc.stderr and "Traceback" not in proc.stderr and "vLLM" not in proc.stderr
+    db = tmp_path / "root" / "mlflow.db"
+    if db.exists():  # the orphan check may open the local store; no run was created in it
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{db}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

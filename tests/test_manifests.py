@@ -127,6 +127,21 @@ def test_top_level_builds_everything_and_starts_no_work():
     assert examples == {"RayJob", "InferenceService"}  # kept, validated, applied by nobody
 
 
+def test_statefulset_claim_templates_are_written_as_the_api_server_stores_them():
+    """The API server defaults apiVersion, kind, volumeMode and status of each volumeClaimTemplate (an atomic list):
+    held against kube-apiserver v1.36, a template without them made every `kubectl apply -k manifests/` report both
+    StatefulSets "configured", and `kubectl apply --server-side -k manifests/` after a client-side apply failed with
+    'conflict with "kubectl-client-side-apply" using apps/v1: .spec.volumeClaimTemplates'."""
+    stateful = [o for o in kustomize_build(MANIFESTS) if o["kind"] == "StatefulSet"]
+    assert {o["metadata"]["name"] for o in stateful} == {"minio", "mlflow-postgres"}
+    for sts in stateful:
+        for claim in sts["spec"]["volumeClaimTemplates"]:
+            where = f"{sts['metadata']['name']}: volumeClaimTemplate {claim['metadata']['name']}"
+            assert (claim.get("apiVersion"), claim.get("kind")) == ("v1", "PersistentVolumeClaim"), where
+            assert claim["spec"].get("volumeMode") == "Filesystem", where
+            assert claim.get("status") == {"phase": "Pending"}, where
+
+
 def test_volumes_the_pipeline_and_rayjobs_mount_exist():
     from dcgrpo.config import VerlConfig
     from dcgrpo.deploy import DeploymentContract

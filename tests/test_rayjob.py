@@ -260,7 +260,7 @@ def test_a_lab_weight_grid_is_refused_before_a_rayjob_is_rendered():
 
 # ---- names KubeRay accepts ------------------------------------------------------------------------------------------
 
-DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_1035_LABEL = r"[a-z]([-a-z0-9]*[a-z0-9])?"  # KubeRay's ValidateRayJobMetadata: IsDNS1035Label
 
 
 class KubeRayNameRule(FakeKubeAPI):
@@ -293,5 +293,18 @@ def test_every_rayjob_name_the_pipeline_can_produce_passes_kuberays_rule():
     created = [j["metadata"]["name"] for j in kube.created]
     assert len(created) == 20 and len(set(created)) == 20
     for name in [*names, *created]:
-        assert len(name) <= MAX_NAME == 47 and re.fullmatch(DNS_LABEL, name), name
+        assert len(name) <= MAX_NAME == 47 and re.fullmatch(DNS_1035_LABEL, name), name
     assert job_name("r1-grpo-short") == "r1-grpo-short"  # short names are kept as they are
+
+
+def test_a_rayjob_name_starting_with_a_digit_gets_a_letter_first(capsys):
+    """KubeRay refuses a RayJob name that is not a DNS-1035 label (``ValidationFailed``: "RayJob name should be a
+    valid DNS1035 label"): ``train-verl --name`` or ``tracking.run_name`` may well start with a date or a digit."""
+    for run_name in ["2026-12-06-qwen3", "1st-try", "42", "0" * 60, "-7-b"]:
+        name = job_name(run_name)
+        assert len(name) <= 47 and re.fullmatch(DNS_1035_LABEL, name), (run_name, name)
+    assert job_name("2026-12-06-qwen3") == "dcgrpo-2026-12-06-qwen3"
+    assert job_name("0" * 60) != job_name("0" * 61)  # cut names stay distinct
+    rc = cli_main(["train-verl", "--set", "model.path=/m", "--train-files", "/d/t.parquet", "--name", "1st-try",
+                   "--dry-run"])  # fmt: skip
+    assert rc == 0 and yaml.safe_load(capsys.readouterr().out)["metadata"]["name"] == "dcgrpo-1st-try"

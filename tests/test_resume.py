@@ -7,6 +7,10 @@
   and the run left RUNNING is closed as FAILED.
 - A checkpoints directory whose newest checkpoint is incomplete resumes from
   the newest complete one.
+- SIGTERM (an eviction): the step in flight is finished and checkpointed, the
+  run marked KILLED, exit 143 with one line; ``--resume auto`` finishes the job.
+  While it runs, a second process on the same ``--out`` is refused; a fresh
+  run into a folder with checkpoints, or a resume with other settings, too.
 
 To kill at a known point, the training process talks to MLflow through
 ``HoldingProxy``: it forwards a chosen request (so the server stores it) and
@@ -83,7 +87,7 @@ def test_resume_takes_the_newest_complete_checkpoint(where, tiny_parts, tmp_path
         root = f"s3://{TEST_BUCKET}/resolve-{uuid.uuid4().hex[:6]}/checkpoints"
     else:
         endpoint, root = None, str(tmp_path / "checkpoints")
-    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints: no complete checkpoint .*start it fresh"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints: no (complete|such) checkpoint .*start it fresh"):
         ckpt.load_checkpoint(root, tmp_path / "cache", endpoint)  # killed before the first checkpoint
     _save(root, 2, tiny_parts, endpoint)
     _remove(storage.join(root, "latest"), endpoint)  # killed after publishing step 2, before writing `latest`
@@ -124,16 +128,18 @@ class HoldingProxy:
                 data = resp.read()
                 conn.close()
                 if proxy.hold is not None and not proxy.held.is_set() and proxy.hold(self.path, body):
-                    proxy.held.set()  # the server has it; the client waits forever
+                    proxy.held.set()  # the server has it; the client waits until the release (or its kill)
                     proxy.release.wait()
-                    return
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client was killed while held
+                    pass
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
@@ -266,8 +272,134 @@ def test_kill_before_the_first_checkpoint_then_resume_says_start_fresh_and_close
 
     resumed = _train([*job["args"], "--resume", str(job["ckpts"])], job["dir"])
     assert resumed.returncode == 2, resumed.stderr[-3000:]
-    assert f"{job['ckpts']}: no complete checkpoint" in resumed.stderr and "start it fresh" in resumed.stderr
+    assert f"{job['ckpts']}: no such checkpoint" in resumed.stderr and "does not exist" in resumed.stderr
+    assert "start it fresh" in resumed.stderr
     assert "Traceback" not in resumed.stderr
     closed = client.get_run(run.info.run_id)
     assert closed.info.status == "FAILED" and "ended without closing" in closed.data.tags["dcgrpo.closed_reason"]
     assert len(client.search_runs([run.info.experiment_id])) == 1, "the failed resume made no run"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_and_resume_auto_finishes_and_the_folder_has_one_owner(job, proxy, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    proxy.hold = metrics_at_or_after(1)  # step 1 of a 2-step round: the process is alive and mid-round
+    log = job["dir"] / "first.log"
+    first = _start(job["args"], job["dir"], log)
+    deadline = time.monotonic() + 300
+    while not proxy.held.wait(0.2):
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+
+    second = _train(job["args"], job["dir"])  # the same --out while the first trains
+    assert second.returncode == 2 and "is in use by another training process" in second.stderr, second.stderr[-2000:]
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+
+    first.send_signal(signal.SIGTERM)  # what Kubernetes sends on eviction
+    time.sleep(1)
+    proxy.hold = None
+    proxy.release.set()
+    assert first.wait(timeout=120) == 143, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "dcgrpo train: stopped: SIGTERM after step 1: checkpoint" in text and "Traceback" not in text
+    assert (job["ckpts"] / "step_000001" / "manifest.json").is_file(), "the step in flight is checkpointed"
+    run = _only_run(client, job["experiment"])
+    assert run.info.status == "KILLED" and "SIGTERM after step 1" in run.data.tags["dcgrpo.closed_reason"]
+
+    again = _train([*job["args"], "--resume", "auto"], job["dir"])  # a restarted pod's command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step 4" in again.stdout
+    run = _only_run(client, job["experiment"])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "dc/lambda")) == [1, 2, 3, 4]
+
+    fresh = _train(job["args"], job["dir"])  # a new run into the same folder would interleave its checkpoints
+    assert fresh.returncode == 2 and "already holds checkpoints of another run" in fresh.stderr, fresh.stderr[-2000:]
+    other = _train([*job["args"], "--resume", "auto", "--set", "method.name=grpo", "--set", "train.rounds=3"],
+                   job["dir"])  # fmt: skip
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "method.name: 'dc-grpo' -> 'grpo'" in other.stderr and "train.rounds: " not in other.stderr
+    assert len(client.search_runs([run.info.experiment_id])) == 1, "the refusals made no run"
+
+
+def test_resume_auto_on_an_empty_folder_starts_and_a_missing_resume_path_is_named(tmp_path):
+    assert ckpt.find_resume_point(str(tmp_path / "never-written")) is None
+    with pytest.raises(ckpt.CheckpointError, match=r"no-such/checkpoints: no such checkpoint .*does not exist"):
+        ckpt.resolve_checkpoint(str(tmp_path / "no-such" / "checkpoints"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_retention_keeps_the_newest_complete_checkpoints(where, tiny_parts, tmp_path, request):
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_server")
+        root = f"s3://{TEST_BUCKET}/keep-{uuid.uuid4().hex[:6]}/checkpoints"
+    else:
+        endpoint, root = None, str(tmp_path / "checkpoints")
+    model, tok, opt = tiny_parts
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(storage.join(root, f"step_{step:06d}"), model, tok, opt, {"step": step}, endpoint,
+                             keep=2)  # fmt: skip
+    assert [n for n in storage.list_dirs(root, endpoint) if n.startswith("step_")] == ["step_000006", "step_000008"]
+    assert ckpt.load_checkpoint(root, tmp_path / "cache", endpoint).state["step"] == 8
+
+
+UPLOAD_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from dcgrpo import storage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    storage.upload_dir(sys.argv[1], sys.argv[2])
+except storage.StorageError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_a_write_that_runs_out_of_space_leaves_no_partial_folder(tmp_path):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"\1" * 65536)  # over the 4 KiB the child may write
+    dest = tmp_path / "out" / "step_000002"
+    dest.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-c", UPLOAD_UNDER_A_FILE_SIZE_LIMIT, str(src), str(dest)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"{dest}: could not write (" in proc.stdout and "File too large" in proc.stdout
+    assert "the partial copy was removed" in proc.stdout
+    assert list(dest.parent.iterdir()) == [], "neither the checkpoint nor its .partial staging folder remains"
+
+
+def _as_nobody():
+    """preexec_fn: drop root (root writes through any permission bits), so a mode-555 folder is read-only."""
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+@pytest.mark.slow
+def test_an_unwritable_out_fails_before_any_work_naming_it(s3_server, mlflow_server, tmp_path):
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="dcgrpo-ro-"))  # world-traversable: pytest's tmp_path is root-only
+    try:
+        base.chmod(0o777)
+        (base / "ro").mkdir(mode=0o555)
+        (base / "ro").chmod(0o555)
+        experiment = f"ro-{uuid.uuid4().hex[:6]}"
+        common = ["--set", f"storage.root={base / 'root'}", "--set", f"tracking.mlflow_uri={mlflow_server}",
+                  "--set", f"tracking.experiment={experiment}"]  # fmt: skip
+        env = dict(_env(), HOME=str(base))
+        for out, why in ((str(base / "ro" / "run"), "Permission denied"),
+                         (f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/run", "no such bucket")):  # fmt: skip
+            t0 = time.monotonic()
+            proc = subprocess.run([DCGRPO, "train", *common, "--set", f"storage.s3_endpoint_url={s3_server}",
+                                   "--out", out], capture_output=True, text=True, env=env, timeout=120, cwd=base,
+                                  preexec_fn=_as_nobody)  # fmt: skip
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert f"--out: cannot write to {out}" in proc.stderr and why in proc.stderr, proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
+        assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None, "no run was created"
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)

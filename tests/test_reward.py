@@ -169,3 +169,14 @@ def test_reference_scores_one_and_perturbed_zero(sample_data, name):
     assert sum(ref) / len(rows) >= 0.99, [r["id"] for r, s in zip(rows, ref, strict=True) if s != 1.0]
     # >= 99% over all rows (reward_sweep.py); a 60-row sample allows one math-verify false positive
     assert 1 - sum(bad) / len(rows) >= 0.98, [r["id"] for r, s in zip(rows, bad, strict=True) if s != 0.0]
+
+
+def test_a_ground_truth_math_verify_cannot_evaluate_is_named_once(caplog):
+    """10^{10^{10}} as a ground truth: every comparison hits the limit (21 s a step was seen, silently)."""
+    truth = "10^{10^{10}}"
+    batch = ["\\boxed{5}", "\\boxed{7}"]  # a plain wrong answer: the comparison still evaluates the tower
+    with caplog.at_level("WARNING", logger="dcgrpo.reward"):
+        assert reward.score_batch(batch, [truth, "7"], TIMEOUT) == [0.0, 1.0]
+        reward.score_batch(batch, [truth, "7"], TIMEOUT)
+    warned = [r.getMessage() for r in caplog.records if "hit reward.timeout_s" in r.getMessage()]
+    assert len(warned) == 1 and repr(truth) in warned[0] and "1 of 2 in this batch" in warned[0]

@@ -40,7 +40,8 @@ def test_local_fallback_batched_metrics_and_failed_status(tmp_path, monkeypatch)
     assert [m.value for m in client.get_metric_history(bad.run_id, "m")] == [1.0]  # flushed before failing
 
 
-def test_server_goes_away_then_comes_back_loses_no_metrics(tmp_path):
+def test_server_goes_away_then_comes_back_loses_no_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # MLflow's retries would wait ~30 s per call here
     uri, proc = start_local_server(tmp_path / "srv")
     port = int(uri.rsplit(":", 1)[1])
     cfg = TrackingConfig(mlflow_uri=uri, flush_every=1, retry_timeout_s=1.0)

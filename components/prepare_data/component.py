@@ -7,6 +7,7 @@ def prepare_data(
     preset: str,
     overrides: list,
     data_uri: str,
+    model_uri: str,
     mlflow_uri: str,
     kfp_run_id: str,
     rounds: int,
@@ -21,5 +22,6 @@ def prepare_data(
     from dcgrpo.steps import prepare_data_step
 
     resolved = resolve_run_parameters(preset, overrides, rounds, model_name, max_rounds)
-    dataset.metadata.update(prepare_data_step(preset, overrides, data_uri, dataset.path, mlflow_uri, kfp_run_id))
+    prepared = prepare_data_step(preset, overrides, data_uri, dataset.path, mlflow_uri, kfp_run_id, model_uri)
+    dataset.metadata.update(prepared)
     return resolved

@@ -293,17 +293,20 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 # name -> (handler, help, extra-argument adder). Later modules add their
 # commands here; each handler is a few lines around one library call.
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """DAPO-Math-17K -> verl-schema train/val parquet; summary printed and logged to MLflow."""
+    """DAPO-Math-17K -> verl-schema train/val parquet; summary printed and logged to MLflow. Prompts longer than
+    data.max_prompt_length tokens of the run's model (model.path, else the tiny model) are dropped and counted."""
     from dataclasses import asdict
 
     from dcgrpo import storage
     from dcgrpo.data.dapo import DapoSchemaError, prepare_dapo
+    from dcgrpo.models import run_tokenizer
 
     cfg = config_from_args(args)
     out = args.out or storage.join(cfg.storage.root, "data", "dapo")
     try:
         summary = prepare_dapo(args.source, out, template=args.template or cfg.data.prompt_template,
-                               val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, max_bad_rows=args.max_bad_rows)  # fmt: skip
+                               val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, max_bad_rows=args.max_bad_rows,
+                               tokenizer=run_tokenizer(cfg), max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
     except DapoSchemaError as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -360,6 +363,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or storage.join(cfg.storage.root, "eval")
     kw = dict(benchmarks=names, benchmark_dir=args.benchmark_dir, progress=not args.no_progress)
     try:
+        _check_evaluate_inputs(cfg, model, out, names, args.benchmark_dir)  # before the MLflow run: none left FAILED
         if args.no_track:
             report = evaluate(model, cfg, out, **kw)
         else:
@@ -374,6 +378,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(report.markdown(), end="")
     print(f"results: {storage.join(out, 'results.json')}")
     return 0
+
+
+def _check_evaluate_inputs(cfg: RunConfig, model: str, out: str, names: list[str] | None, benchmark_dir) -> None:
+    """The model exists (a path or s3://; a Hub id is fetched later), the benchmarks load, ``--out`` is writable."""
+    from dcgrpo import storage
+    from dcgrpo.evaluate import load_benchmarks
+    from dcgrpo.models import parse_hf_id
+    from dcgrpo.preflight import check_exists, check_writable
+
+    endpoint = cfg.storage.s3_endpoint_url
+    if storage.is_s3(model) or Path(model).exists() or parse_hf_id(model) is None:
+        check_exists(model, "--model", endpoint)
+    load_benchmarks(cfg, names or cfg.eval.benchmarks, benchmark_dir)
+    check_writable(out, "--out", endpoint)
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -409,7 +427,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     from dcgrpo.algorithm.methods import METHODS  # torch-free: the registry's names, not a copy of them
 
     p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default: method.name)")
-    p.add_argument("--resume", help="checkpoint (or checkpoints/ dir) to continue from")
+    p.add_argument("--resume", metavar="CHECKPOINT|auto",
+                   help="a checkpoint (or checkpoints/ dir) to continue from; 'auto': continue <out>/checkpoints if "
+                        "it holds one, else start (one command for a pod that may be restarted)")  # fmt: skip
     p.add_argument("--out", help="output dir or s3:// prefix (default: <storage.root>/runs/<run name>)")
 
 
@@ -496,7 +516,10 @@ def user_error_message(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dcgrpo import shutdown
+
     args = build_parser().parse_args(argv)
+    shutdown.install()  # SIGTERM unwinds (runs marked, servers stopped) instead of killing at once
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -510,14 +533,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if args.verbose:
             log.exception("dcgrpo %s failed", args.command)
-        print(f"dcgrpo {args.command}: error: {message}", file=sys.stderr)
-        # The console script: exit now, so a native thread torn down at exit cannot turn 2 into SIGABRT.
+        stopped = isinstance(exc, shutdown.Terminated)
+        code = shutdown.EXIT_CODE if stopped else 2
+        print(f"dcgrpo {args.command}: {'stopped' if stopped else 'error'}: {message}", file=sys.stderr)
+        # The console script: exit now, so a native thread torn down at exit cannot turn the code into SIGABRT.
         if argv is None:
             sys.stdout.flush()
             sys.stderr.flush()
             logging.shutdown()
-            os._exit(2)
-        return 2
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ class TrainConfig(_Section):
     rounds: int = Field(2, gt=0)
     """Pipeline rounds; a checkpoint is written at the end of each."""
     steps_per_round: int = Field(8, gt=0)
+    keep_checkpoints: int | None = Field(None, gt=0)
+    """Checkpoints kept in ``<out>/checkpoints`` (the newest N complete ones; older ones are deleted after each
+    new one is published); None keeps every round's."""
     seed: int = 0
     backend: Literal["local", "verl"] = "local"
     """Where a pipeline round trains: ``local`` = the single-machine loop in the step's pod (``dcgrpo.train.rl``);

@@ -352,3 +352,18 @@ def _check_shard_index(local_dir: Path, source: str) -> None:
     if missing:
         raise ModelFileError(f"{storage.join(source, missing[0])}: missing ({len(missing)} of {len(shards)} shards "
                              f"named in {index.name} are absent: incomplete copy?)")  # fmt: skip
+
+
+def run_tokenizer(cfg, model_uri: str = "", cache_dir: str | Path | None = None):
+    """The tokenizer of the model a run trains: ``model_uri`` (else ``model.path``) loaded as ``load_model_dir``
+    loads it (cached), else the tiny model's (built from ``model.vocab_size`` and ``model.seed``, as
+    ``build_tiny_model`` builds it). Preparation counts prompt tokens with it."""
+    from transformers import AutoTokenizer
+
+    uri = model_uri or cfg.model.path
+    if not uri:
+        return build_tokenizer(cfg.model.vocab_size, cfg.model.seed)
+    cache = cache_dir or Path(cfg.storage.root if not str(cfg.storage.root).startswith("s3://") else "outputs")
+    local = load_model_dir(uri, Path(cache) / "model-cache", cfg.storage.s3_endpoint_url,
+                           field="model_uri" if model_uri else "model.path")  # fmt: skip
+    return AutoTokenizer.from_pretrained(str(local))

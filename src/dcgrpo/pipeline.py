@@ -390,11 +390,10 @@ def summarize_pipeline_run(tracking_uri: str, cfg, since_ms: int) -> list[dict[s
     """Per method: accuracy before/after training, eval gate metric, mean discrepancy of the last round, lambda
     after the last step, registered version and aliases, and why it was or was not promoted (read back from
     MLflow, the record of the run; the same names and values as the registry's tags and the evaluation report)."""
-    from mlflow.tracking import MlflowClient
-
     from dcgrpo.steps import EVAL_METRICS_TAG, LAMBDA_KEY, ROUND_DISCREPANCY
+    from dcgrpo.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     versions = {}
     try:
         for mv in client.search_model_versions(f"name = '{cfg.registry.model_name}'"):
@@ -560,9 +559,9 @@ def demo(
 
 
 def _experiment_id(uri: str, name: str) -> str | None:
-    from mlflow.tracking import MlflowClient
+    from dcgrpo.tracking import mlflow_client
 
-    exp = MlflowClient(uri).get_experiment_by_name(name)
+    exp = mlflow_client(uri).get_experiment_by_name(name)
     return exp.experiment_id if exp is not None else None
 
 

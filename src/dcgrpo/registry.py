@@ -78,19 +78,14 @@ class RegistryError(DcgrpoError, RuntimeError):
 
 
 def client(tracking_uri: str | None = None):
-    """An MLflow client that fails in seconds when the server is down.
-
-    MLflow's default HTTP retries wait minutes before an unreachable server
-    surfaces (248 s measured); like ``tracking.start_run`` we turn them off
-    (unless the environment says otherwise) and ask the server once up front.
-    """
+    """The registry's MLflow client (``tracking.mlflow_client``: bounded HTTP retries), after one ``/health``
+    request, so that a server that is down fails in seconds naming the URI rather than after the retries."""
     import mlflow
-    from mlflow import MlflowClient
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from dcgrpo.tracking import mlflow_client
+
     check_server(tracking_uri or mlflow.get_tracking_uri())
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return mlflow_client(tracking_uri, registry_uri=tracking_uri)
 
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
@@ -235,6 +230,28 @@ def _existing_version(mlflow_client, name: str, run_id: str, source_dir: str, qu
     return min(found, key=lambda mv: int(mv.version), default=None)
 
 
+def _oldest_of_duplicates(mlflow_client, name: str, mv, run_id: str, source_dir: str, quantization: str):
+    """The version to keep when this directory got registered twice: a create retried after the server had done it
+    (MLflow's HTTP retries), or two registrations racing. The oldest stays; ours is deleted if it is not that one."""
+    oldest = _existing_version(mlflow_client, name, run_id, source_dir, quantization)
+    if oldest is None or oldest.version == mv.version:
+        return mv
+    log.warning("registry: %s v%s duplicates v%s (same run %s, %s): deleting v%s",
+                name, mv.version, oldest.version, run_id, source_dir, mv.version)  # fmt: skip
+    _delete_version_quietly(mlflow_client, name, mv.version)
+    return oldest
+
+
+def _delete_version_quietly(mlflow_client, name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.delete_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code not in _MISSING:  # a retried delete that went through the first time
+            raise
+
+
 def _ensure_registered_model(mlflow_client, name: str) -> bool:
     """Create the registered model if it is missing; True if this call created it."""
     from mlflow.exceptions import MlflowException
@@ -321,7 +338,10 @@ def register_model(
     try:
         mv = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         version = mv.version
-        mlflow_client.set_registered_model_alias(name, alias, version)
+        mv = _oldest_of_duplicates(mlflow_client, name, mv, run_id, source_dir, quantization)
+        if mv.version != version:
+            version = None  # ours was the duplicate (deleted); the one kept may be another caller's: not ours to undo
+        mlflow_client.set_registered_model_alias(name, alias, mv.version)
     except Exception:
         _undo_registration(mlflow_client, name, version, created_model)
         raise

@@ -219,6 +219,8 @@ class VerifierPool:
         """Workers killed and replaced (an item overran its deadline, or its worker died)."""
         self.items_verified = 0
         """Items sent to a worker: what the in-process fast path saves (tests count these, not seconds)."""
+        self.timed_out: list[int] = []
+        """Items of the last ``verify`` call that hit the time limit (``score_batch`` names their ground truths)."""
 
     def close(self) -> None:
         for w in self._workers:
@@ -233,6 +235,7 @@ class VerifierPool:
     def verify(self, items: Sequence[tuple[str, str]], timeout_s: float) -> list[float]:
         """Score ``(answer, ground_truth)`` pairs; each gets ``timeout_s`` of wall clock once its worker is ready."""
         results = [0.0] * len(items)
+        self.timed_out = []  # item indices that hit the time limit in this call
         pending = list(range(len(items)))[::-1]
         busy: dict[int, tuple[int, float]] = {}  # worker index -> (item index, deadline)
         with self._lock:
@@ -284,6 +287,7 @@ class VerifierPool:
                         busy.pop(wi)
                         self._replace(wi)
                         results[item] = 0.0
+                        self.timed_out.append(item)
         return results
 
 
@@ -342,9 +346,26 @@ def score_batch(
         else:
             results[i] = fast
     if slow_items:
-        for i, value in zip(slow, get_pool(cfg.num_workers).verify(slow_items, cfg.timeout_s), strict=True):
+        pool = get_pool(cfg.num_workers)
+        for i, value in zip(slow, pool.verify(slow_items, cfg.timeout_s), strict=True):
             results[i] = value
+        _warn_slow_truths([slow_items[j][1] for j in pool.timed_out], len(completions), cfg.timeout_s)
     return results
+
+
+_WARNED_TRUTHS: set[str] = set()
+
+
+def _warn_slow_truths(truths: list[str], batch: int, timeout_s: float) -> None:
+    """One warning per ground truth that math-verify cannot compare within the limit (a power tower such as
+    ``10^{10^{10}}``): each such comparison costs the whole ``timeout_s`` and a verifier restart, every step."""
+    for truth in sorted(set(truths) - _WARNED_TRUTHS):
+        _WARNED_TRUTHS.add(truth)
+        log.warning(
+            "reward: comparisons with ground truth %r hit reward.timeout_s=%.1fs (%d of %d in this batch; each "
+            "scores 0 and restarts a verifier): math-verify cannot evaluate it quickly; drop such rows from the "
+            "data or expect slow steps", truth[:80], timeout_s, truths.count(truth), batch,
+        )  # fmt: skip
 
 
 def score(completion: str, ground_truth: str, cfg: RewardConfig | None = None) -> float:

@@ -106,12 +106,21 @@ def _on_shared_volume(path: Path) -> bool:
 
 
 def prepare_data_step(
-    preset: str, overrides: list[str], data_uri: str, out_dir: str, mlflow_uri: str = "", kfp_run_id: str = ""
+    preset: str,
+    overrides: list[str],
+    data_uri: str,
+    out_dir: str,
+    mlflow_uri: str = "",
+    kfp_run_id: str = "",
+    model_uri: str = "",
 ) -> dict[str, Any]:
     """``train.parquet`` + ``val.parquet`` in ``out_dir``: DAPO from ``data_uri``, else synthetic.
 
     Runs inside an MLflow run (``prepare-data``, tagged with the KFP run id)
     holding the preparation summary; a bad input marks that run FAILED.
+    Prompts over ``data.max_prompt_length`` tokens of the run's model (``model_uri``, else ``model.path``, else
+    the tiny model) are dropped where a tokenizer is installed; the light image has none, so on a cluster the
+    warm start checks the lengths instead (``warm_start_step``), before any engine starts.
     """
     from dataclasses import asdict
 
@@ -127,7 +136,8 @@ def prepare_data_step(
 
             summary = prepare_dapo(
                 data_uri, out_dir, template=cfg.data.prompt_template, val_fraction=cfg.data.val_fraction,
-                seed=cfg.data.seed,
+                seed=cfg.data.seed, tokenizer=_tokenizer_if_installed(cfg, model_uri),
+                max_prompt_length=cfg.data.max_prompt_length,
             )  # fmt: skip
             run.log_metrics(summary.metrics())
             run.log_dict(asdict(summary), "data/summary.json")
@@ -143,6 +153,32 @@ def prepare_data_step(
         }
         run.log_params({f"data.{k}": v for k, v in meta.items()})
         return meta
+
+
+def _tokenizer_if_installed(cfg, model_uri: str):
+    """The run's tokenizer where transformers is installed (the GPU image, a local install), else None."""
+    try:
+        import transformers  # noqa: F401  (the light image has no transformers: lengths are checked later)
+    except ImportError:
+        log.info("no tokenizer on this image: prompt lengths are checked by the warm start")
+        return None
+    from dcgrpo.models import run_tokenizer
+
+    return run_tokenizer(cfg, model_uri, _local_root(cfg))
+
+
+def _check_prompt_lengths(cfg, dataset_dir: str, model_dir: str | Path) -> None:
+    """Refuse (naming file and rows) a prepared dataset with prompts longer than ``data.max_prompt_length``."""
+    from transformers import AutoTokenizer
+
+    from dcgrpo.data.schema import check_prompt_lengths
+    from dcgrpo.data.synthetic import read_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    for split in ("train.parquet", "val.parquet"):
+        path = Path(dataset_dir) / split
+        if path.is_file():
+            check_prompt_lengths(read_rows(path), tokenizer, cfg.data.max_prompt_length, str(path))
 
 
 def warm_start_step(
@@ -163,6 +199,7 @@ def warm_start_step(
 
         # Local dir, s3:// HF dir or Hub id, through the model-cache PVC ($DCGRPO_MODEL_CACHE) when mounted.
         src = load_model_dir(model_uri, _local_root(cfg) / "model-cache", cfg.storage.s3_endpoint_url, field=field)
+        _check_prompt_lengths(cfg, dataset_dir, src)  # before any engine: the rounds would refuse them mid-run
         if _on_shared_volume(src):
             write_model_ref(out_dir, src)
         elif store is not None:
@@ -174,6 +211,7 @@ def warm_start_step(
     from dcgrpo.train.sft import tiny_policy
 
     tiny_policy(cfg, str(Path(dataset_dir) / "train.parquet"), store or out_dir)
+    _check_prompt_lengths(cfg, dataset_dir, store or out_dir)
     if store is not None:
         write_model_ref(out_dir, store)
     return {"base": f"tiny-{cfg.model.arch}+sft{cfg.model.sft_steps}"}

@@ -21,6 +21,7 @@ than joined into a local path such as ``./s3:/runs``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -181,7 +182,11 @@ def write_text(uri: str | os.PathLike, text: str, endpoint_url: str | None = Non
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint_url: str | None = None) -> str:
-    """Copy a local directory to ``uri`` (local or S3); the completion marker is written last."""
+    """Copy a local directory to ``uri`` (local or S3); the completion marker is written last.
+
+    A failed copy (a full disk, a lost endpoint) removes what it wrote (the local staging folder, the S3 objects
+    it put) and raises ``StorageError`` naming ``uri``: nothing half-written stays behind to fill the disk.
+    """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise FileNotFoundError(f"{local_dir}: not a directory")
@@ -189,20 +194,49 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, endpoint_url: str | None 
         dest = Path(uri)
         staging = dest.with_name(f".{dest.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(local_dir, staging)
-        (staging / COMPLETE_MARKER).touch()
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
+        try:
+            shutil.copytree(local_dir, staging)
+            (staging / COMPLETE_MARKER).touch()
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+        except OSError as exc:  # shutil.Error (an OSError) carries a list of (src, dst, reason) from copytree
+            shutil.rmtree(staging, ignore_errors=True)
+            why = exc.args[0][0][2] if isinstance(exc, shutil.Error) and exc.args and exc.args[0] else exc.strerror
+            raise StorageError(f"{uri}: could not write ({why or exc}); the partial copy was removed") from exc
         return str(dest)
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        key = f"{prefix}/{path.relative_to(local_dir).as_posix()}".lstrip("/")
-        _s3_call(f"s3://{bucket}/{key}", client.upload_file, str(path), bucket, key)
-    marker = f"{prefix}/{COMPLETE_MARKER}".lstrip("/")
-    _s3_call(uri, client.put_object, Bucket=bucket, Key=marker, Body=b"")
+    written: list[str] = []
+    try:
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            key = f"{prefix}/{path.relative_to(local_dir).as_posix()}".lstrip("/")
+            _s3_call(f"s3://{bucket}/{key}", client.upload_file, str(path), bucket, key)
+            written.append(key)
+        marker = f"{prefix}/{COMPLETE_MARKER}".lstrip("/")
+        _s3_call(uri, client.put_object, Bucket=bucket, Key=marker, Body=b"")
+    except (StorageError, FileNotFoundError, OSError):
+        for key in written:  # best effort: the endpoint may be what failed; without the marker it is incomplete
+            with contextlib.suppress(Exception):
+                client.delete_object(Bucket=bucket, Key=key)
+        raise
     return uri
+
+
+def remove_dir(uri: str | os.PathLike, endpoint_url: str | None = None) -> None:
+    """Delete a directory written by ``upload_dir``: on S3 the completion marker goes first, so a deletion cut
+    short never leaves something that looks complete."""
+    uri = str(uri)
+    if not is_s3(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    _s3_call(uri, client.delete_object, Bucket=bucket, Key=f"{prefix}/{COMPLETE_MARKER}".lstrip("/"))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+    for page in _s3_call(uri, list, pages):
+        for obj in page.get("Contents", []):
+            _s3_call(uri, client.delete_object, Bucket=bucket, Key=obj["Key"])
 
 
 def download_dir(

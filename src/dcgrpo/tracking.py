@@ -34,11 +34,23 @@ Crashes (kill -9, OOM, a lost node) get no chance to mark their run, so:
   server holds past the checkpoint once, and those (key, step) points are not
   sent again (the recomputed values are the same; exact resume).
 
+Transient server errors (5xx, 429, refused or reset connections) are retried
+on every MLflow call we make, by MLflow's own HTTP layer with a bounded budget
+(``mlflow_client``: 5 retries, backoff 0, 2, 4, 8, 16 s, so a server restart
+or one 503 costs nothing and a dead server surfaces in about 30 s; the
+``MLFLOW_HTTP_REQUEST_*`` variables override it). A retried request may have
+reached the server the first time, so every create we make is idempotent:
+runs carry a creation token and duplicates are deleted (``start_run``), model
+versions are looked up by run and directory (``dcgrpo.registry``), the
+promotion lock recognises its own token; logging the same metric, param, tag
+or alias twice is a no-op in MLflow.
+
 Metrics become Python floats in exactly one place, ``scalarize``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +65,7 @@ from typing import Any
 
 from dcgrpo.config import ConfigError
 from dcgrpo.errors import ServiceUnavailable
+from dcgrpo.shutdown import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,28 @@ ERROR_TAG = "dcgrpo.error"
 """On a run that ended FAILED in this process: the exception (type and message) that ended it."""
 PROCESS_TAG = "dcgrpo.process"
 """``host:pid:start time`` of the process writing to a run (see module docstring)."""
+CREATE_TOKEN_TAG = "dcgrpo.create_token"
+"""A run's creation token: a create retried after the server had done it leaves a duplicate to delete."""
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",  # MLflow's default 7 with factor 2 waits ~4 min on a dead server
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # urllib3: 0, 2, 4, 8, 16 s between tries
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",  # waiters after one outage do not retry in lockstep
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # per request; a large artifact upload is chunked by MLflow
+}
+"""MLflow's own retry settings for every call we make (an environment variable of the same name wins)."""
+
+
+def mlflow_client(uri: str, registry_uri: str | None = None):
+    """The one way the project builds an ``MlflowClient``: MLflow's HTTP retries on, bounded (``HTTP_RETRY_ENV``).
+
+    MLflow retries every method (POST included) on 429/500/502/503/504 and on
+    refused or reset connections; it reads these variables at each request.
+    """
+    from mlflow.tracking import MlflowClient
+
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
 
 
 class TrackingUnavailable(ServiceUnavailable):
@@ -265,30 +300,18 @@ def start_run(
     """Create (or re-attach to, with ``run_id``) an MLflow run; yields a ``Run``.
 
     The run is FINISHED after a clean exit (metrics flushed strictly), FAILED
-    after an exception, KILLED after Ctrl-C.
+    after an exception, KILLED after Ctrl-C or SIGTERM (its reason in the tag ``dcgrpo.closed_reason``).
     """
-    from mlflow.tracking import MlflowClient
-
-    # Our own retry loop decides how long to wait; MLflow's default HTTP retries take minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri = resolve_tracking_uri(tracking_cfg, storage_root)
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     if run_id is None:
-        exp = client.get_experiment_by_name(tracking_cfg.experiment)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:
-            artifact_location = None
-            if uri.startswith("sqlite:"):
-                artifact_location = (_local_root(storage_root) / "mlartifacts").as_uri()
-            exp_id = client.create_experiment(tracking_cfg.experiment, artifact_location=artifact_location)
+        exp_id = _experiment_id(client, tracking_cfg.experiment, uri, storage_root)
         all_tags = {
             "mlflow.runName": run_name or tracking_cfg.run_name or "dcgrpo",
             PROCESS_TAG: this_process(),
             **(tags or {}),
         }
-        run_id = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name).info.run_id
+        run_id = _create_run_once(client, exp_id, {k: str(v) for k, v in all_tags.items()}, run_name)
         resumed = False
     else:
         client.update_run(run_id, status="RUNNING")
@@ -309,8 +332,10 @@ def start_run(
     try:
         yield run
         run.flush(strict=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:  # Ctrl-C, or SIGTERM (dcgrpo.shutdown): stopped, not broken
         status = "KILLED"
+        with contextlib.suppress(Exception):
+            run.set_tags({"dcgrpo.closed_reason": str(exc) or type(exc).__name__})
         raise
     except BaseException as exc:
         status, error = "FAILED", f"{type(exc).__name__}: {exc}"
@@ -326,6 +351,40 @@ def start_run(
             client.set_terminated(run_id, status)
         except Exception as exc:  # the server may be what failed
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:
+    """The experiment's id, created if missing (a create retried after it went through finds it taken)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = (_local_root(storage_root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # a retried create, or another job's
+
+
+def _create_run_once(client, exp_id: str, tags: dict[str, str], run_name: str | None) -> str:
+    """``create_run``, idempotent under retries: a POST retried after the server had created the run leaves a
+    second run with the same token; the oldest is kept and the others deleted."""
+    import uuid
+
+    token = uuid.uuid4().hex
+    run_id = client.create_run(exp_id, tags={**tags, CREATE_TOKEN_TAG: token}, run_name=run_name).info.run_id
+    same = client.search_runs([exp_id], filter_string=f"tags.`{CREATE_TOKEN_TAG}` = '{token}'",
+                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    if len(same) > 1:
+        keep = same[0].info.run_id
+        for dup in same[1:]:
+            client.delete_run(dup.info.run_id)
+        log.warning("MLflow created run %s %d times (a retried request): kept %s", run_name, len(same), keep)
+        return keep
+    return run_id
 
 
 def _start_time(pid: int) -> str:
@@ -363,10 +422,8 @@ def close_orphaned_runs(tracking_cfg, *, storage_root: str, config_hash: str, ke
     is the run a resume is about to re-attach. Best effort (a warning if the
     server cannot be searched); returns the ids it closed.
     """
-    from mlflow.tracking import MlflowClient
-
     try:
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_cfg, storage_root))
+        client = mlflow_client(resolve_tracking_uri(tracking_cfg, storage_root))
         exp = client.get_experiment_by_name(tracking_cfg.experiment)
         if exp is None:
             return []

@@ -73,6 +73,9 @@ class PrepSummary:
     """Problem texts that appear with more than one distinct answer."""
     conflict_rows: int = 0
     """Rows dropped because their problem is in a conflict group (after exact de-duplication)."""
+    too_long: int = 0
+    """Rows dropped because their chat-formatted prompt exceeds ``data.max_prompt_length`` tokens."""
+    max_prompt_length: int | None = None
     rows_out: int = 0
     train_rows: int = 0
     val_rows: int = 0
@@ -84,16 +87,37 @@ class PrepSummary:
     val_path: str | None = None
 
     def metrics(self) -> dict[str, float]:
-        keys = ("rows_in", "bad_rows", "duplicates", "conflict_groups", "conflict_rows", "rows_out")
+        keys = ("rows_in", "bad_rows", "duplicates", "conflict_groups", "conflict_rows", "too_long", "rows_out")
         return {f"data/{k}": float(getattr(self, k)) for k in (*keys, "train_rows", "val_rows")}
 
     def table(self) -> str:
         lines = [f"DAPO-Math-17K preparation of {self.source} ({self.form} form, template {self.template})"]
-        for k in ("rows_in", "bad_rows", "duplicates", "conflict_groups", "conflict_rows", "rows_out"):
+        for k in ("rows_in", "bad_rows", "duplicates", "conflict_groups", "conflict_rows", "too_long", "rows_out"):
             lines.append(f"  {k:<16} {getattr(self, k):>9,}")
+        if self.max_prompt_length is not None:
+            lines.append(f"  (too_long: prompts over data.max_prompt_length={self.max_prompt_length} tokens)")
         lines.append(f"  {'train / val':<16} {self.train_rows:>9,} / {self.val_rows:,}")
         lines += [f"  bad {ex}" for ex in self.bad_row_examples]
         return "\n".join(lines)
+
+
+def _drop_too_long(name: str, kept: list, template: str, tokenizer, limit: int, summary: PrepSummary) -> list:
+    """The rows whose chat-formatted prompt fits ``limit`` tokens; the others counted in ``summary.too_long``."""
+    from dcgrpo.data.schema import prompt_lengths
+
+    lengths = prompt_lengths([to_verl_row(r, template, "train", 0) for r in kept], tokenizer)
+    fits = [r for r, n in zip(kept, lengths, strict=True) if n <= limit]
+    summary.too_long, summary.max_prompt_length = len(kept) - len(fits), limit
+    if summary.too_long:
+        log.warning("%s: %d of %d prompts are longer than data.max_prompt_length=%d tokens (dropped)",
+                    name, summary.too_long, len(kept), limit)  # fmt: skip
+    if not fits:
+        raise DapoSchemaError(
+            f"{name}: every prompt is longer than data.max_prompt_length={limit} tokens (shortest {min(lengths)}, "
+            f"longest {max(lengths)} with this model's tokenizer): raise data.max_prompt_length within the model's "
+            "context, or prepare for a model with a longer one (model.path)"
+        )
+    return fits
 
 
 @dataclass
@@ -259,11 +283,16 @@ def prepare_dapo(
     val_fraction: float = 0.02,
     seed: int = 0,
     max_bad_rows: int | None = None,
+    tokenizer=None,
+    max_prompt_length: int | None = None,
 ) -> PrepSummary:
     """Read, validate, clean, split and write ``train.parquet``, ``val.parquet``, ``summary.json`` under ``out_dir``.
 
     Bad rows are dropped and reported by row index; ``max_bad_rows`` (None = no
     limit) turns too many of them into an error before anything is written.
+    With ``tokenizer`` (the run's model's, ``dcgrpo.models.run_tokenizer``) and ``max_prompt_length``, prompts
+    longer than that many tokens are dropped and counted (``too_long``); if none is short enough, an error says
+    how long the shortest is.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -292,6 +321,8 @@ def prepare_dapo(
     kept = clean([r for r in raw if r is not None], summary)
     if not kept:
         raise DapoSchemaError(f"{name}: no usable rows after cleaning")
+    if tokenizer is not None and max_prompt_length:
+        kept = _drop_too_long(name, kept, template, tokenizer, max_prompt_length, summary)
     summary.rows_out = len(kept)
 
     # Deterministic split: a seeded shuffle of positions (problems are unique after cleaning).

@@ -110,3 +110,23 @@ def read_verl_parquet(data: bytes, source: str) -> list[dict[str, Any]]:
             f"data_source, prompt, ability, reward_model, extra_info; got {table.column_names})"
         )
     return validate_verl_rows(table.to_pylist(), source)
+
+
+def prompt_lengths(rows: list[Mapping[str, Any]], tokenizer) -> list[int]:
+    """Tokens of each row's chat-formatted prompt, as both engines see it (the template plus its assistant
+    opener, no extra special tokens)."""
+    texts = [tokenizer.apply_chat_template(list(r["prompt"]), tokenize=False, add_generation_prompt=True) for r in rows]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def check_prompt_lengths(rows: list[Mapping[str, Any]], tokenizer, limit: int, source: str) -> None:
+    """``DataError`` naming ``source``, the rows and their lengths if a prompt exceeds ``data.max_prompt_length``:
+    before any engine starts, not as the engine's refusal mid-round."""
+    over = [(i, n) for i, n in enumerate(prompt_lengths(rows, tokenizer)) if n > limit]
+    if over:
+        shown = ", ".join(f"row {i}: {n} tokens" for i, n in over[:5])
+        raise DataError(
+            f"{source}: {len(over)} of {len(rows)} prompts are longer than data.max_prompt_length={limit} ({shown}"
+            f"{', ...' if len(over) > 5 else ''}); prepare the data with this model's config (dcgrpo prepare drops "
+            "them) or raise data.max_prompt_length"
+        )

@@ -30,6 +30,9 @@ import logging
 import random
 import re
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,8 +128,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     endpoint_url: str | None = None,
+    keep: int | None = None,
 ) -> str:
-    """Write a checkpoint atomically to ``uri`` (local or s3://); returns ``uri``."""
+    """Write a checkpoint atomically to ``uri`` (local or s3://); returns ``uri``. ``keep``: then prune the
+    folder to the newest ``keep`` checkpoints (``prune_checkpoints``)."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="dcgrpo-ckpt-") as tmp:
@@ -144,6 +149,7 @@ def save_checkpoint(
         storage.upload_dir(d, uri, endpoint_url)
     root = uri.rstrip("/").rsplit("/", 1)[0]
     storage.write_text(storage.join(root, "latest"), uri.rstrip("/").rsplit("/", 1)[1], endpoint_url)
+    prune_checkpoints(root, keep, endpoint_url)
     return uri
 
 
@@ -164,6 +170,9 @@ def resolve_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
     uri = str(uri).rstrip("/")
     if is_complete(uri, endpoint_url):
         return uri
+    if not storage.exists(uri, endpoint_url):
+        raise CheckpointError(f"{uri}: no such checkpoint or checkpoints/ directory (the path does not exist): nothing "
+                              "to resume; start it fresh (without --resume), or use --resume auto")  # fmt: skip
     steps = sorted((n for n in storage.list_dirs(uri, endpoint_url) if STEP_DIR.fullmatch(n)), reverse=True)
     for name in steps:
         candidate = storage.join(uri, name)
@@ -209,3 +218,109 @@ def load_checkpoint(uri: str, cache_dir: str | Path, endpoint_url: str | None = 
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{uri}: checkpoint format {state.get('format_version')} != {FORMAT_VERSION}")
     return LoadedCheckpoint(uri, local, state, load_file(str(local / OPTIMIZER)))
+
+
+# --- the output folder: one run's, resumable, pruned ---------------------------------------------------------------
+
+# A resume must train the same thing: these config sections must match the checkpoint's, except the fields below
+# (how long to train, where to log and keep things).
+RESUME_MUST_MATCH = ("data.", "model.", "rollout.", "train.", "method.", "reward.")
+RESUME_MAY_CHANGE = ("train.rounds", "train.keep_checkpoints")
+
+
+@contextmanager
+def hold_out_dir(out_dir: str) -> Iterator[None]:
+    """One training process per local output folder: an exclusive lock on ``<out_dir>/.dcgrpo-train.lock`` for
+    the block (released by the OS if the process dies). A second process is refused naming the first.
+    S3 folders have no such lock: there ``refuse_foreign_checkpoints`` and distinct --out per run are the rule."""
+    if storage.is_s3(out_dir):
+        yield
+        return
+    import fcntl
+    import os
+    import socket
+
+    path = Path(out_dir) / ".dcgrpo-train.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise CheckpointError(
+                f"{out_dir} is in use by another training process ({f.read().strip() or 'unknown'}): "
+                "give each run its own --out, or wait for that one to end"
+            ) from None
+        f.truncate(0)
+        f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def find_resume_point(out_dir: str, endpoint_url: str | None = None) -> str | None:
+    """The newest complete checkpoint under ``<out_dir>/checkpoints``, or None (nothing to resume: start)."""
+    try:
+        return resolve_checkpoint(storage.join(out_dir, "checkpoints"), endpoint_url)
+    except CheckpointError:
+        return None
+
+
+def read_state(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` alone (no weights fetched)."""
+    return json.loads(storage.read_text(storage.join(uri, STATE), endpoint_url))
+
+
+def refuse_foreign_checkpoints(out_dir: str, endpoint_url: str | None = None) -> None:
+    """A fresh run never writes into a folder holding another run's checkpoints (their steps would interleave)."""
+    found = find_resume_point(out_dir, endpoint_url)
+    if found is None:
+        return
+    st = read_state(found, endpoint_url)
+    raise CheckpointError(
+        f"{out_dir} already holds checkpoints of another run ({st.get('method')}, step {st.get('step')}, MLflow run "
+        f"{st.get('mlflow_run_id')}, config {st.get('config_hash')}): continue it with --resume auto (or "
+        f"--resume {storage.join(out_dir, 'checkpoints')}), or give this run its own --out"
+    )
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``field: checkpoint value -> this run's value`` for every training field a resume may not change."""
+    keys = sorted(k for k in set(saved) | set(now) if k.startswith(RESUME_MUST_MATCH) and k not in RESUME_MAY_CHANGE)
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def check_resumable(state: dict[str, Any], uri: str, flat_config: dict[str, Any], config_hash: str) -> None:
+    """Refuse (naming the fields) to resume a checkpoint with a config that trains something else."""
+    saved = state.get("config")
+    if saved is None:  # written before checkpoints carried their config: the hash is all there is
+        if state.get("config_hash") != config_hash:
+            raise CheckpointError(f"{uri}: written with config {state.get('config_hash')}, this run's is "
+                                  f"{config_hash}; resume it with the config it was trained with")  # fmt: skip
+        return
+    diff = config_differences(saved, flat_config)
+    if diff:
+        raise CheckpointError(
+            f"{uri}: this run's config trains something else than the checkpoint's ({'; '.join(diff)}); resume with "
+            f"the same settings (only {', '.join(RESUME_MAY_CHANGE)}, tracking.*, storage.*, eval.*, export.* and "
+            "registry.* may change), or start a new run with its own --out"
+        )
+
+
+def prune_checkpoints(root: str, keep: int | None, endpoint_url: str | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints under ``root`` (and incomplete ones older than
+    them); returns the names deleted. ``keep=None`` keeps everything."""
+    if not keep:
+        return []
+    names = sorted((n for n in storage.list_dirs(root, endpoint_url) if STEP_DIR.fullmatch(n)), reverse=True)
+    complete = [n for n in names if is_complete(storage.join(root, n), endpoint_url)]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1]
+    doomed = [n for n in names if n < oldest_kept]
+    for name in doomed:
+        storage.remove_dir(storage.join(root, name), endpoint_url)
+    log.info("%s: kept the newest %d checkpoints, deleted %s", root, keep, ", ".join(doomed))
+    return doomed

@@ -21,7 +21,7 @@ from pathlib import Path
 from dcgrpo import storage
 from dcgrpo.data.synthetic import read_rows, write_synthetic_splits
 from dcgrpo.models import load_model_dir
-from dcgrpo.preflight import check_run_environment
+from dcgrpo.preflight import check_run_environment, check_writable
 from dcgrpo.tracking import close_orphaned_runs, start_run, tracking_uri
 from dcgrpo.train import checkpoint as ckpt
 from dcgrpo.train.rl import TrainResult, rounds_left, train
@@ -77,36 +77,60 @@ def _already_complete(cfg, loaded: ckpt.LoadedCheckpoint) -> TrainResult:
                        state.get("mlflow_run_id"))  # fmt: skip
 
 
+def _check_prompts(cfg, model_dir, rows: list[dict], train_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from dcgrpo.data.schema import check_prompt_lengths
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    check_prompt_lengths(rows, tokenizer, cfg.data.max_prompt_length, str(train_path))
+
+
+RESUME_AUTO = "auto"
+"""``--resume auto``: resume ``<out>/checkpoints`` if it holds a complete checkpoint, else start (a pod's command)."""
+
+
 def train_job(cfg, *, out_dir: str | None = None, resume: str | None = None, progress: bool = True) -> TrainResult:
     """One training job = one MLflow run; resuming re-attaches to the checkpoint's run.
 
-    Before that run is touched: preflight (storage, inputs, MLflow), the
-    resume checkpoint (its newest complete one), runs of this config left
-    RUNNING by a crashed process closed as FAILED, then model and rows.
+    Before that run is touched: preflight (storage, ``out_dir``, inputs, MLflow), the output folder's owner
+    (one training process at a time; a fresh run never writes into another run's checkpoints), the resume
+    checkpoint (its newest complete one, trained with the same settings), runs of this config left RUNNING by a
+    crashed process closed as FAILED, then model and rows.
     """
     endpoint = cfg.storage.s3_endpoint_url
     local_root = storage.local_root(cfg.storage.root)
-    check_run_environment(cfg, tracking_uri=tracking_uri(cfg))
-    loaded = None
-    try:
-        if resume:
-            loaded = ckpt.load_checkpoint(resume, local_root / "work" / "ckpt-cache", endpoint)
-    finally:  # also when there is nothing to resume: a run killed before its first checkpoint is closed here
-        keep = loaded.state.get("mlflow_run_id") if loaded else None
-        close_orphaned_runs(cfg.tracking, storage_root=str(local_root), config_hash=cfg.config_hash(), keep=keep)
-    if loaded and rounds_left(cfg.train, int(loaded.state["step"])) <= 0:
-        return _already_complete(cfg, loaded)
-    train_path, val_path = prepare_data(cfg, local_root / "work")
-    rows = read_rows(train_path, endpoint)
-    val_rows = read_rows(val_path, endpoint) if val_path else []
-    model_dir = loaded.local_dir if loaded else prepare_model(cfg, local_root / "work", train_path)
     run_name = cfg.tracking.run_name or f"{cfg.method.name}-{cfg.rollout.precision}-{cfg.config_hash()}"
     out_dir = out_dir or storage.join(cfg.storage.root, "runs", run_name)
-    run_id = loaded.state.get("mlflow_run_id") if loaded else None
-    tags = {"method": cfg.method.name, "precision": cfg.rollout.precision, "config_hash": cfg.config_hash()}
-    with start_run(cfg.tracking, storage_root=str(local_root), run_name=run_name, params=cfg.to_flat_dict(),
-                   tags=tags, run_id=run_id) as run:  # fmt: skip
-        if run_id is None:
-            run.log_text(cfg.to_yaml(), "config.yaml")
-        return train(cfg, model_dir=model_dir, train_path=train_path, val_path=val_path or None, out_dir=out_dir,
-                     resume_from=loaded, run=run, progress=progress, rows=rows, val_rows=val_rows)  # fmt: skip
+    check_run_environment(cfg, tracking_uri=tracking_uri(cfg))
+    check_writable(out_dir, "--out", endpoint)  # a read-only path or a missing bucket fails now, not after a round
+    with ckpt.hold_out_dir(out_dir):
+        if resume == RESUME_AUTO:
+            resume = ckpt.find_resume_point(out_dir, endpoint)
+            log.info("--resume auto: %s", f"resuming {resume}" if resume else f"no checkpoint in {out_dir}: starting")
+        elif not resume:
+            ckpt.refuse_foreign_checkpoints(out_dir, endpoint)
+        loaded = None
+        try:
+            if resume:
+                loaded = ckpt.load_checkpoint(resume, local_root / "work" / "ckpt-cache", endpoint)
+                ckpt.check_resumable(loaded.state, loaded.uri, cfg.to_flat_dict(), cfg.config_hash())
+        finally:  # also when there is nothing to resume: a run killed before its first checkpoint is closed here
+            keep = loaded.state.get("mlflow_run_id") if loaded else None
+            close_orphaned_runs(cfg.tracking, storage_root=str(local_root), config_hash=cfg.config_hash(), keep=keep)
+        if loaded and rounds_left(cfg.train, int(loaded.state["step"])) <= 0:
+            return _already_complete(cfg, loaded)
+        train_path, val_path = prepare_data(cfg, local_root / "work")
+        rows = read_rows(train_path, endpoint)
+        val_rows = read_rows(val_path, endpoint) if val_path else []
+        model_dir = loaded.local_dir if loaded else prepare_model(cfg, local_root / "work", train_path)
+        _check_prompts(cfg, model_dir, rows, train_path)  # a too-long prompt is refused before the MLflow run
+        run_id = loaded.state.get("mlflow_run_id") if loaded else None
+        tags = {"method": cfg.method.name, "precision": cfg.rollout.precision, "config_hash": cfg.config_hash()}
+        with start_run(cfg.tracking, storage_root=str(local_root), run_name=run_name, params=cfg.to_flat_dict(),
+                       tags=tags, run_id=run_id) as run:  # fmt: skip
+            if run_id is None:
+                run.log_text(cfg.to_yaml(), "config.yaml")
+            return train(cfg, model_dir=model_dir, train_path=train_path, val_path=val_path or None,
+                         out_dir=out_dir, resume_from=loaded, run=run, progress=progress, rows=rows,
+                         val_rows=val_rows)  # fmt: skip

@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dcgrpo import storage
+from dcgrpo import shutdown, storage
 from dcgrpo.algorithm.discrepancy import masked_mean
 from dcgrpo.algorithm.dual import LagrangeMultiplier
 from dcgrpo.algorithm.loss import ppo_clip_loss
 from dcgrpo.algorithm.methods import get_method
 from dcgrpo.algorithm.step import dual_step, make_multiplier, shape_step
+from dcgrpo.data.schema import check_prompt_lengths
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template, engine_from_config
@@ -129,6 +130,7 @@ def train(
     rows = read_rows(train_path, endpoint) if rows is None else rows
     val_rows = (read_rows(val_path, endpoint) if val_path else []) if val_rows is None else val_rows
     st = _initial_state(cfg, model_dir, resume_from, len(rows), run)  # fresh, or exactly where a checkpoint left
+    check_prompt_lengths(rows, st.policy.tokenizer, cfg.data.max_prompt_length, str(train_path))  # before vLLM
     rounds = rounds_left(tc, st.step) if rounds is None else rounds
     if rounds <= 0:
         raise ValueError(f"nothing to do: {st.step // tc.steps_per_round} of {tc.rounds} rounds already done")
@@ -141,8 +143,10 @@ def train(
     if val_rows and st.step == 0:
         _log_heldout(cfg, engine, val_rows, run, new_history, step=0)
 
-    last_uri, plot_uri, end_step = "", None, st.step + rounds * tc.steps_per_round
+    # A checkpoint written at SIGTERM may sit mid-round: the current round is finished first.
+    last_uri, plot_uri, end_step = "", None, (st.step // tc.steps_per_round + rounds) * tc.steps_per_round
     bar = tqdm(total=end_step - st.step, desc=f"{mc.name}", dynamic_ncols=True, disable=not progress)
+    shutdown.defer_sigterm()  # SIGTERM now stops at the next step boundary, with a checkpoint (dcgrpo.shutdown)
     try:
         while st.step < end_step:
             st.step += 1
@@ -183,7 +187,13 @@ def train(
                 if val_rows:
                     _log_heldout(cfg, engine, val_rows, run, new_history, step=step)
                 last_uri, plot_uri = _end_round(cfg, st, out_dir, new_history, run)
+            if shutdown.requested():  # eviction: this step's checkpoint (mid-round too), then stop
+                if step % tc.steps_per_round:
+                    last_uri, plot_uri = _end_round(cfg, st, out_dir, new_history, run)
+                raise shutdown.Terminated(f"SIGTERM after step {step}: checkpoint {last_uri} written "
+                                          "(resume: dcgrpo train --resume auto with the same config and --out)")  # fmt: skip
     finally:
+        shutdown.undefer_sigterm()
         bar.close()
         if own_engine:
             engine.close()
@@ -265,9 +275,7 @@ def _initial_state(cfg, model_dir, resume_from, n_rows: int, run) -> _LoopState:
     )
     if not loaded:
         return st
-    if loaded.state["config_hash"] != cfg.config_hash():
-        log.warning("resuming %s written with config %s (now %s)", loaded.uri, loaded.state["config_hash"],
-                    cfg.config_hash())  # fmt: skip
+    ckpt.check_resumable(loaded.state, loaded.uri, cfg.to_flat_dict(), cfg.config_hash())
     ckpt.optimizer_from_tensors(st.opt, loaded.optimizer_tensors, loaded.state["optimizer"])
     st.lam.load_state_dict(loaded.state["lambda"])
     st.sampler.load_state_dict(loaded.state["data_cursor"])
@@ -334,11 +342,12 @@ def _end_round(cfg, st: _LoopState, out_dir: str, new_history: list[dict], run) 
         "data_cursor": st.sampler.state_dict(),
         "rng": ckpt.rng_state(),
         "config_hash": cfg.config_hash(),
+        "config": cfg.to_flat_dict(),  # a resume checks it trains the same thing (checkpoint.check_resumable)
         "history": st.history + new_history,
         "mlflow_run_id": run.run_id if run is not None else None,
     }
     uri = storage.join(out_dir, "checkpoints", f"step_{st.step:06d}")
-    ckpt.save_checkpoint(uri, st.policy.model, st.policy.tokenizer, st.opt, state, endpoint)
+    ckpt.save_checkpoint(uri, st.policy.model, st.policy.tokenizer, st.opt, state, endpoint, cfg.train.keep_checkpoints)
     plot_uri = _save_plot(st.history + new_history, out_dir, st.lam.budget, run, endpoint, cfg.method.name)
     if run is not None:
         run.flush(strict=True)  # raises TrackingUnavailable after retries; the checkpoint is already safe

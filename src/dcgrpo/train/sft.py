@@ -37,6 +37,12 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
     rows = [
         r for r in read_rows(train_path, cfg.storage.s3_endpoint_url) if (r.get("extra_info") or {}).get("solution")
     ]
+    if cfg.model.sft_steps and not rows:
+        # The tiny model on DAPO-Math (problems without worked solutions): it starts untrained, its rewards stay
+        # near 0 and RL has no signal. The run still exercises the data path end to end; learning needs a base model.
+        log.warning("SFT warm start skipped: %s has no rows with worked solutions (extra_info.solution), so the tiny "
+                    "model starts untrained and will score ~0: this run checks the data path, it cannot learn; "
+                    "train a real base model on this data (model.path / --model-uri)", train_path)  # fmt: skip
     if cfg.model.sft_steps == 0 or not rows:
         log.info("SFT skipped (%d steps, %d rows with solutions)", cfg.model.sft_steps, len(rows))
         shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)

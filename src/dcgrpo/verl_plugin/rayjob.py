@@ -51,9 +51,12 @@ pods' names from it. 47 also keeps the name a valid label value (<= 63), which K
 
 
 def job_name(run_name: str) -> str:
-    """A DNS-1123 label of at most ``MAX_NAME`` characters, distinct for distinct ``run_name``: a name that must
-    be cut keeps its first 40 characters and ends in 6 hex digits of its full text's hash."""
+    """A DNS-1035 label (KubeRay's other name rule: it must start with a letter) of at most ``MAX_NAME``
+    characters, distinct for distinct ``run_name``: a name starting with a digit gets ``dcgrpo-`` in front, and a
+    name that must be cut keeps its first 40 characters and ends in 6 hex digits of its full text's hash."""
     name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "dcgrpo-verl"
+    if not name[0].isalpha():
+        name = f"dcgrpo-{name}"
     if len(name) <= MAX_NAME:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:6]
