@@ -345,3 +345,22 @@ def test_a_model_name_with_a_quote_is_refused_before_anything_is_written(mlc, ml
     assert not mlc.search_registered_models(f"name LIKE '%{bad[:2]}%'")
     with pytest.raises(ConfigError, match="registry.model_name"):
         load_config(overrides=[f"registry.model_name={bad}"])
+
+
+def test_a_champion_registered_with_the_old_metric_spelling_still_gates(mlc, model_dir):
+    """Versions registered before the one spelling carry ``avg@1`` keys; ``--metrics`` may still use them."""
+    from dcgrpo import registry
+
+    exp = mlc.get_experiment_by_name("spelling") or mlc.get_experiment(mlc.create_experiment("spelling"))
+    name = f"spelling-{uuid.uuid4().hex[:6]}"
+
+    def register(metrics: dict) -> str:
+        run_id = mlc.create_run(exp.experiment_id).info.run_id
+        return registry.register_model(mlc, name, run_id, str(model_dir), metrics=metrics, final_lambda=0.0,
+                                       discrepancy=1e-4, config_hash="h").version  # fmt: skip
+
+    v1 = register({"eval/synthetic/avg@1": 0.5})  # as registered before the rename
+    assert registry.promote(mlc, name, v1, "eval/synthetic/avg_1", 1e-3).promoted
+    v2 = register(registry.load_metrics('{"eval/synthetic/avg@1": 0.4}'))
+    decision = registry.promote(mlc, name, v2, "eval/synthetic/avg_1", 1e-3)
+    assert not decision.promoted and "0.5" in decision.reason, decision.reason

@@ -187,7 +187,7 @@ def load_metrics(value: str, what: str = "metrics") -> dict[str, float]:
     if not numbers or not data:
         raise RegistryError(f'{what}: expected a JSON object of numbers, e.g. {{"eval/aime24/avg_16": 0.3}}; '
                             f"got {text[:80]!r}")  # fmt: skip
-    return {str(k): float(v) for k, v in data.items()}
+    return {one_spelling(str(k)): float(v) for k, v in data.items()}
 
 
 def _source_id(model_dir: str) -> str:
@@ -380,11 +380,18 @@ def _model_version(mlflow_client, name: str, version: str):
 
 
 def _metric(mv, metric: str) -> float | None:
+    """A version's eval metric; versions registered before the one spelling (``avg@k``) are read as ``avg_k``."""
     try:
-        value = json.loads(mv.tags.get(TAG_METRICS, "{}")).get(metric)
+        stored = json.loads(mv.tags.get(TAG_METRICS, "{}"))
     except json.JSONDecodeError as exc:
         raise RegistryError(f"version {mv.version}: tag {TAG_METRICS} is not JSON: {exc}") from exc
+    value = {one_spelling(k): v for k, v in stored.items()}.get(one_spelling(metric))
     return None if value is None else float(value)
+
+
+def one_spelling(metric: str) -> str:
+    """``eval/aime24/avg@32`` -> ``eval/aime24/avg_32``: the spelling MLflow stores, used everywhere."""
+    return metric.replace("@", "_")
 
 
 # --- the promotion lock ----------------------------------------------------------------------------------------------
