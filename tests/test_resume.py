@@ -370,36 +370,29 @@ def test_a_write_that_runs_out_of_space_leaves_no_partial_folder(tmp_path):
     assert list(dest.parent.iterdir()) == [], "neither the checkpoint nor its .partial staging folder remains"
 
 
-def _as_nobody():
-    """preexec_fn: drop root (root writes through any permission bits), so a mode-555 folder is read-only."""
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
+def _unwritable_dir(tmp_path: Path) -> tuple[Path, str]:
+    """A real folder this process cannot write, and the reason the OS gives: mode 555, or for root (who writes
+    through permission bits) sysfs, which refuses new entries to every user."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        return ro / "run", "Permission denied"
+    if not Path("/sys").is_mount():
+        pytest.skip("running as root without sysfs: no folder here refuses root")
+    return Path("/sys/fs/dcgrpo-readonly-test/run"), "Operation not permitted"
 
 
 @pytest.mark.slow
 def test_an_unwritable_out_fails_before_any_work_naming_it(s3_server, mlflow_server, tmp_path):
-    import tempfile
-
-    base = Path(tempfile.mkdtemp(prefix="dcgrpo-ro-"))  # world-traversable: pytest's tmp_path is root-only
-    try:
-        base.chmod(0o777)
-        (base / "ro").mkdir(mode=0o555)
-        (base / "ro").chmod(0o555)
-        experiment = f"ro-{uuid.uuid4().hex[:6]}"
-        common = ["--set", f"storage.root={base / 'root'}", "--set", f"tracking.mlflow_uri={mlflow_server}",
-                  "--set", f"tracking.experiment={experiment}"]  # fmt: skip
-        env = dict(_env(), HOME=str(base))
-        for out, why in ((str(base / "ro" / "run"), "Permission denied"),
-                         (f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/run", "no such bucket")):  # fmt: skip
-            t0 = time.monotonic()
-            proc = subprocess.run([DCGRPO, "train", *common, "--set", f"storage.s3_endpoint_url={s3_server}",
-                                   "--out", out], capture_output=True, text=True, env=env, timeout=120, cwd=base,
-                                  preexec_fn=_as_nobody)  # fmt: skip
-            assert proc.returncode == 2, proc.stderr[-2000:]
-            assert f"--out: cannot write to {out}" in proc.stderr and why in proc.stderr, proc.stderr[-2000:]
-            assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
-        assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None, "no run was created"
-    finally:
-        subprocess.run(["rm", "-rf", str(base)], check=False)
+    unwritable, reason = _unwritable_dir(tmp_path)
+    experiment = f"ro-{uuid.uuid4().hex[:6]}"
+    common = ["--set", f"storage.root={tmp_path / 'root'}", "--set", f"tracking.mlflow_uri={mlflow_server}",
+              "--set", f"tracking.experiment={experiment}", "--set", f"storage.s3_endpoint_url={s3_server}"]  # fmt: skip
+    for out, why in ((str(unwritable), reason), (f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/run", "no such bucket")):
+        t0 = time.monotonic()
+        proc = subprocess.run([DCGRPO, "train", *common, "--out", out], capture_output=True, text=True, env=_env(),
+                              timeout=120, cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"--out: cannot write to {out}" in proc.stderr and why in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
+    assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None, "no run was created"
