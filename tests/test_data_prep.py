@@ -213,7 +213,8 @@ def test_dapo_from_the_hub_cache_offline_in_its_published_form(sample_data, offl
     rows = [json.loads(line) for line in (sample_data / "dapo_math_17k.sample.jsonl").read_text().splitlines()]
     hub_cache(offline_hub, dapo.HUB_REPO, {dapo.HUB_FILE: _parquet_bytes(_published_form(rows, 100))})
     cmd = [sys.executable, "-m", "dcgrpo.cli", "prepare", "--source", "hub", "--template", "dapo",
-           "--out", str(tmp_path / "hub"), "--no-track"]  # fmt: skip
+           "--out", str(tmp_path / "hub"), "--no-track",
+           "--set", "data.max_prompt_length=1024"]  # every DAPO prompt fits: this test is about the hub cache  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"hf://{dapo.HUB_REPO}/{dapo.HUB_FILE} (published form" in proc.stdout

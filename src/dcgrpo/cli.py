@@ -391,7 +391,7 @@ def _check_evaluate_inputs(cfg: RunConfig, model: str, out: str, names: list[str
     if storage.is_s3(model) or Path(model).exists() or parse_hf_id(model) is None:
         check_exists(model, "--model", endpoint)
     load_benchmarks(cfg, names or cfg.eval.benchmarks, benchmark_dir)
-    check_writable(out, "--out", endpoint)
+    check_writable(out, "--out", endpoint, keep_created=False)
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:

@@ -363,6 +363,13 @@ def run_tokenizer(cfg, model_uri: str = "", cache_dir: str | Path | None = None)
     uri = model_uri or cfg.model.path
     if not uri:
         return build_tokenizer(cfg.model.vocab_size, cfg.model.seed)
+    hub = parse_hf_id(uri) if not storage.is_s3(uri) and not Path(uri).exists() else None
+    if hub is not None:  # the tokenizer's files only, not the weights (16 GB for Qwen3-8B)
+        try:
+            return AutoTokenizer.from_pretrained(hub[0], revision=hub[1])
+        except OSError as exc:
+            raise ModelNotFoundError(f"{'model_uri' if model_uri else 'model.path'}={uri}: cannot load its "
+                                     f"tokenizer from the Hugging Face Hub ({exc})") from None  # fmt: skip
     cache = cache_dir or Path(cfg.storage.root if not str(cfg.storage.root).startswith("s3://") else "outputs")
     local = load_model_dir(uri, Path(cache) / "model-cache", cfg.storage.s3_endpoint_url,
                            field="model_uri" if model_uri else "model.path")  # fmt: skip

@@ -16,6 +16,7 @@ and raises a ``DcgrpoError`` naming the config field and the URI:
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 import urllib.request
 import uuid
@@ -86,18 +87,25 @@ def _s3_reason(exc: Exception, endpoint: str | None) -> str:
     return f"S3 failed at {where}: {exc}"
 
 
-def check_writable(root: str, field: str, endpoint: str | None = None) -> None:
-    """Write and delete a probe under ``root`` (a local directory, made if missing, or s3://bucket/prefix)."""
+def check_writable(root: str, field: str, endpoint: str | None = None, keep_created: bool = True) -> None:
+    """Write and delete a probe under ``root`` (a local directory, made if missing, or s3://bucket/prefix).
+    ``keep_created=False``: folders made for the probe are removed again (an output folder appears only with
+    its outputs)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     probe = f".dcgrpo-preflight-{uuid.uuid4().hex[:12]}"
     if not storage.is_s3(root):
+        made = [p for p in (Path(root), *Path(root).parents) if not p.exists()]
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
             (Path(root) / probe).write_bytes(b"ok")
             (Path(root) / probe).unlink()
         except OSError as exc:
             raise StorageError(f"{field}: cannot write to {root}: {exc.strerror or exc}") from None
+        finally:
+            for folder in made if not keep_created else []:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         return
     bucket, prefix = storage.split_s3(storage.check_s3_uri(root, field))
     key = f"{prefix}/{probe}".lstrip("/")
