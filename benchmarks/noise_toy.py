@@ -201,7 +201,7 @@ def snr(model: Policy, target: torch.Tensor, toy: Toy, batches: int, seed: int) 
     out["pen_snr"] = out["pen_signal"] / out["pen_noise"]
     out["reward_snr"] = out["reward_signal"] / out["reward_noise"]
     out |= {f"dir_{k}": v for k, v in directional(model, target, toy, ge.mean(0)).items()}
-    return out
+    return out | token_profile(model, toy)
 
 
 def directional(model: Policy, target: torch.Tensor, toy: Toy, grad: torch.Tensor, step: float = 0.05) -> dict:
@@ -334,7 +334,8 @@ def snr_table(snrs: list[dict]) -> list[str]:
              "relative change after an SGD step of length 0.05 along the penalty's mean (expected) gradient.", "",
              "| policy | reward signal | reward noise | penalty signal | penalty noise | of it, token sampling | "
              "penalty SNR | baseline-penalty noise | cos(penalty, reward) | d change | entropy change | "
-             "lambda where penalty noise = reward signal | ... = reward noise |", "|" + "---|" * 13]  # fmt: skip
+             "top token's share of sum_a d(a) | share of tokens with d below the top token's | "
+             "lambda where penalty noise = reward signal | ... = reward noise |", "|" + "---|" * 15]  # fmt: skip
     for at in dict.fromkeys(s["at"] for s in snrs):
         ss = [s for s in snrs if s["at"] == at]
 
@@ -344,7 +345,8 @@ def snr_table(snrs: list[dict]) -> list[str]:
         lines.append(f"| {at} | {m('reward_signal'):.2e} | {m('reward_noise'):.2e} | {m('pen_signal'):.2e} | "
                      f"{m('pen_noise'):.2e} | {m('pen_noise_tokens'):.2e} | {m('pen_snr'):.3f} | "
                      f"{m('baseline_noise'):.2e} | {m('cos_pen_reward'):+.2f} | {m('dir_d_change'):+.2%} | "
-                     f"{m('dir_entropy_change'):+.2%} | {m('reward_signal') / m('pen_noise'):.0f} | "
+                     f"{m('dir_entropy_change'):+.2%} | {m('top_share_of_d'):.2f} | {m('tokens_below_top_d'):.2f} | "
+                     f"{m('reward_signal') / m('pen_noise'):.0f} | "
                      f"{m('reward_noise') / m('pen_noise'):.0f} |")  # fmt: skip
     return lines + [""]
 
