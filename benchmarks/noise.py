@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--only", help="comma-separated setting keys to train (default: all)")
+    ap.add_argument("--no-train", action="store_true", help="report from the cached rows only")
     ap.add_argument("--work", default="outputs/bench-noise")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -204,7 +205,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in range(args.seeds):
         todo = [s for s in SETTINGS if (key(*s), seed) not in have and (only is None or key(*s) in only)]
-        if todo:
+        if todo and not args.no_train:
             run_seed(args, seed, todo, cache, done, t0)
     print(report([r for r in done if r["seed"] < args.seeds], args, Path(args.out)))
 
