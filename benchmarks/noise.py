@@ -11,7 +11,7 @@ is held for the whole run), the same seeds for every setting:
   spread; the test of the noise explanation;
 - ``noise-sequence`` (ours, ``sequence_penalty``): ``A - lambda * mean_t d_t``, once per sequence.
 
-    .venv/bin/python benchmarks/noise.py                 # 3 seeds, 80 steps, 6 settings (~15-25 min)
+    .venv/bin/python benchmarks/noise.py                 # 3 seeds, 80 steps, 6 settings (1-2 h on 2 shared cores)
     .venv/bin/python benchmarks/noise.py --seeds 1 --steps 40
 
 One subprocess per seed (one vLLM engine) runs every setting from the cached warm start; rows are cached per
