@@ -41,7 +41,7 @@ from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template, engine_from_config
 from dcgrpo.plots import plot_curves
 from dcgrpo.reward import score_batch
-from dcgrpo.tracking import scalarize
+from dcgrpo.tracking import ROUND_DISCREPANCY, scalarize
 from dcgrpo.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -178,12 +178,14 @@ def train(
             if run is not None and (step % cfg.tracking.log_every == 0 or step % tc.steps_per_round == 0):
                 run.log_metrics(metrics, step=step)  # every log_every steps and every round's last
             new_history.append({"step": step, **metrics})
+            bar.set_description(f"{mc.name} round {(step - 1) // tc.steps_per_round + 1}/{tc.rounds}", refresh=False)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", lam=f"{lam.value:.3g}", d=f"{d_mean:.2e}",
                             refresh=False)  # fmt: skip
             bar.update(1)  # one line per step where the output is a log, not a terminal
 
             # ---- 11. round end: held-out accuracy, checkpoint, plot, strict metric flush ----
             if step % tc.steps_per_round == 0:
+                _log_round_discrepancy(tc, st.history + new_history, run, step)
                 if val_rows:
                     _log_heldout(cfg, engine, val_rows, run, new_history, step=step)
                 last_uri, plot_uri = _end_round(cfg, st, out_dir, new_history, run)
@@ -329,6 +331,17 @@ def _log_heldout(cfg, engine, val_rows, run, new_history: list[dict], step: int)
         new_history[-1]["val/accuracy"] = acc
     if run is not None:
         run.log_metrics({"val/accuracy": acc}, step=step)
+
+
+def _log_round_discrepancy(tc, history: list[dict], run, step: int) -> None:
+    """``ROUND_DISCREPANCY`` of the round ending at ``step``: the mean of its steps' ``dc/discrepancy_mean`` (what
+    method selection and the promotion gate compare), into the step's history row and MLflow."""
+    first = step - tc.steps_per_round
+    d = [h["dc/discrepancy_mean"] for h in history if first < h.get("step", -1) <= step and "dc/discrepancy_mean" in h]
+    value = sum(d) / len(d) if d else float("nan")
+    history[-1][ROUND_DISCREPANCY] = value
+    if run is not None:
+        run.log_metrics({ROUND_DISCREPANCY: value}, step=step)
 
 
 def _end_round(cfg, st: _LoopState, out_dir: str, new_history: list[dict], run) -> tuple[str, str]:
