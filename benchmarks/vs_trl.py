@@ -128,7 +128,7 @@ def prepare(a) -> tuple:
     """(config, inputs of every run, val path): the cached warm start and data, the prompts in dcgrpo's order."""
     from dcgrpo.config import load_config
     from dcgrpo.data.synthetic import read_rows
-    from dcgrpo.train.jobs import prepare_inputs
+    from dcgrpo.stages.model import prepare_inputs
 
     work = Path(a.work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
