@@ -67,8 +67,8 @@ class EnginePool:
 
     def train(self, cfg, name: str):
         """(TrainResult, seconds of training and evaluation) of one run."""
-        from dcgrpo.train import rl
         from dcgrpo.stages.model import prepare_inputs
+        from dcgrpo.train import rl
 
         model_dir, train_path, val_path = prepare_inputs(cfg, self.work)
         key = (str(model_dir), cfg.rollout.precision, cfg.rollout.weight_grid, cfg.export.scheme,
