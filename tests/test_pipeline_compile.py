@@ -240,8 +240,8 @@ def test_retrain_workflow_is_least_privilege_and_follows_the_run():
     assert "dcgrpo compile" in runs and "dcgrpo submit" in runs and "--wait" in runs
     submit = next(s for s in steps if "dcgrpo submit" in s.get("run", ""))
     assert "inputs.rounds" in submit["env"]["ROUNDS"] and submit["env"]["KFP_HOST"] == "${{ vars.KFP_HOST }}"
-    # a non-editable install cannot find the repo's YAML by itself: the checked-out (and checked) one is named
-    assert "--package pipelines/compiled/dc_grpo.yaml" in submit["run"]
+    # the installed package carries both checked packages; submit picks the preset's (no --package to go stale)
+    assert "--package" not in submit["run"] and "diff -q /tmp/dc_grpo_rayjob.yaml" in runs
     install = next(s["run"] for s in steps if "pip install" in s.get("run", ""))
     assert "torch" not in install and "pip install --no-deps ." in install and "-e ." not in install
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -355,16 +355,21 @@ def start_run(
         status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        try:
-            if status != "FINISHED":
-                run.flush()
-                if run._buffer:
-                    run._spill()
-            if error:  # what a person opening the failed run in MLflow reads first
-                client.set_tag(run_id, ERROR_TAG, error[:5000])
-            client.set_terminated(run_id, status)
-        except Exception as exc:  # the server may be what failed
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+        _close(run, status, error)
+
+
+def _close(run: Run, status: str, error: str) -> None:
+    """End ``run`` as ``status``: what is unsent is sent (or spilled to disk), a failure's error goes to a tag."""
+    try:
+        if status != "FINISHED":
+            run.flush()
+            if run._buffer:
+                run._spill()
+        if error:  # what a person opening the failed run in MLflow reads first
+            run.client.set_tag(run.run_id, ERROR_TAG, error[:5000])
+        run.client.set_terminated(run.run_id, status)
+    except Exception as exc:  # the server may be what failed
+        log.warning("could not mark MLflow run %s %s: %s", run.run_id, status, exc)
 
 
 def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:
