@@ -187,6 +187,7 @@ def test_a_run_the_package_cannot_train_is_refused_before_anything_starts(capsys
     with pytest.raises(ConfigError, match="run dc_grpo_rayjob.yaml instead"):
         resolve_pipeline_run("qwen3-8b", [], 0, "", "gpu")
     assert resolve_pipeline_run("qwen3-8b", [], 25, "", "launcher") == (25, "dcgrpo-qwen3-8b")  # no maximum
+    assert pipeline.pipeline_arguments("qwen3-8b", rounds=25)["rounds"] == 25  # what submit sends
 
 
 def test_retries_and_no_secret_values(compiled, compiled_rayjob):

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from rich.console import Console
 
 from dcgrpo import storage
 from dcgrpo.config import DEFAULT_PRESET, load_config
+from dcgrpo.mlflow_server import start_local_server, stop_local_server
 from dcgrpo.tracking import LAMBDA_KEY, ROUND_DISCREPANCY
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,6 @@ def _not_selected(row: dict[str, Any], chosen: dict[str, Any] | None, cfg) -> st
 
 def mlflow_ui_command(root: Path) -> str:
     """The command that opens the MLflow UI on the demo's store and artifacts, from any directory."""
-    import shlex
-    import sys
 
     mlflow = Path(sys.executable).with_name("mlflow")
     store = root / "mlflow"
@@ -121,7 +122,6 @@ def demo(
     Checks every argument (each method's config included) first, then starts a local MLflow server (sqlite,
     under ``storage.root/mlflow``) when no tracking URI is configured; prints how to open the UI on the results.
     """
-    from dcgrpo.mlflow_server import start_local_server, stop_local_server
     from dcgrpo.pipeline import pipeline_arguments, run_local
 
     overrides = list(overrides or [])

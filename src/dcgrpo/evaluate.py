@@ -36,6 +36,7 @@ from dcgrpo import reward, storage
 from dcgrpo.config import RunConfig
 from dcgrpo.data.benchmarks import canonical_name, load_benchmark
 from dcgrpo.data.dapo import PROMPT_TEMPLATES
+from dcgrpo.models import check_model_files
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ class _engine_for:
         if self.engine is not None:
             return self.engine
         from dcgrpo.engines.vllm_engine import engine_from_config
-        from dcgrpo.models import check_model_files
 
         path = str(self.model_path)
         if storage.is_s3(path):

@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dcgrpo.deploy import current
+from dcgrpo.train.checkpoint import resolve_checkpoint
+
 log = logging.getLogger(__name__)
 
 MODEL_STORE_ENV = "DCGRPO_MODEL_STORE"
@@ -71,7 +74,6 @@ def is_checkpoint_artifact(model_dir: str) -> bool:
 
 def latest_model_dir(model_dir: str) -> str:
     """The HF model directory of a Model artifact (the latest checkpoint of a training), wherever its weights are."""
-    from dcgrpo.train.checkpoint import resolve_checkpoint
 
     model_dir = resolve_model(model_dir)
     if is_checkpoint_artifact(model_dir):
@@ -97,7 +99,6 @@ def model_reference(model_uri: str, model_dir: str, model_meta: dict[str, Any], 
 
 def volume_uri(path: str) -> str:
     """``pvc://<claim>/<path>`` (KServe's storageUri scheme) of a directory on a mounted pipeline volume."""
-    from dcgrpo.deploy import current
 
     c = current()
     mounts = {os.environ.get(MODEL_STORE_ENV) or c.checkpoint_mount: c.checkpoint_pvc,

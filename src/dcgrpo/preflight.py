@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dcgrpo import storage
 from dcgrpo.errors import ServiceUnavailable
+from dcgrpo.models import parse_hf_id
 from dcgrpo.storage import StorageError
 
 TIMEOUT_S = 3.0
@@ -59,7 +60,6 @@ def check_run_environment(cfg, *, tracking_uri: str | None = None, need_storage:
 def _is_hub_id(spec: str) -> bool:
     """``model.path`` names a Hugging Face id, not a local path: the Hub is asked when the model is loaded
     (``dcgrpo.models.load_model_dir``, still before any run starts)."""
-    from dcgrpo.models import parse_hf_id
 
     return not storage.is_s3(spec) and not Path(spec).exists() and parse_hf_id(spec) is not None
 

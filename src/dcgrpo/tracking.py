@@ -58,6 +58,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,7 @@ from typing import Any
 from dcgrpo.config import ConfigError
 from dcgrpo.errors import ServiceUnavailable
 from dcgrpo.shutdown import Terminated
+from dcgrpo.storage import local_root
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,6 @@ def tracking_uri(cfg, override: str | None = None) -> str:
 
 def _local_root(storage_root: str) -> Path:
     # An s3:// storage root cannot hold a sqlite file: keep the local store in ./outputs.
-    from dcgrpo.storage import local_root
 
     root = local_root(storage_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -391,7 +392,6 @@ def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:
 def _create_run_once(client, exp_id: str, tags: dict[str, str], run_name: str | None) -> str:
     """``create_run``, idempotent under retries: a POST retried after the server had created the run leaves a
     second run with the same token; the oldest is kept and the others deleted."""
-    import uuid
 
     token = uuid.uuid4().hex
     run_id = client.create_run(exp_id, tags={**tags, CREATE_TOKEN_TAG: token}, run_name=run_name).info.run_id

@@ -24,6 +24,7 @@ from typing import Any
 
 from dcgrpo import storage
 from dcgrpo.data import hub
+from dcgrpo.data.synthetic import synthetic_val_rows
 from dcgrpo.errors import DataError
 
 
@@ -156,7 +157,6 @@ def _load_hub(name: str) -> list[dict[str, Any]]:
 
 def load_synthetic(data_cfg) -> list[dict[str, Any]]:
     """The held-out synthetic split, the same rows ``write_synthetic_splits`` writes to val.parquet."""
-    from dcgrpo.data.synthetic import synthetic_val_rows
 
     rows = synthetic_val_rows(data_cfg)
     return [

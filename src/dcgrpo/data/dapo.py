@@ -34,7 +34,7 @@ from typing import Any
 
 from dcgrpo import storage
 from dcgrpo.data import hub
-from dcgrpo.data.schema import row_problem, text_problem
+from dcgrpo.data.schema import prompt_lengths, row_problem, text_problem
 from dcgrpo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,6 @@ class PrepSummary:
 
 def _drop_too_long(name: str, kept: list, template: str, tokenizer, limit: int, summary: PrepSummary) -> list:
     """The rows whose chat-formatted prompt fits ``limit`` tokens; the others counted in ``summary.too_long``."""
-    from dcgrpo.data.schema import prompt_lengths
 
     lengths = prompt_lengths([to_verl_row(r, template, "train", 0) for r in kept], tokenizer)
     fits = [r for r, n in zip(kept, lengths, strict=True) if n <= limit]

@@ -12,6 +12,7 @@ an unreachable hub, a repository without a file for the split.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -89,7 +90,6 @@ def split_files(repo_id: str, split: str, revision: str | None = None) -> list[P
 
 def read_records(path: Path) -> list[dict]:
     """Rows of a parquet, JSONL or JSON (a list of objects) file; a bad file or line is named."""
-    import json
 
     try:
         if path.suffix == ".parquet":

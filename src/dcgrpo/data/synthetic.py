@@ -29,6 +29,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from dcgrpo import storage
+from dcgrpo.data.schema import read_verl_parquet
+
 ABILITY = "math"
 
 # How the answer is asked for; the reward (math-verify) parses either form.
@@ -174,7 +177,5 @@ def read_rows(path: str | Path, endpoint_url: str | None = None) -> list[dict[st
     engine starts, with ``DataError`` naming the file, row and field
     (``dcgrpo.data.schema``: the rules ``dcgrpo prepare`` applies).
     """
-    from dcgrpo import storage
-    from dcgrpo.data.schema import read_verl_parquet
 
     return read_verl_parquet(storage.read_bytes(path, endpoint_url), str(path))

@@ -7,6 +7,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dcgrpo.data.dapo import prepare_dapo
+from dcgrpo.data.schema import check_prompt_lengths
+from dcgrpo.data.synthetic import read_rows, write_synthetic_splits
+from dcgrpo.models import run_tokenizer
 from dcgrpo.stages.run import local_root, step_config
 from dcgrpo.tracking import KFP_RUN_TAG, run_name, start_run
 
@@ -20,11 +24,8 @@ def prepare_dapo_tracked(
     """(summary, MLflow run id or None): DAPO from ``source`` prepared into ``out_dir`` inside an MLflow run (``prepare-<key>``) holding the summary
     (``track``); a bad input marks that run FAILED. Prompts over ``data.max_prompt_length`` tokens of the run's model
     are dropped and counted (``tokenizer="run"``: ``models.run_tokenizer``; None: not checked here)."""
-    from dcgrpo.data.dapo import prepare_dapo
 
     if tokenizer == "run":
-        from dcgrpo.models import run_tokenizer
-
         tokenizer = run_tokenizer(cfg, model_uri, local_root(cfg))
 
     def prepare():
@@ -64,7 +65,6 @@ def prepare_data_step(
         tokenizer = _tokenizer_if_installed(cfg, model_uri)
         summary, _ = prepare_dapo_tracked(cfg, data_uri, out_dir, kfp_run_id=kfp_run_id, tokenizer=tokenizer)
         return {k: v for k, v in asdict(summary).items() if isinstance(v, int | float | str)}
-    from dcgrpo.data.synthetic import write_synthetic_splits
 
     tags = {KFP_RUN_TAG: kfp_run_id, "dcgrpo.step": "prepare"}
     with start_run(cfg.tracking, storage_root=str(local_root(cfg)), run_name=run_name("prepare", kfp_run_id),
@@ -80,7 +80,6 @@ def local_data(cfg, work_dir: str | Path) -> tuple[str, str]:
     """(train_path, val_path) of ``dcgrpo train``: the configured ones, else the synthetic task under ``work_dir``."""
     if cfg.data.train_path:
         return cfg.data.train_path, cfg.data.val_path or ""
-    from dcgrpo.data.synthetic import write_synthetic_splits
 
     data_dir = Path(work_dir) / f"data-{cfg.data.synthetic_difficulty}-{cfg.data.seed}"
     t, v = write_synthetic_splits(cfg.data, data_dir)
@@ -94,7 +93,6 @@ def _tokenizer_if_installed(cfg, model_uri: str):
     except ImportError:
         log.info("no tokenizer on this image: prompt lengths are checked by the warm start")
         return None
-    from dcgrpo.models import run_tokenizer
 
     return run_tokenizer(cfg, model_uri, local_root(cfg))
 
@@ -104,8 +102,6 @@ def check_prompts(cfg, rows_by_file: dict[str, list[dict]], model_dir: str | Pat
     tokenizer: before any MLflow run or engine, so a bad dataset leaves nothing half-done."""
     from transformers import AutoTokenizer
 
-    from dcgrpo.data.schema import check_prompt_lengths
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     for path, rows in rows_by_file.items():
         check_prompt_lengths(rows, tokenizer, cfg.data.max_prompt_length, path)
@@ -113,7 +109,6 @@ def check_prompts(cfg, rows_by_file: dict[str, list[dict]], model_dir: str | Pat
 
 def read_prepared(dataset_dir: str | Path) -> dict[str, list[dict]]:
     """The rows of a prepared dataset's ``train.parquet`` and ``val.parquet`` (those present), by file."""
-    from dcgrpo.data.synthetic import read_rows
 
     paths = [Path(dataset_dir) / split for split in ("train.parquet", "val.parquet")]
     return {str(p): read_rows(p) for p in paths if p.is_file()}

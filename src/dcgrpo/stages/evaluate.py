@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dcgrpo.engines import engine_version
 from dcgrpo.model_refs import latest_model_dir, resolve_model
+from dcgrpo.plots import write_report
 from dcgrpo.stages.run import local_root, step_config
 from dcgrpo.tracking import EVAL_ENGINE_TAG, EVAL_METRICS_TAG, LAMBDA_KEY, ROUND_DISCREPANCY, start_run
 
@@ -70,8 +72,6 @@ def evaluate_step(
     reference carries on to registration (the metrics and the engine: no MLflow round trip). The ``synthetic``
     benchmark is the held-out split of the synthetic task, drawn as ``prepare_data`` drew it from the same config.
     """
-    from dcgrpo.engines import engine_version
-    from dcgrpo.plots import write_report
 
     cfg = step_config(preset, overrides, mlflow_uri)
     target, eval_cfg = eval_target(cfg, model_dir, fp8_dir)

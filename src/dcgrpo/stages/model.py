@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from dcgrpo.model_refs import model_store, on_shared_volume, write_model_ref
+from dcgrpo.models import load_model_dir
 from dcgrpo.stages.data import check_prompts, read_prepared
 from dcgrpo.stages.run import local_root, step_config
 
@@ -14,7 +15,6 @@ from dcgrpo.stages.run import local_root, step_config
 def prepare_model(cfg, work_dir: str | Path, train_path: str) -> Path:
     """``model.path`` (local dir, s3:// HF dir or Hub id; ``dcgrpo.models.load_model_dir``) as a local
     directory, else the tiny model after its SFT warm start on ``train_path`` (cached by config)."""
-    from dcgrpo.models import load_model_dir
     from dcgrpo.train.sft import tiny_policy
 
     work_dir = Path(work_dir)
@@ -43,8 +43,6 @@ def warm_start_step(
     model_uri = model_uri or cfg.model.path or ""
     store = model_store(kfp_run_id, "base")
     if model_uri:
-        from dcgrpo.models import load_model_dir
-
         # Local dir, s3:// HF dir or Hub id, through the model-cache PVC ($DCGRPO_MODEL_CACHE) when mounted.
         src = load_model_dir(model_uri, local_root(cfg) / "model-cache", cfg.storage.s3_endpoint_url, field=field)
         check_prompts(cfg, read_prepared(dataset_dir), src)

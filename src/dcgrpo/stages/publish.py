@@ -10,6 +10,7 @@ import logging
 from typing import Any, NamedTuple
 
 from dcgrpo.model_refs import is_remote, latest_model_dir, weights_uri
+from dcgrpo.registry import promote_version, rank_methods, register_and_gate
 from dcgrpo.stages.run import mlflow_client, step_config
 from dcgrpo.tracking import EVAL_ENGINE_TAG, EVAL_METRICS_TAG, KFP_RUN_TAG, LAMBDA_KEY
 
@@ -27,7 +28,6 @@ def select_best_step(
 ) -> Best:
     """The best method (``registry.rank_methods`` within the promotion discrepancy limit) and its
     ``model_refs.model_reference`` (nothing is copied: the weights stay where evaluate read them)."""
-    from dcgrpo.registry import rank_methods
 
     if not methods or len(methods) != len(gate_values) or len(references) != len(methods):
         raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(references)} models")
@@ -64,7 +64,6 @@ def register_step(
     ``passes_gate`` decides whether the pipeline's promote task runs at all, so ``force`` (the run's
     ``force_promotion``) lets it run on a failed gate too; promote then records the decision as forced.
     """
-    from dcgrpo.registry import register_and_gate
 
     cfg = step_config(preset, overrides, mlflow_uri)
     mlc = mlflow_client(cfg)
@@ -86,7 +85,6 @@ def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name:
     Bound to that version even if another run has registered a newer challenger meanwhile; the registry's
     promotion lock orders concurrent runs (as ``dcgrpo promote``).
     """
-    from dcgrpo.registry import promote_version
 
     cfg = step_config(preset, overrides, mlflow_uri)
     # registry.serve_on_promote: the InferenceService is applied before the alias moves.

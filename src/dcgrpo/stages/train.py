@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.data.synthetic import read_rows
+from dcgrpo.engines import engine_version
 from dcgrpo.model_refs import model_store, resolve_model, write_model_ref
+from dcgrpo.preflight import check_run_environment, check_writable
 from dcgrpo.stages.data import check_prompts, local_data
 from dcgrpo.stages.model import prepare_model
 from dcgrpo.stages.run import local_root, run_tags, step_config
 from dcgrpo.tracking import ROUND_DISCREPANCY, run_name
+from dcgrpo.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ def train_job(
 ):  # fmt: skip
     """All rounds of ``cfg.method`` = one MLflow run (``tracking.run_name`` rule); resuming re-attaches to the
     checkpoint's run. Returns ``rl.TrainResult`` whose history is the whole run's (the resumed checkpoint's too)."""
-    from dcgrpo.preflight import check_run_environment, check_writable
-    from dcgrpo.train import checkpoint as ckpt
 
     name = cfg.tracking.run_name or run_name(cfg.method.name, kfp_run_id or cfg.config_hash())
     out_dir = out_dir or storage.join(cfg.storage.root, "runs", name)
@@ -64,7 +66,6 @@ def _resume_point(cfg, out_dir: str, resume: str | None):
     crashed process are closed as FAILED (also when there is nothing to resume: one killed before its first
     checkpoint)."""
     from dcgrpo.tracking import close_orphaned_runs
-    from dcgrpo.train import checkpoint as ckpt
 
     endpoint = cfg.storage.s3_endpoint_url
     if resume == RESUME_AUTO:
@@ -107,7 +108,6 @@ def _already_complete(cfg, loaded):
 
 def _train(cfg, out_dir: str, loaded, inputs: TrainInputs | None, name: str, kfp_run_id: str, progress: bool):
     """Model and rows (checked before the MLflow run), then the loop inside the run."""
-    from dcgrpo.data.synthetic import read_rows
     from dcgrpo.tracking import run_params, start_run
     from dcgrpo.train.rl import train
 
@@ -150,7 +150,6 @@ def train_step(
         from dcgrpo.stages.train_verl import train_verl
 
         return train_verl(cfg, kfp_run_id, dataset_dir, base_model_dir, out_dir)
-    from dcgrpo.engines import engine_version
     from dcgrpo.train.rl import summarize
 
     store = model_store(kfp_run_id, method)

@@ -16,6 +16,7 @@ from typing import Any
 from dcgrpo.model_refs import latest_model_dir, on_shared_volume, write_model_ref
 from dcgrpo.stages.run import local_root, run_tags
 from dcgrpo.tracking import LAMBDA_KEY, ROUND_DISCREPANCY, run_name, run_params, start_run, tracking_uri
+from dcgrpo.verl_plugin import rounds as verl_rounds
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ def train_verl(
     cfg, kfp_run_id: str, dataset_dir: str, base_model_dir: str, out_dir: str
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """All rounds on verl; returns (Model metadata, Metrics scalars) as ``train.train_step`` does."""
-    from dcgrpo.verl_plugin import rounds as verl_rounds
     from dcgrpo.verl_plugin.config import render_env
 
     method, uri = cfg.method.name, tracking_uri(cfg)

@@ -23,12 +23,16 @@ and rewriting ``latest`` leaves the pointer one behind.
 
 from __future__ import annotations
 
+import ast
 import base64
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -86,7 +90,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
 
     import numpy as np
     import torch
@@ -236,9 +239,6 @@ def hold_out_dir(out_dir: str) -> Iterator[None]:
     if storage.is_s3(out_dir):
         yield
         return
-    import fcntl
-    import os
-    import socket
 
     path = Path(out_dir) / ".dcgrpo-train.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import logging
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import apply_chat_template, encode_prompt
+from dcgrpo.models import build_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +98,6 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
 def tiny_policy(cfg, train_path: str | Path, out_dir: str | Path) -> Path:
     """The policy when no base model is given (``dcgrpo train`` and the pipeline's warm start alike): the tiny
     model of ``cfg.model`` built in a temporary directory and warm-started into ``out_dir``."""
-    import tempfile
-
-    from dcgrpo.models import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="dcgrpo-base-") as tmp:
         return warm_start(cfg, build_tiny_model(cfg.model, tmp), train_path, out_dir)
