@@ -165,6 +165,62 @@ def test_no_import_cycles_not_even_through_imports_inside_functions():
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
+# What a function-level import may keep out of a light process: packages the light image lacks (torch, the engines,
+# the trainers) and, for the CLI and `dcgrpo submit` (which retrain.yml runs with kfp, pydantic and pyyaml only),
+# every other third-party package.
+HEAVY = {"torch", "vllm", "transformers", "verl", "ray", "triton", "compressed_tensors", "llmcompressor", "datasets",
+         "tokenizers", "mlflow", "boto3", "botocore", "pandas", "pyarrow", "numpy", "matplotlib", "math_verify",
+         "rich", "tqdm", "safetensors", "huggingface_hub", "kubernetes", "kfp", "urllib3", "moto"}  # fmt: skip
+
+
+def _top_level_imports(path: Path, module: str) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return _imports_of([n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)], path, module)
+
+
+def _imports_of(nodes, path: Path, module: str) -> set[str]:
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif node.level:  # relative: resolve against this module's package
+            package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+            names.add(".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [node.module or ""]))
+        else:
+            names.add(node.module)
+    return {n.rstrip(".") for n in names}
+
+
+def _pulls_heavy(name: str, modules: dict[str, Path], seen: frozenset = frozenset()) -> bool:
+    """Importing ``name`` (at module level, transitively) loads one of ``HEAVY``."""
+    if not name.startswith("dcgrpo"):
+        return name.split(".")[0] in HEAVY
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    if not name or name in seen:
+        return False
+    return any(_pulls_heavy(n, modules, seen | {name}) for n in _top_level_imports(modules[name], name))
+
+
+def test_imports_inside_functions_only_keep_a_heavy_dependency_out_and_say_so():
+    """Issue 24: an import inside a function hides a dependency; one stays only where it keeps a heavy package out of
+    a light process (the light image, the CLI, submit), with the reason in a short comment on its line or the line
+    above. Anything else imports at the top of its module."""
+    modules, offenders = _modules(), []
+    for module, path in modules.items():
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in [n for n in ast.walk(fn) if isinstance(n, ast.Import | ast.ImportFrom)]:
+                where = f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+                if not any(_pulls_heavy(n, modules) for n in _imports_of([node], path, module)):
+                    offenders.append(f"{where}  (light: import it at the top)")
+                elif "#" not in lines[node.end_lineno - 1] and not lines[node.lineno - 2].strip().startswith("#"):
+                    offenders.append(f"{where}  (no comment saying why)")
+    assert not offenders, f"{len(offenders)} imports inside functions:\n" + "\n".join(offenders)
+
+
 def _definitions(path: Path):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
