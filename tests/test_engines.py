@@ -204,3 +204,27 @@ def test_moe_matches_hf_before_and_after_a_sync(moe_engine, moe_dir):
     old = HFEngine(str(moe_dir), "fp32")  # the synced weights really are the new ones
     assert _log_and_prob_diff(moe_engine, old)[0] > 10 * after[0]
     moe_engine.sync_weights(old.state_dict())
+
+
+def test_moe_experts_are_served_on_the_4bit_grid(moe_engine, moe_dir, tmp_path):
+    """rollout.weight_grid on an MoE: vLLM serves every expert on the grid, so it agrees with a trainer whose
+    checkpoint was rounded the same way (bf16 noise) and disagrees more with the unrounded one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dcgrpo.engines.weight_grids import round_state_dict
+
+    moe_engine.close()  # one live in-process engine at a time
+    rounded_dir = tmp_path / "rounded"
+    shutil.copytree(moe_dir, rounded_dir)
+    on_disk = load_file(str(moe_dir / "model.safetensors"))
+    save_file(round_state_dict(on_disk, "int4_g32", RunConfig().export.keep_high_precision),
+              str(rounded_dir / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    hf, rounded = HFEngine(str(moe_dir), "fp32"), HFEngine(str(rounded_dir), "fp32")
+    with VLLMEngine(str(moe_dir), "bf16", max_model_len=256, weight_grid="int4_g32") as int4:
+        d_true, d_same_grid = _log_and_prob_diff(int4, hf)[0], _log_and_prob_diff(int4, rounded)[0]
+    print(
+        f"\ntiny MoE on int4_g32: mean |dlogp| vs the unrounded trainer {d_true:.2e}, vs the rounded {d_same_grid:.2e}"
+    )
+    assert d_same_grid < 0.01 and d_true > 2 * d_same_grid, (d_true, d_same_grid)
