@@ -1,5 +1,5 @@
 """KFP v2 components (``dcgrpo.components``): one folder per pipeline step, each holding the component
-(``component.py``, a thin shell over one ``dcgrpo.steps`` function, the same functions the CLI and tests call),
+(``component.py``, a thin shell over one ``dcgrpo.stages`` function, the same functions the CLI and tests call),
 its README (inputs, outputs, image) and its tests.
 
 The folder sits at the repository root to show the workflow; the distribution installs it as
@@ -27,7 +27,7 @@ from .prepare_data import prepare_data
 from .promote import promote
 from .register_model import register_model
 from .select_best import select_best
-from .train_round import train_round, train_round_launcher
+from .train import train, train_launcher
 from .warm_start import warm_start
 
 # Images built from containers/: the deployment contract's names (dcgrpo.deploy).
@@ -40,11 +40,11 @@ LIGHT_STEPS = {
     "register_model": register_model,
     "promote": promote,
     "mark_failed": mark_failed,
-    "train_round_launcher": train_round_launcher,  # verl on a RayJob: the RayJob holds the GPUs
+    "train_launcher": train_launcher,  # verl on a RayJob: the RayJob holds the GPUs
 }
 GPU_STEPS = {
     "warm_start": warm_start,
-    "train_round": train_round,
+    "train": train,
     "export_fp8": export_fp8,
     "evaluate": evaluate,
 }

@@ -258,7 +258,7 @@ def test_cli_register_bad_input_exits_2_and_writes_nothing(mlc, mlflow_server, m
 def test_cli_register_gates_and_records_a_rejection_as_the_pipeline_step_does(mlc, mlflow_server, model_dir, capsys):
     """One register path (registry.register_and_gate): a hand registration the gate refuses carries the same
     decision tags as the pipeline's register step; with --quantization bf16 it is the bf16 twin's version."""
-    from dcgrpo import steps
+    from dcgrpo.stages import publish
 
     sets = [f"eval.gate_metric={GATE}", f"registry.max_discrepancy={BUDGET}"]
     tags = {}
@@ -269,7 +269,7 @@ def test_cli_register_gates_and_records_a_rejection_as_the_pipeline_step_does(ml
         run_id = _run_id(mlc)
         if path == "step":
             meta = {"mlflow_run_id": run_id, "discrepancy": 1e-3, "lambda": 0.1, "eval_metrics": {GATE: 0.3}}
-            out = steps.register_step("", sets, mlflow_server, name, meta, str(model_dir), str(model_dir))
+            out = publish.register_step("", sets, mlflow_server, name, meta, str(model_dir), str(model_dir))
             assert not out.passes_gate and out.model_name == name
             version = out.version
         else:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dcgrpo.config import RunConfig, load_config
+from dcgrpo.config import DEFAULT_PRESET, RunConfig, load_config
 from dcgrpo.errors import DcgrpoError
 from dcgrpo.verl_plugin import cli as verl_cli
 
@@ -77,7 +77,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service-account", default=DeploymentContract().service_account,
                    help="service account of the run's pods (default: Kubeflow's run account, pipeline-runner or "
                         "default-editor, which manifests/rbac lets create RayJobs; yours needs what KFP runs need too)")  # fmt: skip
-    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the one shipped in the package)")
+    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the one shipped for the preset: dc_grpo.yaml, or "
+                   "dc_grpo_rayjob.yaml when it trains verl on a RayJob)")  # fmt: skip
     _pipeline_args(p)
 
 
@@ -92,7 +93,7 @@ def _arguments(args: argparse.Namespace) -> dict:
     from dcgrpo.pipeline import pipeline_arguments
 
     return pipeline_arguments(
-        args.preset or "tiny-cpu", args.overrides, [m for m in args.methods.split(",") if m], args.rounds,
+        args.preset or DEFAULT_PRESET, args.overrides, [m for m in args.methods.split(",") if m], args.rounds,
         args.data_uri, args.model_uri, args.mlflow_uri, args.model_name, args.force_promotion,
     )  # fmt: skip
 
@@ -101,13 +102,15 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output",
         default=None,
-        help="where to write the YAML (default: pipelines/compiled/dc_grpo.yaml in a checkout, else ./dc_grpo.yaml)",
+        help="where to write the YAML (default: both packages, dc_grpo.yaml and dc_grpo_rayjob.yaml, into "
+        "pipelines/compiled/ in a checkout, else into .)",
     )
+    p.add_argument("--train-pod", choices=["gpu", "launcher"],
+                   help="with --output: the train task of that package, a GPU pod (built-in loop, verl single-node) "
+                        "or a light launcher of a verl RayJob (default: gpu)")  # fmt: skip
     p.add_argument("--image", help="image of the light steps (default: the deployment contract's light_image)")
     p.add_argument("--trainer-image", help="image of the GPU steps (default: the contract's gpu_image)")
     p.add_argument("--verl-image", help="image of the RayJobs' Ray nodes (default: the contract's verl_image)")
-    p.add_argument("--max-rounds", type=int,
-                   help="most rounds a run may ask for (default: the most any preset asks for)")  # fmt: skip
     p.add_argument("--gpu-pool", help="GPU pool node selector KEY=VALUE (default: the deployment contract's)")
     p.add_argument("--accelerator-limit", type=int, default=1,
                    help="GPUs per GPU step (verl.launch=single-node trains on these: set verl.gpus_per_node)")  # fmt: skip
@@ -135,15 +138,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         update["gpu_node_selector"] = {key: value}
     if args.accelerator_limit < 1:
         raise UserError(f"--accelerator-limit {args.accelerator_limit}: must be >= 1")
-    if args.max_rounds is not None and args.max_rounds < 1:
-        raise UserError(f"--max-rounds {args.max_rounds}: must be >= 1")
     defaults = DeploymentContract().model_dump()
     contract = DeploymentContract(**defaults | {k: v for k, v in update.items() if v is not None})
-    settings = {"max_rounds": args.max_rounds} if args.max_rounds else {}
-    path = compile_yaml(
-        args.output or default_compile_output(), contract, accelerator_limit=args.accelerator_limit, **settings
-    )
-    print(path)
+    if args.output:
+        pods = {args.output: args.train_pod or "gpu"}
+    elif args.train_pod:
+        raise UserError("--train-pod needs --output FILE (without it, both packages are written)")
+    else:
+        pods = {default_compile_output(pod): pod for pod in ("gpu", "launcher")}
+    for out, pod in pods.items():
+        print(compile_yaml(out, contract, accelerator_limit=args.accelerator_limit, train_pod=pod))
     return 0
 
 
@@ -154,11 +158,12 @@ def _need_host(args: argparse.Namespace) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one pipeline run to a Kubeflow Pipelines endpoint."""
-    from dcgrpo.pipeline import COMPILED_PATH, submit
+    from dcgrpo.pipeline import submit
 
     _need_host(args)
     run_id, state = submit(
-        args.host, _arguments(args), args.experiment, Path(args.package or COMPILED_PATH), namespace=args.namespace,
+        args.host, _arguments(args), args.experiment, Path(args.package) if args.package else None,
+        namespace=args.namespace,
         service_account=args.service_account, wait_s=args.wait_timeout if args.wait else None,
     )  # fmt: skip
     print(run_id if state is None else f"{run_id} {state}")
@@ -170,12 +175,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Create a recurring run (max concurrency 1, no catch-up) for scheduled retraining."""
-    from dcgrpo.pipeline import COMPILED_PATH, schedule
+    from dcgrpo.pipeline import schedule
 
     _need_host(args)
     try:
         job_id = schedule(args.host, args.cron, _arguments(args), args.experiment, args.job_name,
-                          Path(args.package or COMPILED_PATH), args.namespace, args.service_account)  # fmt: skip
+                          Path(args.package) if args.package else None, args.namespace,
+                          args.service_account)  # fmt: skip
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     print(job_id)
@@ -295,33 +301,21 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """DAPO-Math-17K -> verl-schema train/val parquet; summary printed and logged to MLflow. Prompts longer than
     data.max_prompt_length tokens of the run's model (model.path, else the tiny model) are dropped and counted."""
-    from dataclasses import asdict
-
     from dcgrpo import storage
-    from dcgrpo.data.dapo import DapoSchemaError, prepare_dapo
-    from dcgrpo.models import run_tokenizer
+    from dcgrpo.data.dapo import DapoSchemaError
+    from dcgrpo.stages.data import prepare_dapo_tracked
 
     cfg = config_from_args(args)
     out = args.out or storage.join(cfg.storage.root, "data", "dapo")
     try:
-        summary = prepare_dapo(args.source, out, template=args.template or cfg.data.prompt_template,
-                               val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, max_bad_rows=args.max_bad_rows,
-                               tokenizer=run_tokenizer(cfg), max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
+        summary, run_id = prepare_dapo_tracked(cfg, args.source, out, template=args.template, max_bad_rows=args.max_bad_rows,
+                                       track=not args.no_track)  # fmt: skip
     except DapoSchemaError as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
     print(f"train: {summary.train_path}\nval:   {summary.val_path}")
-    if not args.no_track:
-        from dcgrpo import tracking
-
-        with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="prepare",
-                                tags={"dcgrpo.step": "prepare"}) as run:  # fmt: skip
-            run.log_params({"data.source": summary.source, "data.form": summary.form,
-                            "data.prompt_template": summary.template, "data.seed": summary.seed,
-                            "data.val_fraction": cfg.data.val_fraction})  # fmt: skip
-            run.log_metrics(summary.metrics())
-            run.log_dict(asdict(summary), "data/summary.json")
-            print(f"mlflow run: {run.run_id}")
+    if run_id:
+        print(f"mlflow run: {run_id}")
     return 0
 
 
@@ -353,7 +347,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """avg@k + greedy pass@1 per benchmark with the vLLM engine; results JSON/markdown + MLflow."""
     from dcgrpo import storage
     from dcgrpo.data.benchmarks import BenchmarkError
-    from dcgrpo.evaluate import evaluate
+    from dcgrpo.stages.evaluate import evaluate_tracked
 
     cfg = config_from_args(args)
     model = args.model or cfg.model.path
@@ -364,17 +358,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     kw = dict(benchmarks=names, benchmark_dir=args.benchmark_dir, progress=not args.no_progress)
     try:
         _check_evaluate_inputs(cfg, model, out, names, args.benchmark_dir)  # before the MLflow run: none left FAILED
-        if args.no_track:
-            report = evaluate(model, cfg, out, **kw)
-        else:
-            from dcgrpo import tracking
-
-            with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="evaluate",
-                                    params=cfg.to_flat_dict(), tags={"dcgrpo.step": "evaluate"}) as run:  # fmt: skip
-                report = evaluate(model, cfg, out, run=run, **kw)
-                print(f"mlflow run: {run.run_id}")
+        report, run_id = evaluate_tracked(cfg, model, out, track=not args.no_track, **kw)
     except BenchmarkError as exc:
         raise UserError(str(exc)) from None
+    if run_id:
+        print(f"mlflow run: {run_id}")
     print(report.markdown(), end="")
     print(f"results: {storage.join(out, 'results.json')}")
     return 0
@@ -408,7 +396,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with the built-in single-machine loop (vLLM rollouts, HF updates, MLflow)."""
-    from dcgrpo.train.jobs import train_job
+    from dcgrpo.stages.train import train_job
 
     if args.method:  # through the config, so a bad name fails like any other field
         args.overrides = [*args.overrides, f"method.name={args.method}"]
@@ -436,12 +424,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline through kfp.local: data, warm start, rounds per method, FP8 export,
     evaluation, registration, promotion; then a summary table."""
-    from dcgrpo.pipeline import demo
+    from dcgrpo.demo import demo
 
     if args.config:
         raise UserError("demo takes --preset and --set overrides (the pipeline's parameters), not --config")
     methods = [m for m in args.methods.split(",") if m]
-    rows = demo(args.preset or "tiny-cpu", args.overrides, methods, args.rounds, args.data_uri, args.keep_server,
+    rows = demo(args.preset or DEFAULT_PRESET, args.overrides, methods, args.rounds, args.data_uri, args.keep_server,
                 verbose=args.verbose)  # fmt: skip
     return 0 if rows else 1
 

@@ -28,6 +28,8 @@ WeightGrid = Literal["none", "int4_g32", "int4_g128", "mxfp4", "nvfp4"]  # dcgrp
 DiscrepancyKind = Literal["prob_diff", "ratio", "log_ratio"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 PRESETS = ("tiny-cpu", "qwen3-8b", "qwen3-30b-a3b")
+DEFAULT_PRESET = PRESETS[0]
+"""What every entry point runs when no preset is named: the tiny model on CPU (the demo, the pipeline's default)."""
 
 
 class ConfigError(DcgrpoError, ValueError):

@@ -21,7 +21,7 @@ first; a version or registered model it created is deleted again); a
 promotion that fails before the alias move leaves the champion where it was
 and records ``promotion.decision=failed`` on the version it gates.
 
-The pipeline's steps (``dcgrpo.steps``) and the ``dcgrpo`` CLI go through the same functions at the end of this
+The pipeline's steps (``dcgrpo.stages``) and the ``dcgrpo`` CLI go through the same functions at the end of this
 module: ``rank_methods`` (which method's model to register), ``register_and_gate``, ``promote_version`` and
 ``rollback_version`` (the run config unpacked once: gate, budget, aliases, lock settings, serving).
 

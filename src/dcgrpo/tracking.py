@@ -28,7 +28,7 @@ Crashes (kill -9, OOM, a lost node) get no chance to mark their run, so:
   config) marks FAILED the RUNNING runs of that config whose process is gone
   from this host. Runs of another host are left alone (a pod cannot see
   another pod's processes): the pipeline's exit handler
-  (``dcgrpo.steps.mark_failed_step``) closes those.
+  (``dcgrpo.stages.publish.mark_failed_step``) closes those.
 - a resumed run recomputes the steps after its checkpoint, some of which the
   crashed process had already sent: ``Run.skip_logged_after`` reads what the
   server holds past the checkpoint once, and those (key, step) points are not
@@ -68,6 +68,19 @@ from dcgrpo.errors import ServiceUnavailable
 from dcgrpo.shutdown import Terminated
 
 log = logging.getLogger(__name__)
+
+# The names of the quantities the demo table, MLflow, the KFP report and the registry's tags all show.
+ROUND_DISCREPANCY = "dc/discrepancy_round_mean"
+"""The mean over a round's steps of the batch-mean discrepancy ``dc/discrepancy_mean``: what method selection and
+the promotion gate compare (the registry's ``dc/discrepancy_final`` of a version is its last round's), logged at
+each round's last step."""
+LAMBDA_KEY = "dc/lambda_next"
+"""Lambda after a step's dual update (Eq. 11): the one a checkpoint keeps and the next round starts from. A run's
+final lambda (the registry's ``dc/lambda_final``, the demo table, the report) is its last step's value of it."""
+KFP_RUN_TAG = "kfp_run_id"
+"""On every MLflow run a pipeline run creates, so the exit handler can find and fail them."""
+EVAL_METRICS_TAG = "dcgrpo.eval_metrics"
+EVAL_ENGINE_TAG = "dcgrpo.eval_engine"
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
 ERROR_TAG = "dcgrpo.error"
@@ -265,10 +278,11 @@ class Run:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
 
-def run_name(method: str, pipeline_run_id: str = "") -> str:
-    """A method's MLflow run name in a pipeline run: ``<method>-<first 8 characters of the pipeline run id>``, so
-    runs of different pipeline runs never share a name (precision is in the run's tags, not its name)."""
-    return f"{method}-{pipeline_run_id[:8]}" if pipeline_run_id else method
+def run_name(method: str, key: str = "") -> str:
+    """The one MLflow run-naming rule: ``<method>-<first 8 characters of key>``. ``key`` is the pipeline run id (a
+    pipeline's training runs) or the config hash (``dcgrpo train``), so runs of different pipeline runs or configs
+    never share a name; precision and backend are in the run's tags, not its name."""
+    return f"{method}-{key[:8]}" if key else method
 
 
 def run_params(cfg) -> dict[str, Any]:
@@ -341,16 +355,21 @@ def start_run(
         status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        try:
-            if status != "FINISHED":
-                run.flush()
-                if run._buffer:
-                    run._spill()
-            if error:  # what a person opening the failed run in MLflow reads first
-                client.set_tag(run_id, ERROR_TAG, error[:5000])
-            client.set_terminated(run_id, status)
-        except Exception as exc:  # the server may be what failed
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+        _close(run, status, error)
+
+
+def _close(run: Run, status: str, error: str) -> None:
+    """End ``run`` as ``status``: what is unsent is sent (or spilled to disk), a failure's error goes to a tag."""
+    try:
+        if status != "FINISHED":
+            run.flush()
+            if run._buffer:
+                run._spill()
+        if error:  # what a person opening the failed run in MLflow reads first
+            run.client.set_tag(run.run_id, ERROR_TAG, error[:5000])
+        run.client.set_terminated(run.run_id, status)
+    except Exception as exc:  # the server may be what failed
+        log.warning("could not mark MLflow run %s %s: %s", run.run_id, status, exc)
 
 
 def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:

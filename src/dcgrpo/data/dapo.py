@@ -275,6 +275,32 @@ def clean(rows: list[_Row], summary: PrepSummary) -> list[_Row]:
     return kept
 
 
+def _split_and_write(kept: list[dict], template: str, val_fraction: float, seed: int, out_dir: str,
+                     summary: PrepSummary) -> None:  # fmt: skip
+    """A deterministic train/val split (a seeded shuffle of positions: problems are unique after cleaning), written
+    as parquet; everything is serialised first, then each file written atomically, the summary last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(kept) * val_fraction))
+    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    train = [to_verl_row(kept[j], template, "train", k) for k, j in enumerate(train_idx)]
+    val = [to_verl_row(kept[j], template, "val", k) for k, j in enumerate(val_idx)]
+    summary.train_rows, summary.val_rows = len(train), len(val)
+    blobs = {}
+    for split, rows in (("train", train), ("val", val)):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        blobs[f"{split}.parquet"] = buf.getvalue()
+    summary.train_path = storage.join(out_dir, "train.parquet")
+    summary.val_path = storage.join(out_dir, "val.parquet")
+    for fname, blob in blobs.items():
+        storage.write_bytes(storage.join(out_dir, fname), blob)
+    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+
+
 def prepare_dapo(
     source: str,
     out_dir: str,
@@ -294,9 +320,6 @@ def prepare_dapo(
     longer than that many tokens are dropped and counted (``too_long``); if none is short enough, an error says
     how long the shortest is.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"template must be one of {sorted(PROMPT_TEMPLATES)}, got {template!r}")
     if not 0 < val_fraction < 1:
@@ -324,25 +347,5 @@ def prepare_dapo(
     if tokenizer is not None and max_prompt_length:
         kept = _drop_too_long(name, kept, template, tokenizer, max_prompt_length, summary)
     summary.rows_out = len(kept)
-
-    # Deterministic split: a seeded shuffle of positions (problems are unique after cleaning).
-    order = list(range(len(kept)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(kept) * val_fraction))
-    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
-    train = [to_verl_row(kept[j], template, "train", k) for k, j in enumerate(train_idx)]
-    val = [to_verl_row(kept[j], template, "val", k) for k, j in enumerate(val_idx)]
-    summary.train_rows, summary.val_rows = len(train), len(val)
-
-    # Serialise everything first, then write (each file atomically; summary last).
-    blobs = {}
-    for split, rows in (("train", train), ("val", val)):
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buf)
-        blobs[f"{split}.parquet"] = buf.getvalue()
-    summary.train_path = storage.join(out_dir, "train.parquet")
-    summary.val_path = storage.join(out_dir, "val.parquet")
-    for fname, blob in blobs.items():
-        storage.write_bytes(storage.join(out_dir, fname), blob)
-    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+    _split_and_write(kept, template, val_fraction, seed, out_dir, summary)
     return summary

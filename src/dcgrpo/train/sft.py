@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 SFT_BATCH_SIZE = 32
 
 
+def _examples(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, reference solution tokens + EOS) of each row."""
+    return [
+        (encode_prompt(tok, apply_chat_template(tok, r["prompt"])),
+         encode_prompt(tok, r["extra_info"]["solution"]) + [tok.eos_token_id])
+        for r in rows
+    ]  # fmt: skip
+
+
 def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str | Path) -> Path:
     """Fine-tune ``model_dir`` for ``cfg.model.sft_steps`` steps on the reference
     solutions in ``train_path``; save an HF directory to ``out_dir`` and return it.
@@ -52,12 +61,7 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
     rng = random.Random(cfg.model.seed)
     engine = HFEngine(str(model_dir), cfg.train.train_precision)
     tok = engine.tokenizer
-    examples = []
-    for r in rows:
-        prompt = encode_prompt(tok, apply_chat_template(tok, r["prompt"]))
-        response = encode_prompt(tok, r["extra_info"]["solution"]) + [tok.eos_token_id]
-        examples.append((prompt, response))
-
+    examples = _examples(tok, rows)
     model = engine.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.model.sft_lr, weight_decay=0.0)
