@@ -143,6 +143,12 @@ def worker(args) -> None:
         emit_row({"key": r["key"], "seed": args.seed, "wall_s": time.perf_counter() - t0, **row})
 
 
+def _interval(rows: list[dict], field: str) -> tuple[float, float]:
+    """Mean and 95% half-width over the seeds that have ``field`` (a seed without a flipped token has no d_flip)."""
+    xs = [r[field] for r in rows if r[field] == r[field]]
+    return interval(xs) if xs else (float("nan"), float("nan"))
+
+
 def report(cache: RowCache, out: Path) -> None:
     rows = list(cache.rows.values())
     table = []
@@ -150,7 +156,7 @@ def report(cache: RowCache, out: Path) -> None:
         rs = [r for r in rows if r["key"] == deploy]
         if not rs:
             continue
-        cells = [f"{m:.3g} ± {h:.2g}" for m, h in (interval([r[f] for r in rs]) for f in FIELDS)]
+        cells = [f"{m:.3g} ± {h:.2g}" for m, h in (_interval(rs, f) for f in FIELDS)]
         table.append([deploy, str(len(rs)), str(sum(r["tokens"] for r in rs)), *cells])
     md = md_table(["deploy", "seeds", "tokens", *FIELDS], table) + "\n"
     write_report(out, "routing", md, {"rows": rows})
@@ -159,7 +165,7 @@ def report(cache: RowCache, out: Path) -> None:
         for ax, fields, title in ((axes[0], ("flip_token", "flip_layer"), "routing flips (fraction)"),
                                   (axes[1], ("d_same", "d_flip"), "mean d = |p_train - p_inf|")):  # fmt: skip
             for j, f in enumerate(fields):
-                ms = [interval([r[f] for r in rows if r["key"] == n]) for n in names]
+                ms = [_interval([r for r in rows if r["key"] == n], f) for n in names]
                 ax.bar([i + 0.4 * j for i in range(len(names))], [m for m, _ in ms], 0.4, label=f,
                        yerr=[h if h == h else 0 for _, h in ms])  # fmt: skip
             ax.set_xticks([i + 0.2 for i in range(len(names))], names)
