@@ -18,7 +18,7 @@ def prepare_data(
     """Resolve the run's parameters (0 rounds / empty model name = the preset's; more rounds than compiled in
     fail here, before any GPU pod; ``round_pod`` picks the GPU or the launcher round task), then prepare the training data: DAPO-Math-17K (or any prepared parquet)
     from ``data_uri``, or the synthetic arithmetic task when it is empty."""
-    from dcgrpo.config import resolve_run_parameters
+    from dcgrpo.stages.parameters import resolve_run_parameters
     from dcgrpo.steps import prepare_data_step
 
     resolved = resolve_run_parameters(preset, overrides, rounds, model_name, max_rounds)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
-from dcgrpo.config import resolve_run_parameters
+from dcgrpo.config import DEFAULT_PRESET
+from dcgrpo.stages.parameters import resolve_run_parameters
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +428,7 @@ def summarize_pipeline_run(tracking_uri: str, cfg, since_ms: int) -> list[dict[s
 
 
 def _not_selected(row: dict[str, Any], chosen: dict[str, Any] | None, cfg) -> str:
-    """Why a method was not the one registered (``registry.rank_methods``' rule), saying so when it was a tie."""
+    """Why a method was not the one registered (``registry.rank_methods``' rule, as ``stages.registration.best_method_index`` applies it), saying so when it was a tie."""
     gate = cfg.eval.gate_metric
     if chosen is None:
         return "not selected (no method was registered)"
@@ -461,7 +462,7 @@ def mlflow_ui_command(root: Path) -> str:
 
 
 def demo(
-    preset: str = "tiny-cpu",
+    preset: str = DEFAULT_PRESET,
     overrides: list[str] | None = None,
     methods: list[str] | None = None,
     rounds: int | None = None,

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from dcgrpo import storage
 from dcgrpo.config import RunConfig, load_config
 from dcgrpo.registry import Registered
+from dcgrpo.stages.registration import best_method_index, promote_version, register_and_gate
 
 log = logging.getLogger(__name__)
 
@@ -540,15 +541,14 @@ class Best(NamedTuple):
 def select_best_step(
     preset: str, overrides: list[str], methods: list[str], gate_values: list[float], references: list[dict]
 ) -> Best:
-    """The best method (``registry.rank_methods`` within the promotion discrepancy limit) and its
+    """The best method (``stages.registration.best_method_index``: within the promotion discrepancy limit) and its
     ``model_reference`` (nothing is copied: the weights stay where evaluate read them)."""
-    from dcgrpo.registry import rank_methods
-
     if not methods or len(methods) != len(gate_values) or len(references) != len(methods):
         raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(references)} models")
-    budget = step_config(preset, overrides).promotion_discrepancy_limit()
+    cfg = step_config(preset, overrides)
+    budget = cfg.promotion_discrepancy_limit()
     d = [float(r["metadata"].get("discrepancy", float("inf"))) for r in references]  # none recorded: never within
-    i = rank_methods([float(g) for g in gate_values], d, budget)
+    i = best_method_index(cfg, [float(g) for g in gate_values], d)
     log.info("best method: %s (gate %s; discrepancy %s; budget %.3g)", methods[i],
              dict(zip(methods, gate_values, strict=True)), dict(zip(methods, d, strict=True)), budget)  # fmt: skip
     return Best(methods[i], float(gate_values[i]), references[i])
@@ -579,11 +579,9 @@ def register_step(
 
     ``passes_gate`` decides whether the pipeline's promote task runs at all, so
     ``force`` (the run's ``force_promotion``) lets it run on a failed gate too;
-    promote then records the decision as forced. Registration and gate: ``registry.register_and_gate`` (as
+    promote then records the decision as forced. Registration and gate: ``stages.registration.register_and_gate`` (as
     ``dcgrpo register``).
     """
-    from dcgrpo.registry import register_and_gate
-
     cfg = step_config(preset, overrides, mlflow_uri)
     mlc = _mlflow_client(cfg)
     run_id = model_meta["mlflow_run_id"]
@@ -613,13 +611,11 @@ def promote_step(preset: str, overrides: list[str], mlflow_uri: str, model_name:
     """Promote ``version`` (the one register_step returned) through the registry's gate.
 
     Bound to that version even if another run has registered a newer challenger
-    meanwhile; the registry's promotion lock orders concurrent runs. ``registry.promote_version`` (as
+    meanwhile; the registry's promotion lock orders concurrent runs. ``stages.registration.promote_version`` (as
     ``dcgrpo promote``).
     """
-    from dcgrpo.registry import promote_version
-
     cfg = step_config(preset, overrides, mlflow_uri)
-    # registry.serve_on_promote: the InferenceService is applied before the alias moves (registry._commit).
+    # registry.serve_on_promote: the InferenceService is applied before the alias moves (the registry's serve hook).
     decision = promote_version(_mlflow_client(cfg), cfg, model_name, version, force=force,
                                serve=cfg.registry.serve_on_promote)  # fmt: skip
     return f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
