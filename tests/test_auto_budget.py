@@ -9,7 +9,8 @@ import pytest
 
 from dcgrpo.algorithm.dual import LagrangeMultiplier, auto_budget
 from dcgrpo.algorithm.step import make_multiplier
-from dcgrpo.config import ConfigError, load_config, resolve_run_parameters
+from dcgrpo.config import ConfigError, load_config
+from dcgrpo.stages.parameters import resolve_run_parameters
 
 
 def test_auto_budget_is_the_scaled_mean_of_the_calibration_steps():

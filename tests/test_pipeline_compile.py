@@ -6,10 +6,11 @@ import re
 import pytest
 import yaml
 
-from dcgrpo import config, pipeline
+from dcgrpo import pipeline
 from dcgrpo.cli import main
 from dcgrpo.config import ConfigError
 from dcgrpo.deploy import DeploymentContract
+from dcgrpo.stages import parameters
 
 GPU_STEPS = ("warm-start", "train-round", "export-fp8", "evaluate")
 LIGHT_STEPS = ("prepare-data", "select-best", "register-model", "promote", "mark-failed")
@@ -117,9 +118,9 @@ def test_verl_rounds_on_a_rayjob_request_no_gpu(compiled):
     branch is chosen by prepare_data's resolved ``round_pod``, so one YAML serves both backends."""
     from dcgrpo.config import load_config
 
-    assert config.round_pod(load_config(preset="qwen3-8b")) == "launcher"
-    assert config.round_pod(load_config(preset="tiny-cpu")) == "gpu"
-    assert config.round_pod(load_config(preset="qwen3-8b", overrides=["verl.launch=single-node"])) == "gpu"
+    assert parameters.round_pod(load_config(preset="qwen3-8b")) == "launcher"
+    assert parameters.round_pod(load_config(preset="tiny-cpu")) == "gpu"
+    assert parameters.round_pod(load_config(preset="qwen3-8b", overrides=["verl.launch=single-node"])) == "gpu"
     spec = next(yaml.safe_load_all(compiled.read_text()))
     containers, k8s = _executors(compiled)
     launchers = [t for _, t in _all_tasks(spec) if t["componentRef"]["name"].startswith("comp-train-round-launcher")]
@@ -282,9 +283,9 @@ def test_rounds_above_the_compiled_maximum_are_refused_before_anything_starts(ca
     assert "rounds=4" in capsys.readouterr().err
     # The pipeline's own first step refuses the same way (a run started from the UI)
     with pytest.raises(ConfigError, match=r"rounds=11.*1 to 10"):
-        config.resolve_run_parameters("tiny-cpu", [], 11, "", 10)
+        parameters.resolve_run_parameters("tiny-cpu", [], 11, "", 10)
     with pytest.raises(ConfigError, match=r"rounds=10 \(preset qwen3-8b's train.rounds\)"):
-        config.resolve_run_parameters("qwen3-8b", [], 0, "", 3)
+        parameters.resolve_run_parameters("qwen3-8b", [], 0, "", 3)
 
 
 # --- UI defaults (point 13) ----------------------------------------------------------------------------------------
@@ -296,9 +297,9 @@ def test_ui_defaults_mean_the_presets_values_and_every_parameter_is_described(co
     for name, param in params.items():
         assert len(param.description) > 20, f"parameter {name} has no description for the UI"
     assert params["rounds"].default_value.number_value == 0 and params["model_name"].default_value.string_value == ""
-    assert config.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b", "launcher")
-    assert config.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny", "gpu")
-    assert config.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine", "launcher")
+    assert parameters.resolve_run_parameters("qwen3-8b", [], 0, "", 10) == (10, "dcgrpo-qwen3-8b", "launcher")
+    assert parameters.resolve_run_parameters("tiny-cpu", [], 0, "", 10) == (2, "dcgrpo-tiny", "gpu")
+    assert parameters.resolve_run_parameters("qwen3-8b", [], 3, "mine", 10) == (3, "mine", "launcher")
     # register and promote take the resolved name, not the raw parameter
     spec_dict = next(yaml.safe_load_all(compiled.read_text()))
     users = [t for name, t in _all_tasks(spec_dict) if name.startswith(("register-model", "promote"))]
