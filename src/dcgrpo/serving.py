@@ -16,10 +16,13 @@ The storage URI is what KServe's storage initializer fetches: a version's
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
 from typing import Any
+
+import yaml
 
 from dcgrpo import storage
 from dcgrpo.config import RegistryConfig
@@ -195,8 +198,6 @@ def render_champion_manifests(mlflow_client, cfg: RegistryConfig, out_dir: str |
 
     Returns ``{filename: yaml text}``.
     """
-    import yaml
-
     mv = alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
     if mv is None:
         raise RegistryError(f"{cfg.model_name}: no version has alias {cfg.champion_alias!r}; nothing to serve")
@@ -248,8 +249,6 @@ def _isvc_path(obj: dict[str, Any]) -> str:
 
 def _api_reason(exc) -> str:
     """The API server's own message (a Status object's ``message``), else the HTTP reason."""
-    import json
-
     try:
         return json.loads(exc.body).get("message") or exc.reason
     except (TypeError, ValueError, AttributeError):

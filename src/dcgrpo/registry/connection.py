@@ -9,6 +9,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
+from dcgrpo import tracking
 from dcgrpo.config import RegistryConfig
 from dcgrpo.errors import DcgrpoError, ServiceUnavailable
 
@@ -28,12 +29,10 @@ class RegistryError(DcgrpoError, RuntimeError):
 def client(tracking_uri: str | None = None):
     """The registry's MLflow client (``tracking.mlflow_client``: bounded HTTP retries), after one ``/health``
     request, so that a server that is down fails in seconds naming the URI rather than after the retries."""
-    import mlflow
-
-    from dcgrpo.tracking import mlflow_client
+    import mlflow  # the heavy import only where a client is made
 
     check_server(tracking_uri or mlflow.get_tracking_uri())
-    return mlflow_client(tracking_uri, registry_uri=tracking_uri)
+    return tracking.mlflow_client(tracking_uri, registry_uri=tracking_uri)
 
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
