@@ -158,7 +158,7 @@ def test_verl_on_a_rayjob_trains_from_a_launcher_that_requests_no_gpu(compiled_r
     """Point 9: with verl on a RayJob (the qwen presets) the train task is a launcher pod without a GPU, in the
     package ``dcgrpo submit`` picks for those presets; the graph is the same."""
     from dcgrpo.config import load_config
-    from dcgrpo.stages.run import train_pod
+    from dcgrpo.stages.parameters import train_pod
 
     assert train_pod(load_config(preset="qwen3-8b")) == "launcher"
     assert train_pod(load_config(preset="tiny-cpu")) == "gpu"
@@ -175,7 +175,7 @@ def test_verl_on_a_rayjob_trains_from_a_launcher_that_requests_no_gpu(compiled_r
 def test_a_run_the_package_cannot_train_is_refused_before_anything_starts(capsys, compiled_rayjob):
     """The GPU package asked to train verl on a RayJob (or the other way round): refused naming the package to use,
     by submit before any request and by the pipeline's first step (a run started from the UI)."""
-    from dcgrpo.stages.run import resolve_pipeline_run
+    from dcgrpo.stages.parameters import resolve_pipeline_run
 
     gpu_package = str(pipeline.COMPILED_PATH)
     assert main(["submit", "--host", "http://127.0.0.1:9", "--preset", "qwen3-8b", "--package", gpu_package]) == 2

@@ -19,7 +19,7 @@ def prepare_data(
     train task cannot run fails here, before any GPU pod), then prepare the training data: DAPO-Math-17K (or any
     prepared parquet) from ``data_uri``, or the synthetic arithmetic task when it is empty."""
     from dcgrpo.stages.data import prepare_data_step
-    from dcgrpo.stages.run import resolve_pipeline_run
+    from dcgrpo.stages.parameters import resolve_pipeline_run
 
     resolved = resolve_pipeline_run(preset, overrides, rounds, model_name, train_pod)
     prepared = prepare_data_step(preset, overrides, data_uri, dataset.path, mlflow_uri, kfp_run_id, model_uri)

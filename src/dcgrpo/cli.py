@@ -31,7 +31,7 @@ class UserError(DcgrpoError):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML run config (sections as in dcgrpo.config)")
-    p.add_argument("--preset", help="tiny-cpu (default), qwen3-8b or qwen3-30b-a3b")
+    p.add_argument("--preset", help=f"{DEFAULT_PRESET} (default), qwen3-8b or qwen3-30b-a3b")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -224,11 +224,12 @@ def _tracking_client(cfg: RunConfig, uri: str | None):
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register a model directory as a new version (alias challenger) with its gate tags, and gate it against the
-    champion as the pipeline does (``registry.register_and_gate``: a refused version records the rejection).
+    champion as the pipeline does (``stages.registration.register_and_gate``: a refused version records the rejection).
 
     Registering the same run, directory and quantization again prints the existing version.
     """
-    from dcgrpo.registry import load_metrics, register_and_gate
+    from dcgrpo.registry import load_metrics
+    from dcgrpo.stages.registration import register_and_gate
 
     cfg = config_from_args(args)
     metrics = load_metrics(args.metrics, "--metrics")  # before any server call: a typo fails fast
@@ -259,8 +260,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Promote a version (default: the challenger, resolved once) to champion if it passes the gate (or --force),
     or roll back to an earlier one; with --serve (or registry.serve_on_promote) apply its InferenceService first;
     render serving manifests."""
-    from dcgrpo.registry import ALREADY, promote_version, rollback_version, version_by_alias
+    from dcgrpo.registry import ALREADY, version_by_alias
     from dcgrpo.serving import render_champion_manifests
+    from dcgrpo.stages.registration import promote_version, rollback_version
 
     cfg = config_from_args(args)
     if args.model_name:
@@ -449,7 +451,7 @@ COMMANDS: dict[
     "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", _train_args),
     "demo": (
         cmd_demo,
-        "the whole pipeline on this machine (kfp.local, vLLM CPU, a local MLflow), tiny-cpu preset",
+        f"the whole pipeline on this machine (kfp.local, vLLM CPU, a local MLflow), {DEFAULT_PRESET} preset",
         _demo_args,
     ),
     "prepare": (cmd_prepare, "prepare DAPO-Math-17K as verl-schema parquet", _prepare_args),

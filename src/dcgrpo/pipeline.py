@@ -14,14 +14,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dcgrpo.config import load_config, resolve_run_parameters
-from dcgrpo.stages.run import PACKAGES, check_train_pod, train_pod
+from dcgrpo.config import load_config
+from dcgrpo.stages.parameters import PACKAGES, check_train_pod, resolve_run_parameters, train_pod
 
 log = logging.getLogger(__name__)
 
 COMPILED_DIR = Path(str(resources.files("dcgrpo.pipelines") / "compiled"))
 """The compiled pipelines, package data of ``dcgrpo.pipelines`` (``pipelines/compiled/`` in a checkout): found the
-same way in a checkout, an installed wheel and the light image. One per train pod (``stages.run.PACKAGES``)."""
+same way in a checkout, an installed wheel and the light image. One per train pod (``stages.parameters.PACKAGES``)."""
 COMPILED_PATH = COMPILED_DIR / PACKAGES["gpu"]
 COMPILED_NAME = COMPILED_PATH.name
 
@@ -123,7 +123,7 @@ def pipeline_arguments(
     methods = methods or ["grpo", "dc-grpo"]
     for method in methods:
         load_config(preset=preset, overrides=[*overrides, f"method.name={method}"])
-    resolved = resolve_run_parameters(preset, overrides, rounds or 0, model_name or "", 10**9)
+    resolved = resolve_run_parameters(preset, overrides, rounds or 0, model_name or "")
     return {
         "preset": preset,
         "overrides": overrides,

@@ -10,7 +10,7 @@ import logging
 from typing import Any, NamedTuple
 
 from dcgrpo.model_refs import is_remote, latest_model_dir, weights_uri
-from dcgrpo.registry import promote_version, rank_methods, register_and_gate
+from dcgrpo.stages.registration import best_method_index, promote_version, register_and_gate
 from dcgrpo.stages.run import mlflow_client, step_config
 from dcgrpo.tracking import EVAL_ENGINE_TAG, EVAL_METRICS_TAG, KFP_RUN_TAG, LAMBDA_KEY
 
@@ -26,14 +26,15 @@ class Best(NamedTuple):
 def select_best_step(
     preset: str, overrides: list[str], methods: list[str], gate_values: list[float], references: list[dict]
 ) -> Best:
-    """The best method (``registry.rank_methods`` within the promotion discrepancy limit) and its
+    """The best method (``registration.best_method_index``: within the promotion discrepancy limit) and its
     ``model_refs.model_reference`` (nothing is copied: the weights stay where evaluate read them)."""
 
     if not methods or len(methods) != len(gate_values) or len(references) != len(methods):
         raise ValueError(f"{len(methods)} methods, {len(gate_values)} gate values, {len(references)} models")
-    budget = step_config(preset, overrides).promotion_discrepancy_limit()
+    cfg = step_config(preset, overrides)
+    budget = cfg.promotion_discrepancy_limit()
     d = [float(r["metadata"].get("discrepancy", float("inf"))) for r in references]  # none recorded: never within
-    i = rank_methods([float(g) for g in gate_values], d, budget)
+    i = best_method_index(cfg, [float(g) for g in gate_values], d)
     log.info("best method: %s (gate %s; discrepancy %s; budget %.3g)", methods[i],
              dict(zip(methods, gate_values, strict=True)), dict(zip(methods, d, strict=True)), budget)  # fmt: skip
     return Best(methods[i], float(gate_values[i]), references[i])
@@ -57,7 +58,7 @@ def register_step(
     fp8_dir: str, force: bool = False,
 ):  # fmt: skip
     """Register the FP8 export (and the bf16 checkpoint) and evaluate the promotion gate; returns
-    ``registry.Registered``.
+    ``registry.Registered`` (``registration.register_and_gate``, as ``dcgrpo register``).
 
     ``model_dir``/``fp8_dir`` are local paths (kfp.local, tests: uploaded as MLflow run artifacts, served through
     MLflow's artifact proxy) or artifact URIs (a cluster: registered by reference, nothing downloaded or uploaded).
