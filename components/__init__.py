@@ -13,6 +13,8 @@ compile-time parameter (`dcgrpo compile --image ... --trainer-image ...`).
 
 from __future__ import annotations
 
+import configparser
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,9 +83,6 @@ def write_kfp_config(directory: str) -> Path:
     """``<directory>/kfp_config.ini``: each component function -> the file defining it in this installation, as
     ``kfp component build`` writes it. The containerized executor reads it from its working directory (the
     images' WORKDIR), so every image that runs components writes it at build time."""
-    import configparser
-    import inspect
-
     config = configparser.ConfigParser()
     config.optionxform = str  # function names are case-sensitive
     config["Components"] = {

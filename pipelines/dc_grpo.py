@@ -27,7 +27,7 @@ so the RayJobs they start use the same names.
 from dataclasses import dataclass, field
 
 from dcgrpo.components import build_components
-from kfp import dsl, kubernetes
+from kfp import compiler, dsl, kubernetes
 
 from dcgrpo.config import DEFAULT_PRESET
 from dcgrpo.deploy import ENV_VAR, DeploymentContract
@@ -232,7 +232,5 @@ def build_pipeline(settings: ClusterSettings | None = None):
 
 
 def compile_pipeline(out_path: str, settings: ClusterSettings | None = None) -> str:
-    from kfp import compiler
-
     compiler.Compiler().compile(build_pipeline(settings), package_path=out_path)
     return out_path

@@ -14,10 +14,10 @@ def evaluate(
 ) -> float:
     """avg@k per benchmark with the deploy engine on the FP8 export; returns the gate metric. ``reference``:
     where the evaluated models are (``dcgrpo.model_refs.model_reference``), what select_best and register_model take."""
-    import json
+    import json  # inside: KFP runs only the function body
 
-    from dcgrpo.model_refs import model_reference
-    from dcgrpo.stages.evaluate import evaluate_step
+    from dcgrpo.model_refs import model_reference  # inside: KFP runs only the function body
+    from dcgrpo.stages.evaluate import evaluate_step  # inside: KFP runs only the function body
 
     result = evaluate_step(
         preset, overrides, mlflow_uri, dataset.path, dict(model.metadata), model.path, fp8_model.path, report.path

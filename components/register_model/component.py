@@ -20,9 +20,9 @@ def register_model(
     (The gate is the single return value, the version and reason output
     parameters: kfp.local cannot branch on one field of a NamedTuple output.)
     """
-    from pathlib import Path
+    from pathlib import Path  # inside: KFP runs only the function body
 
-    from dcgrpo.stages.publish import register_step
+    from dcgrpo.stages.publish import register_step  # inside: KFP runs only the function body
 
     result = register_step(preset, overrides, mlflow_uri, model_name, reference["metadata"], reference["model_uri"],
                            reference["fp8_uri"], force_promotion)  # fmt: skip

@@ -199,7 +199,7 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an HF checkpoint (local or s3://) as an FP8 compressed-tensors checkpoint."""
-    from dcgrpo.export import ExportError, export_fp8
+    from dcgrpo.export import ExportError, export_fp8  # torch: not on the light image
 
     cfg = config_from_args(args)
     try:
@@ -426,7 +426,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline through kfp.local: data, warm start, rounds per method, FP8 export,
     evaluation, registration, promotion; then a summary table."""
-    from dcgrpo.demo import demo
+    from dcgrpo.demo import demo  # rich: `dcgrpo submit` runs without it
 
     if args.config:
         raise UserError("demo takes --preset and --set overrides (the pipeline's parameters), not --config")

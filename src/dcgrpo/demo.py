@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from dcgrpo import storage
 from dcgrpo.config import DEFAULT_PRESET, load_config
 from dcgrpo.mlflow_server import start_local_server, stop_local_server
-from dcgrpo.tracking import LAMBDA_KEY, ROUND_DISCREPANCY
+from dcgrpo.pipeline import pipeline_arguments, run_local
+from dcgrpo.tracking import EVAL_METRICS_TAG, LAMBDA_KEY, ROUND_DISCREPANCY, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ def summarize_pipeline_run(tracking_uri: str, cfg, since_ms: int) -> list[dict[s
     """Per method: accuracy before/after training, eval gate metric, mean discrepancy of the last round, lambda
     after the last step, registered version and aliases, and why it was or was not promoted (read back from
     MLflow, the record of the run; the same names and values as the registry's tags and the evaluation report)."""
-    from dcgrpo.tracking import EVAL_METRICS_TAG, mlflow_client
-
     client = mlflow_client(tracking_uri)
     versions = {}
     try:
@@ -122,8 +122,6 @@ def demo(
     Checks every argument (each method's config included) first, then starts a local MLflow server (sqlite,
     under ``storage.root/mlflow``) when no tracking URI is configured; prints how to open the UI on the results.
     """
-    from dcgrpo.pipeline import pipeline_arguments, run_local
-
     overrides = list(overrides or [])
     cfg = load_config(preset=preset, overrides=overrides)
     if storage.is_s3(cfg.storage.root):
@@ -167,8 +165,6 @@ def _quiet_libraries() -> None:
 
 def _print_summary(console, cfg, preset: str, methods: list[str], rows: list[dict[str, Any]], wall: float) -> None:
     """The demo table (one row per method) and the promotion decisions, with the names MLflow uses."""
-    from rich.table import Table
-
     gate = cfg.eval.gate_metric
     table = Table(title=f"dcgrpo demo: {preset}, methods {', '.join(methods)}, {wall:.0f} s")
     for col in ("method", "val acc start -> end", f"{gate} (fp8)", "mean d, last round", "lambda, last step",
@@ -220,8 +216,6 @@ def _print_mlflow(console, cfg, root: Path, uri: str, proc, keep_server: bool, e
 
 
 def _experiment_id(uri: str, name: str) -> str | None:
-    from dcgrpo.tracking import mlflow_client
-
     exp = mlflow_client(uri).get_experiment_by_name(name)
     return exp.experiment_id if exp is not None else None
 

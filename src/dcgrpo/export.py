@@ -82,7 +82,9 @@ def quantization_config(scheme: str, block_size: int, ignore: list[str]) -> dict
     ``FP8_BLOCK``) or per output channel (``fp8_channel``, ``FP8_DYNAMIC``);
     activations: dynamic FP8 per 128-group / per token, computed by the server.
     """
-    import compressed_tensors
+    import compressed_tensors  # compressed_tensors: only the FP8 config needs it
+
+    # compressed_tensors: only the FP8 config needs it
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     preset = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC"}[scheme]
@@ -238,7 +240,9 @@ def load_dequantized(path: str, endpoint_url: str | None = None) -> dict[str, to
     checkpoint's ``quantization_config``), not with our quantiser, so a
     round-trip check compares two independent implementations of the format.
     """
-    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization import QuantizationConfig  # compressed_tensors: only the FP8 config needs it
+
+    # compressed_tensors: only the FP8 config needs it
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 
     with storage.local_copy(path, endpoint_url) as d:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgrpo.deploy import current
+from dcgrpo.models import ModelNotFoundError
 from dcgrpo.train.checkpoint import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ def resolve_model(artifact_dir: str) -> str:
         return artifact_dir
     target = json.loads(ref.read_text())["path"]
     if not Path(target).is_dir():
-        from dcgrpo.models import ModelNotFoundError  # transformers: not on the light image
-
         raise ModelNotFoundError(
             f"{artifact_dir}: its weights are referenced at {target}, which is not there: mount the checkpoint "
             f"volume on this step (${MODEL_STORE_ENV}) or, for a cached task whose files were deleted, run with "

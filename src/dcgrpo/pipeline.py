@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dcgrpo.config import load_config
+import yaml
+from google.protobuf import json_format
+
+from dcgrpo.config import ConfigError, load_config
+from dcgrpo.deploy import DeploymentContract
+from dcgrpo.errors import ServiceUnavailable
 from dcgrpo.stages.parameters import PACKAGES, check_train_pod, resolve_run_parameters, train_pod
 
 log = logging.getLogger(__name__)
@@ -35,8 +45,6 @@ def package_for(arguments: dict[str, Any]) -> Path:
 def default_compile_output(pod: str = "gpu") -> Path:
     """Where ``dcgrpo compile`` writes without ``--output``: the packaged file in a checkout (editable install),
     else ``./<package name>`` (an installed package is not the user's to rewrite, and may be read-only)."""
-    import os
-
     in_checkout = (COMPILED_DIR.parents[1] / "pyproject.toml").is_file() and os.access(COMPILED_DIR, os.W_OK)
     return (COMPILED_DIR if in_checkout else Path.cwd()) / PACKAGES[pod]
 
@@ -44,7 +52,7 @@ def default_compile_output(pod: str = "gpu") -> Path:
 def compile_yaml(out_path: str | Path, contract: Any = None, **settings: Any) -> Path:
     """Compile the pipeline (with ``ClusterSettings(contract, **settings)``; ``train_pod`` picks the package) to
     ``out_path``. ``contract``: a ``dcgrpo.deploy.DeploymentContract`` (default: the names manifests/ use)."""
-    from dcgrpo.deploy import DeploymentContract
+    # kfp: 0.9 s to load; only compile, submit, schedule and the demo need it
     from dcgrpo.pipelines.dc_grpo import ClusterSettings, compile_pipeline
 
     out_path = Path(out_path)
@@ -61,10 +69,9 @@ def load_compiled(path: str | Path) -> tuple[Any, Any]:
     stricter than ``kfp.components.load_component_from_file``, which misses
     dangling references.
     """
-    import yaml
-    from google.protobuf import json_format
+    # kfp: 0.9 s to load; only compile, submit, schedule and the demo need it
     from kfp.kubernetes import kubernetes_executor_config_pb2
-    from kfp.pipeline_spec import pipeline_spec_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2  # kfp: as above
 
     docs = list(yaml.safe_load_all(Path(path).read_text()))
     if len(docs) != 2:
@@ -87,10 +94,6 @@ def load_compiled(path: str | Path) -> tuple[Any, Any]:
 
 def compiled_train_pod(package: str | Path) -> str:
     """The train pod a compiled package was built for: the constant ``train_pod`` its prepare-data task gets."""
-    import yaml
-
-    from dcgrpo.config import ConfigError
-
     spec = next(yaml.safe_load_all(Path(package).read_text()))
     for component in spec.get("components", {}).values():
         for task in component.get("dag", {}).get("tasks", {}).values():
@@ -146,11 +149,6 @@ def check_kfp(host: str, token: str | None = None, timeout_s: float = 10.0) -> d
     Returns the health JSON (``multi_user`` says whether runs need a namespace).
     Raises ``ServiceUnavailable`` naming the host: unreachable, token refused, or no KFP API there.
     """
-    import urllib.error
-    import urllib.request
-
-    from dcgrpo.errors import ServiceUnavailable
-
     url = host.rstrip("/") + HEALTH_PATH
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -181,8 +179,6 @@ def check_kfp(host: str, token: str | None = None, timeout_s: float = 10.0) -> d
 @contextmanager
 def _kfp_errors(host: str, what: str) -> Iterator[None]:
     """KFP API refusals as one-line ``ServiceUnavailable``: a refused token, a missing experiment or namespace."""
-    from dcgrpo.errors import ServiceUnavailable
-
     try:
         yield
     except Exception as exc:
@@ -202,11 +198,7 @@ def _client(host: str, namespace: str | None = None):
 
     Multi-user Kubeflow (the health check says so) needs the profile namespace.
     """
-    import os
-
-    import kfp
-
-    from dcgrpo.config import ConfigError
+    import kfp  # kfp: 0.9 s to load; only compile, submit, schedule and the demo need it
 
     token = os.environ.get("KFP_TOKEN") or None
     health = check_kfp(host, token)
@@ -293,12 +285,9 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path, verbose: boo
     Kubernetes settings (GPUs, node pools, secrets, PVCs) are ignored locally, and kfp.local's warnings saying so
     are not shown; neither is each task's executor input (a page of JSON per task) unless ``verbose``.
     """
-    import sys
-    import warnings
+    import kfp.local  # kfp: 0.9 s to load; only compile, submit, schedule and the demo need it
 
-    import kfp.local
-
-    from dcgrpo.pipelines.dc_grpo import ClusterSettings, build_pipeline
+    from dcgrpo.pipelines.dc_grpo import ClusterSettings, build_pipeline  # kfp: as above
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     log.info("running the pipeline locally with %s", json.dumps(arguments))

@@ -38,10 +38,10 @@ def plot_curves(
     something: lambda for a method that applies the penalty (``Method.penalised``), eps for one whose lambda moves
     by dual ascent (``Method.dual_ascent``). Without ``method`` both follow the data (lambda if logged, eps if given).
     """
-    import matplotlib
+    import matplotlib  # matplotlib: `dcgrpo submit` runs without it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: `dcgrpo submit` runs without it
 
     panels, show_budget = curve_panels(history, budget, method)
     show_lambda = "lambda" in panels

@@ -226,7 +226,7 @@ def kube_api_client():
     Loaded into its own Configuration (not the client's global default), so
     a test's or a caller's client is never overwritten.
     """
-    from kubernetes import client, config
+    from kubernetes import client, config  # kubernetes: 0.9 s to load; only applying manifests needs it
 
     conf = client.Configuration()
     try:
@@ -263,8 +263,8 @@ def apply_inference_service(obj: dict[str, Any], *, api_client=None) -> dict[str
     Conflicts are forced because promotion owns these fields (a hand edit of
     storageUri must not keep an old model served).
     """
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+    from kubernetes.client.exceptions import ApiException  # kubernetes: 0.9 s to load; only applying manifests needs it
+    from urllib3.exceptions import HTTPError  # urllib3: only applying manifests needs it
 
     api_client = api_client or kube_api_client()
     where = f"InferenceService {obj['metadata']['namespace']}/{obj['metadata']['name']}"

@@ -106,7 +106,7 @@ def mlflow_client(uri: str, registry_uri: str | None = None):
     MLflow retries every method (POST included) on 429/500/502/503/504 and on
     refused or reset connections; it reads these variables at each request.
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # mlflow: `dcgrpo submit` runs without it
 
     for key, value in HTTP_RETRY_ENV.items():
         os.environ.setdefault(key, value)
@@ -187,7 +187,7 @@ class Run:
             self.flush()
 
     def _send(self) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: `dcgrpo submit` runs without it
 
         while self._buffer:
             chunk = self._buffer[:MAX_BATCH]
@@ -255,14 +255,14 @@ class Run:
 
     # -- params, tags, artifacts -----------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow: `dcgrpo submit` runs without it
 
         items = [Param(k, _param_str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's per-request param limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # mlflow: `dcgrpo submit` runs without it
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -375,7 +375,7 @@ def _close(run: Run, status: str, error: str) -> None:
 
 def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:
     """The experiment's id, created if missing (a create retried after it went through finds it taken)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:

@@ -147,7 +147,7 @@ def write_synthetic_splits(data_cfg, out_dir: str | Path) -> tuple[Path, Path]:
     The validation split is drawn first (seed + 1) and its questions are
     excluded from training, so held-out accuracy is measured on unseen problems.
     """
-    import pandas as pd
+    import pandas as pd  # pandas: `dcgrpo submit` runs without it
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,14 @@ rounds a bf16 engine's weights the same way, on CPU and GPU alike.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class VLLMEngine:
         self.on_gpu = has_cuda()
         # In-process engine: fast start, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
+        from vllm import LLM  # vllm: loads in seconds; only a running engine needs it
 
         kwargs: dict = dict(
             model=self.model_path,
@@ -143,7 +145,7 @@ class VLLMEngine:
         max_tokens: int,
     ) -> list[list[Generation]]:
         """Sample ``n`` completions per chat-templated prompt (temperature 0 = greedy)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vllm: loads in seconds; only a running engine needs it
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0)
         token_prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in prompts]
@@ -171,7 +173,7 @@ class VLLMEngine:
         if self.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         if self.grid:
-            from dcgrpo.engines.weight_grids import round_state_dict
+            from dcgrpo.engines.weight_grids import round_state_dict  # compressed_tensors: only a weight grid needs it
 
             sd = round_state_dict(sd, self.grid, self.keep_high_precision, self.fp8_block_size)
         # Cast to the engine's dtype here (vLLM would do the same on load, warning once per
@@ -192,10 +194,11 @@ class VLLMEngine:
         on a meta-device model of the engine's config); a state dict already in the on-disk layout
         passes through unchanged.
         """
+        # transformers: only a weight handover needs it
         from transformers.core_model_loading import revert_weight_conversion
 
         if self._layout_model is None:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM  # transformers: only a weight handover needs it
 
             with torch.device("meta"):
                 self._layout_model = AutoModelForCausalLM.from_config(self.llm.llm_engine.model_config.hf_config)
@@ -216,8 +219,6 @@ class VLLMEngine:
             log.debug("vLLM shutdown: %s", exc)
         self.llm = None
         VLLMEngine._live -= 1
-        import gc
-
         gc.collect()
 
     def __enter__(self) -> VLLMEngine:
@@ -238,6 +239,7 @@ def _forget_cpu_moe_kernels(worker) -> int:
     Dropping the kernel makes the reload take the first load's path. Returns
     the number of MoE layers reset.
     """
+    # vllm: loads in seconds; only a running engine needs it
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     n = 0
@@ -250,8 +252,6 @@ def _forget_cpu_moe_kernels(worker) -> int:
 
 
 def _read_safetensors(model_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")

@@ -64,7 +64,7 @@ def check_model_name(name: str) -> str:
 
 def alias_version(mlflow_client, name: str, alias: str):
     """The model version ``alias`` points at, or None if no version has it (or the model does not exist)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         return mlflow_client.get_model_version_by_alias(name, alias)
@@ -84,7 +84,7 @@ def version_by_alias(mlflow_client, name: str, alias: str) -> str:
 
 def model_version(mlflow_client, name: str, version: str):
     """Version ``version`` of ``name``; ``RegistryError`` if there is none."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         return mlflow_client.get_model_version(name, version)

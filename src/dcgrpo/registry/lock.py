@@ -72,7 +72,7 @@ class _Held:
 
 def _lock_state(mlflow_client, lock: str) -> _Held | None:
     """Who holds ``lock`` (or its guard) and for how long (None: nobody, or it vanished as we read it)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         rm = mlflow_client.get_registered_model(lock)
@@ -86,7 +86,7 @@ def _lock_state(mlflow_client, lock: str) -> _Held | None:
 
 def _try_create(mlflow_client, lock: str, token: str, holder: str) -> bool:
     """Atomically create the lock (or guard) model; False if it exists, or existed a moment ago."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
@@ -102,7 +102,7 @@ def _try_create(mlflow_client, lock: str, token: str, holder: str) -> bool:
 
 
 def _delete_quietly(mlflow_client, model: str) -> None:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         mlflow_client.delete_registered_model(model)

@@ -46,7 +46,7 @@ def _artifact_key(source_dir: str, quantization: str) -> str:
 
 
 def _get_run(mlflow_client, name: str, run_id: str):
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         return mlflow_client.get_run(run_id)
@@ -79,7 +79,7 @@ def _oldest_of_duplicates(mlflow_client, name: str, mv, run_id: str, source_dir:
 
 
 def _delete_version_quietly(mlflow_client, name: str, version: str) -> None:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         mlflow_client.delete_model_version(name, version)
@@ -90,7 +90,7 @@ def _delete_version_quietly(mlflow_client, name: str, version: str) -> None:
 
 def _ensure_registered_model(mlflow_client, name: str) -> bool:
     """Create the registered model if it is missing; True if this call created it."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     try:
         mlflow_client.create_registered_model(name)

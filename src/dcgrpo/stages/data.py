@@ -100,7 +100,7 @@ def _tokenizer_if_installed(cfg, model_uri: str):
 def check_prompts(cfg, rows_by_file: dict[str, list[dict]], model_dir: str | Path) -> None:
     """Refuse (naming file and rows) prompts longer than ``data.max_prompt_length`` tokens of ``model_dir``'s
     tokenizer: before any MLflow run or engine, so a bad dataset leaves nothing half-done."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: not on the light image
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     for path, rows in rows_by_file.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dcgrpo.engines import engine_version
+from dcgrpo.evaluate import evaluate
 from dcgrpo.model_refs import latest_model_dir, resolve_model
 from dcgrpo.plots import write_report
 from dcgrpo.stages.run import local_root, step_config
@@ -16,7 +17,7 @@ from dcgrpo.tracking import EVAL_ENGINE_TAG, EVAL_METRICS_TAG, LAMBDA_KEY, ROUND
 
 def export_fp8_step(preset: str, overrides: list[str], model_dir: str, model_meta: dict, out_dir: str) -> dict:
     """The FP8 (compressed-tensors) export of the latest checkpoint."""
-    from dcgrpo.export import export_fp8
+    from dcgrpo.export import export_fp8  # torch: not on the light image
 
     cfg = step_config(preset, overrides)
     report = export_fp8(latest_model_dir(model_dir), out_dir, cfg.export)
@@ -34,7 +35,7 @@ def eval_target(cfg, model_dir: str, fp8_dir: str):
     is served with ``rollout.precision=fp8``: weights rounded by the same quantiser as the export
     (``engines/fp8.py``), which tests/test_fp8_export.py checks equals the export bit for bit.
     """
-    from dcgrpo.engines.vllm_engine import has_cuda
+    from dcgrpo.engines.vllm_engine import has_cuda  # torch: not on the light image
 
     if has_cuda():
         return fp8_dir, cfg
@@ -46,8 +47,6 @@ def eval_target(cfg, model_dir: str, fp8_dir: str):
 def evaluate_tracked(cfg, model: str, out_dir: str, *, run=None, track: bool = True, **kwargs):
     """(``evaluate.evaluate`` of ``model``, the MLflow run id it was logged to): to ``run`` (an open run), else to a
     run of its own (``track``), else to none."""
-    from dcgrpo.evaluate import evaluate
-
     if run is not None or not track:
         return evaluate(model, cfg, out_dir, run=run, **kwargs), run.run_id if run is not None else None
     with start_run(cfg.tracking, storage_root=str(local_root(cfg)), run_name="evaluate",

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from dcgrpo.model_refs import model_store, on_shared_volume, write_model_ref
 from dcgrpo.models import load_model_dir
-from dcgrpo.stages.data import check_prompts, read_prepared
+from dcgrpo.stages.data import check_prompts, local_data, read_prepared
 from dcgrpo.stages.run import local_root, step_config
 
 
 def prepare_model(cfg, work_dir: str | Path, train_path: str) -> Path:
     """``model.path`` (local dir, s3:// HF dir or Hub id; ``dcgrpo.models.load_model_dir``) as a local
     directory, else the tiny model after its SFT warm start on ``train_path`` (cached by config)."""
-    from dcgrpo.train.sft import tiny_policy
+    from dcgrpo.train.sft import tiny_policy  # torch: not on the light image
 
     work_dir = Path(work_dir)
     if cfg.model.path:
@@ -54,7 +54,7 @@ def warm_start_step(
         else:
             shutil.copytree(src, out_dir, dirs_exist_ok=True)
         return {"base": model_uri}
-    from dcgrpo.train.sft import tiny_policy
+    from dcgrpo.train.sft import tiny_policy  # torch: not on the light image
 
     tiny_policy(cfg, str(Path(dataset_dir) / "train.parquet"), store or out_dir)
     check_prompts(cfg, read_prepared(dataset_dir), store or out_dir)
@@ -66,7 +66,5 @@ def warm_start_step(
 def prepare_inputs(cfg, work_dir: str | Path) -> tuple[Path, str, str]:
     """(model_dir, train_path, val_path) of a run outside the pipeline: the configured ones, else the tiny model
     after SFT and the synthetic task (the benchmarks' and ``dcgrpo train``'s inputs)."""
-    from dcgrpo.stages.data import local_data
-
     train_path, val_path = local_data(cfg, work_dir)
     return prepare_model(cfg, work_dir, train_path), train_path, val_path

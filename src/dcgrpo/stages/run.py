@@ -8,7 +8,8 @@ from typing import Any
 
 from dcgrpo import storage
 from dcgrpo.config import RunConfig, load_config
-from dcgrpo.tracking import KFP_RUN_TAG
+from dcgrpo.tracking import KFP_RUN_TAG, tracking_uri
+from dcgrpo.tracking import mlflow_client as tracking_client
 
 
 def step_config(preset: str, overrides: list[str], mlflow_uri: str = "", **fields: Any) -> RunConfig:
@@ -26,10 +27,7 @@ def local_root(cfg: RunConfig) -> Path:
 
 def mlflow_client(cfg: RunConfig):
     """The MLflow tracking + registry client of a step (URI resolved as the training runs resolve it)."""
-    from dcgrpo.tracking import mlflow_client as client
-    from dcgrpo.tracking import tracking_uri
-
-    return client(tracking_uri(cfg))
+    return tracking_client(tracking_uri(cfg))
 
 
 def run_tags(cfg: RunConfig, kfp_run_id: str = "") -> dict[str, str]:
@@ -40,4 +38,3 @@ def run_tags(cfg: RunConfig, kfp_run_id: str = "") -> dict[str, str]:
     if kfp_run_id:
         tags |= {KFP_RUN_TAG: kfp_run_id, "dcgrpo.eval_precision": "fp8"}
     return tags
-

@@ -25,7 +25,8 @@ from dcgrpo.preflight import check_run_environment, check_writable
 from dcgrpo.stages.data import check_prompts, local_data
 from dcgrpo.stages.model import prepare_model
 from dcgrpo.stages.run import local_root, run_tags, step_config
-from dcgrpo.tracking import ROUND_DISCREPANCY, run_name
+from dcgrpo.stages.train_verl import train_verl
+from dcgrpo.tracking import ROUND_DISCREPANCY, close_orphaned_runs, run_name, run_params, start_run
 from dcgrpo.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def _resume_point(cfg, out_dir: str, resume: str | None):
     """The checkpoint to continue (checked to train the same thing), or None; runs of this config left RUNNING by a
     crashed process are closed as FAILED (also when there is nothing to resume: one killed before its first
     checkpoint)."""
-    from dcgrpo.tracking import close_orphaned_runs
-
     endpoint = cfg.storage.s3_endpoint_url
     if resume == RESUME_AUTO:
         resume = ckpt.find_resume_point(out_dir, endpoint)
@@ -85,7 +84,7 @@ def _resume_point(cfg, out_dir: str, resume: str | None):
 
 
 def _rounds_left(cfg, loaded) -> int:
-    from dcgrpo.train.rl import rounds_left
+    from dcgrpo.train.rl import rounds_left  # torch: not on the light image
 
     return rounds_left(cfg.train, int(loaded.state["step"]))
 
@@ -93,7 +92,7 @@ def _rounds_left(cfg, loaded) -> int:
 def _already_complete(cfg, loaded):
     """A resume of a job whose rounds are all done (a retried task, a script run twice): report it, touch nothing,
     exit 0 without reopening its FINISHED run. The result carries the checkpoint's history."""
-    from dcgrpo.train.rl import TrainResult
+    from dcgrpo.train.rl import TrainResult  # torch: not on the light image
 
     state = loaded.state
     log.warning(
@@ -108,8 +107,7 @@ def _already_complete(cfg, loaded):
 
 def _train(cfg, out_dir: str, loaded, inputs: TrainInputs | None, name: str, kfp_run_id: str, progress: bool):
     """Model and rows (checked before the MLflow run), then the loop inside the run."""
-    from dcgrpo.tracking import run_params, start_run
-    from dcgrpo.train.rl import train
+    from dcgrpo.train.rl import train  # torch: not on the light image
 
     endpoint = cfg.storage.s3_endpoint_url
     if inputs is None:
@@ -147,10 +145,8 @@ def train_step(
     fields = {"method__name": method} | ({"train__rounds": rounds} if rounds else {})
     cfg = step_config(preset, overrides, mlflow_uri, **fields)
     if cfg.train.backend == "verl":
-        from dcgrpo.stages.train_verl import train_verl
-
         return train_verl(cfg, kfp_run_id, dataset_dir, base_model_dir, out_dir)
-    from dcgrpo.train.rl import summarize
+    from dcgrpo.train.rl import summarize  # torch: not on the light image
 
     store = model_store(kfp_run_id, method)
     weights_dir = str(store) if store is not None else out_dir

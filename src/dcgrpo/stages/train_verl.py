@@ -17,6 +17,8 @@ from dcgrpo.model_refs import latest_model_dir, on_shared_volume, write_model_re
 from dcgrpo.stages.run import local_root, run_tags
 from dcgrpo.tracking import LAMBDA_KEY, ROUND_DISCREPANCY, run_name, run_params, start_run, tracking_uri
 from dcgrpo.verl_plugin import rounds as verl_rounds
+from dcgrpo.verl_plugin.config import render_env
+from dcgrpo.verl_plugin.rounds import read_dc_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,6 @@ def train_verl(
     cfg, kfp_run_id: str, dataset_dir: str, base_model_dir: str, out_dir: str
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """All rounds on verl; returns (Model metadata, Metrics scalars) as ``train.train_step`` does."""
-    from dcgrpo.verl_plugin.config import render_env
-
     method, uri = cfg.method.name, tracking_uri(cfg)
     verl_rounds.check_launch(cfg, uri)
     directory = verl_rounds.run_dir(cfg, kfp_run_id, method)
@@ -84,8 +84,6 @@ def round_discrepancies(directory: Path, steps_per_round: int, last_step: int) -
 def verl_round_metrics(directory: Path, first_step: int, last_step: int) -> tuple[dict, float]:
     """(last dc/* values as Metrics scalars, mean batch discrepancy over steps ``first_step+1..last_step``), from
     the metrics file the trainer writes beside its checkpoints (``rounds.read_dc_metrics``), not from MLflow."""
-    from dcgrpo.verl_plugin.rounds import read_dc_metrics
-
     steps = read_dc_metrics(directory, first_step, last_step)
     last: dict[str, float] = {}
     for row in steps.values():  # in step order: each key's value at the last step that recorded it

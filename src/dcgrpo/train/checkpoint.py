@@ -81,7 +81,7 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    import torch
+    import torch  # torch: not on the light image
 
     return {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -91,8 +91,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
 
-    import numpy as np
-    import torch
+    import numpy as np  # numpy: `dcgrpo submit` runs without it
+    import torch  # torch: not on the light image
 
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
     random.setstate(ast.literal_eval(state["python"]))
@@ -100,7 +100,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state dict into tensors (safetensors) and JSON scalars."""
-    import torch
+    import torch  # torch: not on the light image
 
     sd = opt.state_dict()
     tensors, scalars = {}, {}
@@ -135,7 +135,7 @@ def save_checkpoint(
 ) -> str:
     """Write a checkpoint atomically to ``uri`` (local or s3://); returns ``uri``. ``keep``: then prune the
     folder to the newest ``keep`` checkpoints (``prune_checkpoints``)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # torch (through safetensors.torch): not on the light image
 
     with tempfile.TemporaryDirectory(prefix="dcgrpo-ckpt-") as tmp:
         d = Path(tmp)
@@ -208,7 +208,7 @@ def verify_dir(local_dir: Path, uri: str) -> dict[str, Any]:
 
 def load_checkpoint(uri: str, cache_dir: str | Path, endpoint_url: str | None = None) -> LoadedCheckpoint:
     """Fetch (if remote), verify checksums, and read a checkpoint's state."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch (through safetensors.torch): not on the light image
 
     uri = resolve_checkpoint(str(uri), endpoint_url)
     if storage.is_s3(uri):

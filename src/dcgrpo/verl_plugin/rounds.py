@@ -33,6 +33,7 @@ from typing import Any
 
 from dcgrpo.config import ConfigError, RunConfig
 from dcgrpo.verl_plugin.config import ray_env_overrides, render_overrides
+from dcgrpo.verl_plugin.launch import DC_METRICS_FILE, ENGINE_FILE
 from dcgrpo.verl_plugin.rayjob import RayJobFailed, job_name, run_rayjob, run_single_node
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def check_launch(cfg: RunConfig, mlflow_uri: str) -> None:
 
 def _check_local_gpus(wanted: int) -> None:
     try:
-        import torch
+        import torch  # torch: not on the light image
     except ImportError:  # verl's own error says it
         return
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -189,8 +190,6 @@ def train_rounds(
 
 def rollout_engine(directory: Path) -> str | None:
     """The rollout engine the round's launch recorded in ``directory`` (``launch.write_engine_file``), or None."""
-    from dcgrpo.verl_plugin.launch import ENGINE_FILE
-
     path = Path(directory) / ENGINE_FILE
     return json.loads(path.read_text())["rollout_engine"] if path.is_file() else None
 
@@ -202,8 +201,6 @@ def read_dc_metrics(directory: Path, first_step: int, last_step: int) -> dict[in
     A step recorded twice (a retried launch resumed before it and redid it) keeps its last line; a line a crash cut
     short is skipped with a warning.
     """
-    from dcgrpo.verl_plugin.launch import DC_METRICS_FILE
-
     path = Path(directory) / DC_METRICS_FILE
     if not path.is_file():
         return {}
