@@ -22,10 +22,10 @@ from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines import engine_version
 from dcgrpo.model_refs import model_store, resolve_model, write_model_ref
 from dcgrpo.preflight import check_run_environment, check_writable
+from dcgrpo.stages import train_verl
 from dcgrpo.stages.data import check_prompts, local_data
 from dcgrpo.stages.model import prepare_model
 from dcgrpo.stages.run import local_root, run_tags, step_config
-from dcgrpo.stages.train_verl import train_verl
 from dcgrpo.tracking import ROUND_DISCREPANCY, close_orphaned_runs, run_name, run_params, start_run
 from dcgrpo.train import checkpoint as ckpt
 
@@ -145,7 +145,7 @@ def train_step(
     fields = {"method__name": method} | ({"train__rounds": rounds} if rounds else {})
     cfg = step_config(preset, overrides, mlflow_uri, **fields)
     if cfg.train.backend == "verl":
-        return train_verl(cfg, kfp_run_id, dataset_dir, base_model_dir, out_dir)
+        return train_verl.train_verl(cfg, kfp_run_id, dataset_dir, base_model_dir, out_dir)
     from dcgrpo.train.rl import summarize  # torch: not on the light image
 
     store = model_store(kfp_run_id, method)

@@ -18,7 +18,6 @@ from dcgrpo.stages.run import local_root, run_tags
 from dcgrpo.tracking import LAMBDA_KEY, ROUND_DISCREPANCY, run_name, run_params, start_run, tracking_uri
 from dcgrpo.verl_plugin import rounds as verl_rounds
 from dcgrpo.verl_plugin.config import render_env
-from dcgrpo.verl_plugin.rounds import read_dc_metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def round_discrepancies(directory: Path, steps_per_round: int, last_step: int) -
 def verl_round_metrics(directory: Path, first_step: int, last_step: int) -> tuple[dict, float]:
     """(last dc/* values as Metrics scalars, mean batch discrepancy over steps ``first_step+1..last_step``), from
     the metrics file the trainer writes beside its checkpoints (``rounds.read_dc_metrics``), not from MLflow."""
-    steps = read_dc_metrics(directory, first_step, last_step)
+    steps = verl_rounds.read_dc_metrics(directory, first_step, last_step)
     last: dict[str, float] = {}
     for row in steps.values():  # in step order: each key's value at the last step that recorded it
         last.update(row)
