@@ -47,6 +47,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from harness import figure
 from scipy.optimize import brentq
 from scipy.special import lambertw
 
@@ -157,26 +158,17 @@ def solve_all(q: np.ndarray = Q, adv: np.ndarray = ADVANTAGE, budget: float = BU
 
 def plot(res: dict, path: Path) -> None:
     """Grouped bars of q and each model's pi* per action, one panel per variant (Figures 6-7)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
-    x, width = np.arange(len(res["actions"])), 0.2
-    for ax, variant in zip(axes, VARIANTS, strict=True):
-        ax.bar(x - 1.5 * width, res["q"], width, label="q (inference)", color="0.6")
-        for i, kind in enumerate(KINDS):
-            sol = res[variant][kind]
-            ax.bar(x + (i - 0.5) * width, sol["policy"], width, label=rf"{kind} ($\lambda$={sol['lambda']:.3g})")
-        ax.set_xticks(x, res["actions"])
-        ax.set_title(rf"{variant.replace('_', '-')}: $E_{{a\sim q}}[d(a)^2] = {res['budget']:g}$")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel(r"$\pi^*(a)$")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, (13, 4.2), dpi=120, sharey=True) as (_, axes):
+        x, width = np.arange(len(res["actions"])), 0.2
+        for ax, variant in zip(axes, VARIANTS, strict=True):
+            ax.bar(x - 1.5 * width, res["q"], width, label="q (inference)", color="0.6")
+            for i, kind in enumerate(KINDS):
+                sol = res[variant][kind]
+                ax.bar(x + (i - 0.5) * width, sol["policy"], width, label=rf"{kind} ($\lambda$={sol['lambda']:.3g})")
+            ax.set_xticks(x, res["actions"])
+            ax.set_title(rf"{variant.replace('_', '-')}: $E_{{a\sim q}}[d(a)^2] = {res['budget']:g}$")
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel(r"$\pi^*(a)$")
 
 
 def print_table(res: dict) -> None:

@@ -33,13 +33,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
+
+from harness import (
+    EnginePool,
+    RowCache,
+    Stopwatch,
+    add_worker_args,
+    emit_row,
+    figure,
+    fill_cache,
+    interval,
+    md_table,
+    mean_curves,
+    paired,
+    plot_curves,
+    quarter_mean,
+    quiet_worker,
+    step_curves,
+    val_accuracies,
+    write_report,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDIES = ("ladder", "table2", "dual", "eps", "robust", "levers")
@@ -51,6 +66,7 @@ DEPLOYS = {  # deploy format -> rollout-engine overrides
 }
 HARSH = "int4_g128"  # the levers' low-precision deploy: the ladder's largest discrepancy (benchmarks/results/lab.md)
 DUAL = ["method.lambda_max=300", "method.dual_lr=1e5"]  # eps/robust: a lambda that can saturate where it costs
+CURVES = ("dc/lambda", "dc/discrepancy_mean", "actor/entropy", "reward/mean")  # per step, in each row and plot
 
 
 def run(method: str, deploy: str = "fp8_block", *extra: str) -> dict:
@@ -105,42 +121,20 @@ def studies(quick: bool) -> dict[str, list[tuple[str, dict, str]]]:
 
 
 def worker(args) -> None:
-    import logging
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.disable(logging.WARNING)
+    quiet_worker()
     from dcgrpo.config import load_config
-    from dcgrpo.train import rl
-    from dcgrpo.train.jobs import prepare_inputs
 
-    engine, engine_key = None, None
-    try:
+    with EnginePool(args.work) as pool:
         for r in json.loads(args.runs):
             over = [f"train.seed={args.seed}", f"rollout.seed={args.seed}", "train.rounds=1",
                     f"train.steps_per_round={args.steps}", f"train.lr={args.lr}", f"method.name={r['method']}",
                     *DEPLOYS[r["deploy"]], *r["extra"]]  # fmt: skip
             cfg = load_config(overrides=over)
-            model_dir, train_path, val_path = prepare_inputs(cfg, Path(args.work))
-            key = (str(model_dir), cfg.rollout.precision, cfg.rollout.weight_grid, cfg.export.scheme,
-                   cfg.data.max_prompt_length + cfg.rollout.max_response_length)  # fmt: skip
-            if key != engine_key:  # one engine per process: close before the next format's
-                if engine is not None:
-                    engine.close()
-                engine, engine_key = rl.make_engine(cfg, str(model_dir)), key
-            t0 = time.perf_counter()
-            res = rl.train(cfg, model_dir=model_dir, train_path=train_path, val_path=val_path,
-                           out_dir=Path(args.work) / "runs" / f"{_slug(r['key'])}-{args.seed}", engine=engine,
-                           progress=False)  # fmt: skip
-            steps = [h for h in res.history if "dc/lambda" in h]
-            vals = [h["val/accuracy"] for h in res.history if "val/accuracy" in h]
-            curve_keys = ("dc/lambda", "dc/discrepancy_mean", "actor/entropy", "reward/mean")
-            row = {"key": r["key"], "seed": args.seed, "wall_s": time.perf_counter() - t0, "acc_start": vals[0],
-                   "acc": vals[-1], "budget": res_budget(res, cfg), "steps": len(steps),
-                   "curve": {k: [h[k] for h in steps] for k in curve_keys}}  # fmt: skip
-            print("ROW " + json.dumps(row), flush=True)
-    finally:
-        if engine is not None:
-            engine.close()
+            res, wall_s = pool.train(cfg, f"{_slug(r['key'])}-{args.seed}")
+            vals = val_accuracies(res.history)
+            curve = step_curves(res.history, CURVES)
+            emit_row({"key": r["key"], "seed": args.seed, "wall_s": wall_s, "acc_start": vals[0], "acc": vals[-1],
+                      "budget": res_budget(res, cfg), "steps": len(curve["dc/lambda"]), "curve": curve})  # fmt: skip
 
 
 def _slug(key: str) -> str:
@@ -154,33 +148,7 @@ def res_budget(res, cfg) -> float | None:
     return [h["dc/budget"] for h in res.history if "dc/budget" in h][-1]
 
 
-# ------------------------------------------------------------------ statistics (tested)
-
-
-def t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for n samples (n - 1 degrees of freedom)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1))
-
-
-def interval(xs: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95% t-interval); the half-width is nan for one sample."""
-    if len(xs) < 2:
-        return mean(xs), float("nan")
-    return mean(xs), t95(len(xs)) * stdev(xs) / math.sqrt(len(xs))
-
-
-def paired(rows: dict[tuple[str, int], dict], key: str, ref: str, field: str = "acc") -> tuple[float, float, int]:
-    """Mean and 95% half-width of ``field`` of run ``key`` minus run ``ref``, over the seeds both have."""
-    seeds = sorted(s for k, s in rows if k == key and (ref, s) in rows)
-    diffs = [rows[key, s][field] - rows[ref, s][field] for s in seeds]
-    if not diffs:
-        return float("nan"), float("nan"), 0
-    return (*interval(diffs), len(diffs))
-
-
-# ------------------------------------------------------------------ driver, report
+# ------------------------------------------------------------------ driver
 
 
 def main() -> None:
@@ -194,51 +162,31 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS), help="where lab.{md,json} and the PNGs go")
     ap.add_argument("--no-train", action="store_true", help="report from the cached rows only")
     ap.add_argument("--only", help="train only rows whose label contains one of these comma-separated texts")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--runs", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     seeds = args.seeds or (1 if args.quick else 3)
     steps = args.steps or (40 if args.quick else 80)
     plan = {k: v for k, v in studies(args.quick).items() if k in args.studies.split(",")}
-    cache = Path(args.work) / f"rows-{steps}-{args.lr:g}.jsonl"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    done = (
-        {(r["key"], r["seed"]): r for r in map(json.loads, cache.read_text().splitlines())} if cache.is_file() else {}
-    )
-    t0 = time.perf_counter()
+    cache = RowCache(Path(args.work) / f"rows-{steps}-{args.lr:g}.jsonl", key=lambda row: (row["key"], row["seed"]))
+    clock = Stopwatch()
     for study, entries in plan.items():
+        wanted = [r for label, r, _ in entries if not args.only or any(t in label for t in args.only.split(","))]
         for seed in range(seeds):
-            wanted = [
-                (label, r) for label, r, _ in entries if not args.only or any(t in label for t in args.only.split(","))
-            ]
-            todo = list({r["key"]: r for _, r in wanted if (r["key"], seed) not in done}.values())
-            if todo and not args.no_train:
-                _run_worker(study, seed, todo, steps, args, cache, done, t0)
-    report(plan, done, seeds, steps, args, Path(args.out), time.perf_counter() - t0)
+            if not args.no_train:
+                fill_cache(cache, __file__, seed, wanted, lambda r: r["key"],
+                           [f"--steps={steps}", f"--lr={args.lr}", f"--work={args.work}"], f"{study} worker",
+                           lambda row, study=study: _progress(clock, study, row))  # fmt: skip
+    report(plan, cache.rows, seeds, steps, args, Path(args.out), clock.elapsed)
 
 
-def _run_worker(study, seed, todo, steps, args, cache: Path, done: dict, t0: float) -> None:
-    cmd = [sys.executable, __file__, "--worker", f"--seed={seed}", f"--steps={steps}", f"--lr={args.lr}",
-           f"--work={args.work}", f"--runs={json.dumps(todo)}"]  # fmt: skip
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-        for line in proc.stdout:
-            if line.startswith("ROW "):
-                row = json.loads(line[4:])
-                with cache.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                done[row["key"], seed] = row
-                print(f"[{time.perf_counter() - t0:.0f} s] {study} seed {seed} {row['key']}: acc {row['acc_start']:.3f}"
-                      f" -> {row['acc']:.3f} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"{study} worker for seed {seed} failed (rc {proc.returncode}); rows so far are in {cache}")
+def _progress(clock: Stopwatch, study: str, row: dict) -> None:
+    clock.say(f"{study} seed {row['seed']} {row['key']}: acc {row['acc_start']:.3f} -> {row['acc']:.3f} "
+              f"({row['wall_s']:.0f} s)")  # fmt: skip
 
 
-def _quarter(xs: list[float], last: bool) -> float:
-    n = max(len(xs) // 4, 1)
-    return mean(xs[-n:] if last else xs[:n])
+# ------------------------------------------------------------------ report
 
 
 def study_table(entries, done: dict, seeds: int) -> list[dict]:
@@ -250,12 +198,13 @@ def study_table(entries, done: dict, seeds: int) -> list[dict]:
         rs = [done[r["key"], s] for s in range(seeds) if (r["key"], s) in done]
         if not rs:
             continue
-        c = {k: [mean(v) for v in zip(*(x["curve"][k] for x in rs), strict=True)] for k in rs[0]["curve"]}
+        c = mean_curves(rs)
         gains = [x["acc"] - x["acc_start"] for x in rs]
         line = {"label": label, "key": r["key"], "seeds": len(rs), "acc": interval([x["acc"] for x in rs]),
                 "acc_start": mean(x["acc_start"] for x in rs), "gain": interval(gains),
-                "d_first": _quarter(c["dc/discrepancy_mean"], False), "d_last": _quarter(c["dc/discrepancy_mean"], True),
-                "ent_last": _quarter(c["actor/entropy"], True), "lambda_last": c["dc/lambda"][-1],
+                "d_first": quarter_mean(c["dc/discrepancy_mean"], False),
+                "d_last": quarter_mean(c["dc/discrepancy_mean"], True),
+                "ent_last": quarter_mean(c["actor/entropy"], True), "lambda_last": c["dc/lambda"][-1],
                 "lambda_max_seen": max(c["dc/lambda"]), "budget": mean(x["budget"] or 0.0 for x in rs),
                 "wall_s": mean(x["wall_s"] for x in rs), "curve": c, "ref": ref}  # fmt: skip
         if ref:  # across deploy formats the warm starts differ: compare gains, not end accuracies
@@ -283,8 +232,19 @@ def _eps(line: dict) -> str:
     return f"{line['budget']:.2g}" + (" (auto)" if "budget=auto" in line["key"] else "")
 
 
+TABLE_HEADER = ["run", "n", "acc", "gain", "vs ref", "ref", "d first", "d last", "entropy last", "lambda end (max)",
+                "eps", "s/run"]  # fmt: skip
+
+
+def table_cells(t: dict) -> list[str]:
+    """One line of a study's table (``study_table``), formatted."""
+    vs = _fmt(t["vs_ref"]) + (" (gain)" if t["cross"] else "") if t["ref"] else ""
+    return [t["label"], str(t["seeds"]), _fmt(t["acc"])[1:], _fmt(t["gain"]), vs, t["ref"], f"{t['d_first']:.2e}",
+            f"{t['d_last']:.2e}", f"{t['ent_last']:.3f}", f"{t['lambda_last']:.3g} ({t['lambda_max_seen']:.3g})",
+            _eps(t), f"{t['wall_s']:.0f}"]  # fmt: skip
+
+
 def report(plan, done: dict, seeds: int, steps: int, args, out: Path, wall_s: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     tables = {study: study_table(entries, done, seeds) for study, entries in plan.items()}
     used = {(line["key"], s) for t in tables.values() for line in t for s in range(seeds) if (line["key"], s) in done}
     run_s = sum(done[k]["wall_s"] for k in used if k in done)
@@ -297,39 +257,13 @@ def report(plan, done: dict, seeds: int, steps: int, args, out: Path, wall_s: fl
              "reference row's acc (gain minus its gain for rows on another deploy format). d: batch-mean prob_diff, "
              "first and last quarter of the steps. lambda: at the end (and the largest reached)."]  # fmt: skip
     for study, table in tables.items():
-        lines += ["", f"## {study}", "", "| run | n | acc | gain | vs ref | ref | d first | d last | entropy last | "
-                  "lambda end (max) | eps | s/run |", "|" + "---|" * 12]  # fmt: skip
-        for t in table:
-            vs = _fmt(t["vs_ref"]) + (" (gain)" if t["cross"] else "") if t["ref"] else ""
-            lines.append(f"| {t['label']} | {t['seeds']} | {_fmt(t['acc'])[1:]} | {_fmt(t['gain'])} | {vs} | {t['ref']} | "
-                         f"{t['d_first']:.2e} | {t['d_last']:.2e} | {t['ent_last']:.3f} | {t['lambda_last']:.3g} "
-                         f"({t['lambda_max_seen']:.3g}) | {_eps(t)} | {t['wall_s']:.0f} |")  # fmt: skip
-        plot_study(study, table, out / f"lab_{study}.png")
-    (out / "lab.md").write_text("\n".join(lines) + "\n")
+        lines += ["", f"## {study}", "", md_table(TABLE_HEADER, [table_cells(t) for t in table])]
+        with figure(out / f"lab_{study}.png", 1, 4, (18, 4), dpi=100) as (_, axes):
+            plot_curves(axes, [(t["label"], t["curve"], {"lw": 1.1}) for t in table], CURVES,
+                        lambda k, study=study: f"{study}: {k} (mean over seeds)", 1, 3, 6)  # fmt: skip
     rows = [done[k] | {"seed": k[1]} for k in sorted(used) if k in done]
-    (out / "lab.json").write_text(json.dumps({"steps": steps, "lr": args.lr, "seeds": seeds, "rows": rows}))
+    write_report(out, "lab", "\n".join(lines) + "\n", {"steps": steps, "lr": args.lr, "seeds": seeds, "rows": rows})
     print("\n".join(lines))
-
-
-def plot_study(study: str, table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("dc/lambda", "dc/discrepancy_mean", "actor/entropy", "reward/mean")
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for t in table:
-        for ax, k in zip(axes, keys, strict=True):
-            ax.plot(t["curve"][k], label=t["label"], lw=1.1)
-    for ax, k in zip(axes, keys, strict=True):
-        ax.set_title(f"{study}: {k} (mean over seeds)")
-        ax.set_xlabel("step")
-    axes[1].set_yscale("log")
-    axes[3].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def main() -> None:
     from dcgrpo.config import load_config
     from dcgrpo.data.synthetic import read_rows
     from dcgrpo.engines.vllm_engine import apply_chat_template
-    from dcgrpo.train.jobs import prepare_inputs
+    from dcgrpo.stages.model import prepare_inputs
     from dcgrpo.train.rl import make_engine, train
 
     cfg = load_config(overrides=[f"rollout.precision={args.precision}", "train.rounds=1",

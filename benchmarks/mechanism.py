@@ -23,15 +23,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from statistics import mean
 
+from harness import (
+    EnginePool,
+    RowCache,
+    Stopwatch,
+    add_worker_args,
+    emit_row,
+    figure,
+    fill_cache,
+    md_table,
+    mean_curves,
+    nanmean,
+    plot_curves,
+    quarter_mean,
+    quiet_worker,
+    step_curves,
+    val_accuracies,
+    write_report,
+)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 P_BINS = (0.0, 0.1, 0.5, 0.9, 1.0 + 1e-9)
+CURVES = ("dc/discrepancy_mean", "actor/entropy", "reward/mean")  # per step, in each row and the plot
 BIN_NAMES = ("p<.1", ".1-.5", ".5-.9", ">.9")
 
 
@@ -92,69 +108,47 @@ def lowp_shaping(seq_adv, d, logp_train, logp_infer, mask, hp):
 # ------------------------------------------------------------------ worker: one seed, every setting
 
 
-def worker(args) -> None:
-    import logging
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.disable(logging.WARNING)
-    from dcgrpo.algorithm.methods import METHODS, register_method
-    from dcgrpo.config import load_config
+def record_token_stats(recorded: list[dict]) -> None:
+    """Wrap the loop's step kernel so that every step appends its ``token_stats`` to ``recorded``."""
+    from dcgrpo.algorithm.discrepancy import token_discrepancy, valid_token_mask
     from dcgrpo.train import rl
-    from dcgrpo.train.jobs import prepare_inputs
 
-    if "lowp" not in METHODS:
-        register_method("lowp", penalised=True)(lowp_shaping)
-    recorded: list[dict] = []
     kernel = rl.shape_step
 
     def recording_shape_step(rewards, group_ids, logp_train, logp_infer, mask, method_cfg, lam, *rest):
         out = kernel(rewards, group_ids, logp_train, logp_infer, mask, method_cfg, lam, *rest)
-        from dcgrpo.algorithm.discrepancy import token_discrepancy, valid_token_mask
-
         valid = valid_token_mask(logp_train, logp_infer, mask)
         d = token_discrepancy(logp_train, logp_infer, valid, method_cfg.discrepancy)
         recorded.append(token_stats(logp_train, logp_infer, d, valid, float(lam), method_cfg.margin))
         return out
 
     rl.shape_step = recording_shape_step
+
+
+def worker(args) -> None:
+    quiet_worker()
+    from dcgrpo.algorithm.methods import METHODS, register_method
+    from dcgrpo.config import load_config
+
+    if "lowp" not in METHODS:
+        register_method("lowp", penalised=True)(lowp_shaping)
+    recorded: list[dict] = []
+    record_token_stats(recorded)
     base = [f"rollout.precision={args.precision}", f"train.seed={args.seed}", f"rollout.seed={args.seed}",
             "train.rounds=1", f"train.steps_per_round={args.steps}", f"train.lr={args.lr}"]  # fmt: skip
-    cfg = load_config(overrides=base)
-    model_dir, train_path, val_path = prepare_inputs(cfg, Path(args.work))
-    engine = rl.make_engine(cfg, str(model_dir))
-    try:
-        for s in json.loads(args.settings):
+    with EnginePool(args.work) as pool:
+        for s in json.loads(args.runs):
             recorded.clear()
             over = [f"method.name={s['method']}", f"method.discrepancy={s['kind']}", f"method.lambda_init={s['lam']}",
                     f"method.margin={s['margin']}", f"method.lambda_max={max(s['lam'], 10.0)}"]  # fmt: skip
-            mcfg = load_config(overrides=base + over)
-            t0 = time.perf_counter()
-            res = rl.train(mcfg, model_dir=model_dir, train_path=train_path, val_path=val_path,
-                           out_dir=Path(args.work) / "runs" / f"{run_key(s)}-{args.seed}", engine=engine,
-                           progress=False)  # fmt: skip
-            steps = [h for h in res.history if "dc/lambda" in h]
-            vals = [h["val/accuracy"] for h in res.history if "val/accuracy" in h]
-            row = {**s, "seed": args.seed, "steps": args.steps, "wall_s": time.perf_counter() - t0,
-                   "acc_start": vals[0], "acc": vals[-1],
-                   "curve": {k: [h[k] for h in steps] for k in ("dc/discrepancy_mean", "actor/entropy", "reward/mean")},
-                   "tokens": {k: _nanmean([r[k] for r in recorded]) for k in recorded[0]}}  # fmt: skip
-            print("ROW " + json.dumps(row), flush=True)
-    finally:
-        engine.close()
+            res, wall_s = pool.train(load_config(overrides=base + over), f"{run_key(s)}-{args.seed}")
+            vals = val_accuracies(res.history)
+            emit_row({**s, "seed": args.seed, "steps": args.steps, "wall_s": wall_s, "acc_start": vals[0],
+                      "acc": vals[-1], "curve": step_curves(res.history, CURVES),
+                      "tokens": {k: nanmean([r[k] for r in recorded]) for k in recorded[0]}})  # fmt: skip
 
 
-# ------------------------------------------------------------------ driver, report
-
-
-def _nanmean(xs: list[float]) -> float:
-    """Mean over the steps that had the quantity (a probability bin can be empty in one step)."""
-    kept = [x for x in xs if x == x]
-    return mean(kept) if kept else float("nan")
-
-
-def _quarter(xs: list[float], last: bool) -> float:
-    n = max(len(xs) // 4, 1)
-    return mean(xs[-n:] if last else xs[:n])
+# ------------------------------------------------------------------ driver
 
 
 def main() -> None:
@@ -166,39 +160,26 @@ def main() -> None:
     ap.add_argument("--precision", default="fp8", help="deploy precision of the rollout engine")
     ap.add_argument("--work", default="outputs/bench-mechanism", help="warm start, runs and the row cache")
     ap.add_argument("--out", default=str(RESULTS), help="where mechanism.{json,md,png} go")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--settings", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     seeds = args.seeds or (1 if args.quick else 2)
     steps = args.steps or (40 if args.quick else 80)
-    cache = Path(args.work) / f"rows-{args.precision}-{steps}-{args.lr:g}.jsonl"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
-    have = {(run_key(r), r["seed"]) for r in done}
-    t0 = time.perf_counter()
+    cache = RowCache(Path(args.work) / f"rows-{args.precision}-{steps}-{args.lr:g}.jsonl",
+                     key=lambda row: (run_key(row), row["seed"]))  # fmt: skip
+    clock = Stopwatch()
+    argv = [f"--steps={steps}", f"--lr={args.lr}", f"--precision={args.precision}", f"--work={args.work}"]
     for seed in range(seeds):
-        todo = [s for s in settings(args.quick) if (run_key(s), seed) not in have]
-        if not todo:
-            continue
-        cmd = [sys.executable, __file__, "--worker", f"--seed={seed}", f"--steps={steps}", f"--lr={args.lr}",
-               f"--precision={args.precision}", f"--work={args.work}", f"--settings={json.dumps(todo)}"]  # fmt: skip
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-            for line in proc.stdout:
-                if line.startswith("ROW "):
-                    row = json.loads(line[4:])
-                    with cache.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    done.append(row)
-                    print(f"[{time.perf_counter() - t0:.0f} s] seed {seed} {run_key(row)}: acc {row['acc_start']:.3f}"
-                          f" -> {row['acc']:.3f}", file=sys.stderr, flush=True)  # fmt: skip
-        if proc.returncode != 0:
-            raise SystemExit(f"worker for seed {seed} failed (rc {proc.returncode}); rows so far are in {cache}")
+        fill_cache(cache, __file__, seed, settings(args.quick), run_key, argv,
+                   on_row=lambda row: clock.say(f"seed {row['seed']} {run_key(row)}: acc {row['acc_start']:.3f} -> "
+                                                f"{row['acc']:.3f}"))  # fmt: skip
     wanted = {run_key(s) for s in settings(args.quick)}
-    rows = [r for r in done if run_key(r) in wanted and r["seed"] < seeds]
-    report(rows, steps, args, Path(args.out), time.perf_counter() - t0)
+    rows = [r for r in cache.rows.values() if run_key(r) in wanted and r["seed"] < seeds]
+    report(rows, steps, args, Path(args.out), clock.elapsed)
+
+
+# ------------------------------------------------------------------ report
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -208,70 +189,52 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         groups.setdefault(run_key(r), []).append(r)
     out = []
     for key, rs in groups.items():
-        c = {k: [mean(vals) for vals in zip(*(r["curve"][k] for r in rs), strict=True)] for k in rs[0]["curve"]}
+        c = mean_curves(rs)
         tok = {k: mean(r["tokens"][k] for r in rs) for k in rs[0]["tokens"]}
         out.append({"setting": key, **{k: rs[0][k] for k in ("method", "kind", "lam", "margin")}, "seeds": len(rs),
                     "acc_start": mean(r["acc_start"] for r in rs), "acc": mean(r["acc"] for r in rs),
                     "acc_min": min(r["acc"] for r in rs), "acc_max": max(r["acc"] for r in rs),
-                    "d_first": _quarter(c["dc/discrepancy_mean"], False), "d_last": _quarter(c["dc/discrepancy_mean"], True),
-                    "ent_first": _quarter(c["actor/entropy"], False), "ent_last": _quarter(c["actor/entropy"], True),
-                    "reward_last": _quarter(c["reward/mean"], True), "tokens": tok, "curve": c})  # fmt: skip
+                    "d_first": quarter_mean(c["dc/discrepancy_mean"], False),
+                    "d_last": quarter_mean(c["dc/discrepancy_mean"], True),
+                    "ent_first": quarter_mean(c["actor/entropy"], False),
+                    "ent_last": quarter_mean(c["actor/entropy"], True),
+                    "reward_last": quarter_mean(c["reward/mean"], True), "tokens": tok, "curve": c})  # fmt: skip
     return out
+
+
+TABLE_HEADER = ["setting", "acc start", "acc end", "d first", "d last", "entropy first", "entropy last", "reward last",
+                *(f"share {b}" for b in BIN_NAMES), "share p>q", "corr(d, p(1-p))"]  # fmt: skip
+
+
+def table_cells(t: dict) -> list[str]:
+    """One line of the table (``summary_rows``), formatted."""
+    tok = t["tokens"]
+    return [t["setting"], f"{t['acc_start']:.3f}", f"{t['acc']:.3f} [{t['acc_min']:.3f}, {t['acc_max']:.3f}]",
+            f"{t['d_first']:.2e}", f"{t['d_last']:.2e}", f"{t['ent_first']:.3f}", f"{t['ent_last']:.3f}",
+            f"{t['reward_last']:.3f}", *(f"{tok[f'share_{b}']:.2f}" for b in BIN_NAMES),
+            f"{tok['share_p_above_q']:.2f}", f"{tok['corr_d_pq']:.2f}"]  # fmt: skip
 
 
 def report(rows: list[dict], steps: int, args, out: Path, wall_s: float) -> None:
     table = summary_rows(rows)
-    out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({r["seed"] for r in rows})
+    tok0 = table[0]["tokens"]
     lines = [f"# Mechanism lab: tiny-cpu, {args.precision} deploy, {steps} steps, lr {args.lr:g}, seeds {seeds}",
              "", f"`.venv/bin/python benchmarks/mechanism.py{' --quick' if args.quick else ''}`; "
              f"{sum(r['wall_s'] for r in rows):.0f} s of runs ({wall_s:.0f} s this call) on a 2-core CPU machine.",
              "Accuracy: greedy, deploy engine, 256 held-out problems, mean over seeds [min, max]. d and entropy: mean "
              "of the first and last quarter of the steps. Shares: where the step's penalty mass falls (of d at "
              "lambda 0), by the trainer's probability p of the sampled token; p>q: share on tokens the trainer "
-             "rates above the deploy engine.", "",
-             "| setting | acc start | acc end | d first | d last | entropy first | entropy last | reward last | "
-             + " | ".join(f"share {b}" for b in BIN_NAMES) + " | share p>q | corr(d, p(1-p)) |",
-             "|" + "---|" * (10 + len(BIN_NAMES))]  # fmt: skip
-    for t in table:
-        tok = t["tokens"]
-        lines.append(f"| {t['setting']} | {t['acc_start']:.3f} | {t['acc']:.3f} [{t['acc_min']:.3f}, {t['acc_max']:.3f}]"
-                     f" | {t['d_first']:.2e} | {t['d_last']:.2e} | {t['ent_first']:.3f} | {t['ent_last']:.3f} | "
-                     f"{t['reward_last']:.3f} | " + " | ".join(f"{tok[f'share_{b}']:.2f}" for b in BIN_NAMES)
-                     + f" | {tok['share_p_above_q']:.2f} | {tok['corr_d_pq']:.2f} |")  # fmt: skip
-    tok0 = table[0]["tokens"]
-    lines += [
-        "",
-        "Mean d by the trainer's p (first setting, all steps): "
-        + ", ".join(f"{b}: {tok0[f'd_by_p_{b}']:.2e} ({tok0[f'tokens_{b}']:.0%} of tokens)" for b in BIN_NAMES),
-    ]
-    (out / "mechanism.md").write_text("\n".join(lines) + "\n")
-    (out / "mechanism.json").write_text(json.dumps({"steps": steps, "lr": args.lr, "precision": args.precision,
-                                                    "seeds": seeds, "rows": rows}, indent=1))  # fmt: skip
-    plot(table, out / "mechanism.png")
+             "rates above the deploy engine.", "", md_table(TABLE_HEADER, [table_cells(t) for t in table]), "",
+             "Mean d by the trainer's p (first setting, all steps): "
+             + ", ".join(f"{b}: {tok0[f'd_by_p_{b}']:.2e} ({tok0[f'tokens_{b}']:.0%} of tokens)" for b in BIN_NAMES)]  # fmt: skip
+    write_report(out, "mechanism", "\n".join(lines) + "\n",
+                 {"steps": steps, "lr": args.lr, "precision": args.precision, "seeds": seeds, "rows": rows}, indent=1)  # fmt: skip
+    with figure(out / "mechanism.png", 1, 3, (15, 4)) as (_, axes):
+        series = [(t["setting"], t["curve"], {"lw": 1.2, "ls": "--" if t["method"] == "lowp" else "-"})
+                  for t in table if t["kind"] == "prob_diff"]  # fmt: skip
+        plot_curves(axes, series, CURVES, str, log_panel=0, legend_panel=2, legend_size=7)
     print("\n".join(lines))
-
-
-def plot(table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("dc/discrepancy_mean", "actor/entropy", "reward/mean")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for t in table:
-        if t["kind"] != "prob_diff":
-            continue
-        for ax, k in zip(axes, keys, strict=True):
-            ax.plot(t["curve"][k], label=t["setting"], lw=1.2, ls="--" if t["method"] == "lowp" else "-")
-    for ax, k in zip(axes, keys, strict=True):
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    axes[0].set_yscale("log")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,10 @@ the SFT warm start (cached under --work) is the same for every run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from statistics import mean, median
+
+from harness import EnginePool, Stopwatch, emit_row, quiet_worker, run_worker, text_table
 
 from dcgrpo.algorithm.methods import METHODS as _REGISTRY
 
@@ -32,27 +29,18 @@ PHASES = ("rollout", "reward", "recompute", "update", "sync")
 
 
 def worker(args) -> None:
-    """One (precision, seed): every method through one engine; JSON lines on stdout."""
-    import logging
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.disable(logging.WARNING)
+    """One (precision, seed): every method through one engine; one ``ROW`` line per method on stdout."""
+    quiet_worker()
     from dcgrpo.config import load_config
-    from dcgrpo.train.jobs import prepare_inputs
-    from dcgrpo.train.rl import make_engine, summarize, train
+    from dcgrpo.train.rl import summarize
 
     base = [f"rollout.precision={args.precision}", f"train.seed={args.seed}", f"rollout.seed={args.seed}",
             "train.rounds=1", f"train.steps_per_round={args.steps}"]  # fmt: skip
-    cfg = load_config(overrides=base)
-    model_dir, train_path, val_path = prepare_inputs(cfg, Path(args.work))
-    engine = make_engine(cfg, str(model_dir))
-    try:
+    with EnginePool(args.work) as pool:
         for name in args.methods.split(","):
             fixed = [f"method.lambda_init={args.dual_lambda}"] if name == "dual-grpo" else []
             mcfg = load_config(overrides=base + [f"method.name={name}"] + fixed + (args.set or []))
-            res = train(mcfg, model_dir=model_dir, train_path=train_path, val_path=val_path,
-                        out_dir=Path(args.work) / "runs" / f"{name}-{args.precision}-{args.seed}",
-                        engine=engine, progress=False)  # fmt: skip
+            res, _ = pool.train(mcfg, f"{name}-{args.precision}-{args.seed}")
             hist = [h for h in res.history if "dc/lambda" in h]
             timed = hist[1:] or hist  # step 1 pays first-call warm-up
             s = summarize(res.history)
@@ -64,9 +52,7 @@ def worker(args) -> None:
                    "shape_us": _method_cost_us(name, mcfg)}  # fmt: skip
             for p in PHASES:  # medians: the machine is shared, a busy neighbour inflates single steps
                 row[f"{p}_s"] = median(h[f"timing/{p}_s"] for h in timed)
-            print("ROW " + json.dumps(row), flush=True)
-    finally:
-        engine.close()
+            emit_row(row)
 
 
 def _method_cost_us(name: str, cfg) -> float:
@@ -117,19 +103,15 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    rows, t0 = [], time.perf_counter()
+    rows, clock = [], Stopwatch()
     for precision in args.precisions.split(","):
         for seed in range(args.seeds):
-            cmd = [sys.executable, __file__, "--worker", f"--precision={precision}", f"--seed={seed}",
-                   f"--steps={args.steps}", f"--methods={args.methods}", f"--work={args.work}",
-                   f"--dual-lambda={args.dual_lambda}"] + [f"--set={s}" for s in args.set or []]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            got = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"worker {precision} seed {seed} failed (rc {out.returncode})")
+            argv = ["--worker", f"--precision={precision}", f"--seed={seed}", f"--steps={args.steps}",
+                    f"--methods={args.methods}", f"--work={args.work}", f"--dual-lambda={args.dual_lambda}",
+                    *(f"--set={s}" for s in args.set or [])]  # fmt: skip
+            got = run_worker(__file__, argv, label=f"worker {precision} seed {seed}").rows
             rows += got
-            print(f"[{time.perf_counter() - t0:.0f} s] {precision} seed {seed}: {len(got)} runs", file=sys.stderr)
+            clock.say(f"{precision} seed {seed}: {len(got)} runs")
     report(rows, args)
 
 
@@ -142,19 +124,10 @@ def report(rows: list[dict], args) -> None:
     cols = ("method", "deploy", "acc start", "acc end", "+-", "mean d", "max d", "lambda", "step s", "method",
             "rollout", "reward", "recomp", "update", "sync", "other")  # fmt: skip
     widths = (10, 6, 9, 7, 5, 9, 9, 8, 7, 8, 7, 7, 7, 7, 7, 7)
-    hdr = " ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
-    print(hdr + "\n" + "-" * len(hdr))
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["precision"], r["method"]), []).append(r)
-    for (precision, method), rs in groups.items():
-        m = {k: mean(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
-        other = m["step_s"] - sum(m[f"{p}_s"] for p in PHASES)
-        half = (max(r["acc"] for r in rs) - min(r["acc"] for r in rs)) / 2
-        vals = (method, precision, f"{m['acc_start']:.3f}", f"{m['acc']:.3f}", f"{half:.2f}", f"{m['d_mean']:.2e}",
-                f"{m['d_max']:.2e}", f"{m['lambda']:.2g}", f"{m['step_s']:.3f}", f"{m['shape_us']:.0f} us",
-                *(f"{m[f'{p}_s']:.3f}" for p in PHASES), f"{other:.3f}")  # fmt: skip
-        print(" ".join(f"{v:>{w}}" for v, w in zip(vals, widths, strict=True)))
+    print(text_table(cols, [table_cells(precision, method, rs) for (precision, method), rs in groups.items()], widths))
     for precision in args.precisions.split(","):
         g, dc = groups.get((precision, "grpo")), groups.get((precision, "dc-grpo"))
         if g and dc:
@@ -168,6 +141,16 @@ def report(rows: list[dict], args) -> None:
     print(f"share of a step outside rollout + recompute + update: {1 - core / step:.1%} "
           f"(reward {mean(r['reward_s'] for r in rows) / step:.1%}, sync {mean(r['sync_s'] for r in rows) / step:.1%},"
           f" rest {1 - (core + mean(r['reward_s'] + r['sync_s'] for r in rows)) / step:.1%})")  # fmt: skip
+
+
+def table_cells(precision: str, method: str, rs: list[dict]) -> list[str]:
+    """One line of the table: means over seeds (accuracy: and its half range)."""
+    m = {k: mean(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
+    other = m["step_s"] - sum(m[f"{p}_s"] for p in PHASES)
+    half = (max(r["acc"] for r in rs) - min(r["acc"] for r in rs)) / 2
+    return [method, precision, f"{m['acc_start']:.3f}", f"{m['acc']:.3f}", f"{half:.2f}", f"{m['d_mean']:.2e}",
+            f"{m['d_max']:.2e}", f"{m['lambda']:.2g}", f"{m['step_s']:.3f}", f"{m['shape_us']:.0f} us",
+            *(f"{m[f'{p}_s']:.3f}" for p in PHASES), f"{other:.3f}"]  # fmt: skip
 
 
 if __name__ == "__main__":

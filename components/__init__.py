@@ -1,5 +1,5 @@
 """KFP v2 components (``dcgrpo.components``): one folder per pipeline step, each holding the component
-(``component.py``, a thin shell over one ``dcgrpo.steps`` function, the same functions the CLI and tests call),
+(``component.py``, a thin shell over one ``dcgrpo.stages`` function, the same functions the CLI and tests call),
 its README (inputs, outputs, image) and its tests.
 
 The folder sits at the repository root to show the workflow; the distribution installs it as
@@ -13,6 +13,8 @@ compile-time parameter (`dcgrpo compile --image ... --trainer-image ...`).
 
 from __future__ import annotations
 
+import configparser
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +29,7 @@ from .prepare_data import prepare_data
 from .promote import promote
 from .register_model import register_model
 from .select_best import select_best
-from .train_round import train_round, train_round_launcher
+from .train import train, train_launcher
 from .warm_start import warm_start
 
 # Images built from containers/: the deployment contract's names (dcgrpo.deploy).
@@ -40,11 +42,11 @@ LIGHT_STEPS = {
     "register_model": register_model,
     "promote": promote,
     "mark_failed": mark_failed,
-    "train_round_launcher": train_round_launcher,  # verl on a RayJob: the RayJob holds the GPUs
+    "train_launcher": train_launcher,  # verl on a RayJob: the RayJob holds the GPUs
 }
 GPU_STEPS = {
     "warm_start": warm_start,
-    "train_round": train_round,
+    "train": train,
     "export_fp8": export_fp8,
     "evaluate": evaluate,
 }
@@ -81,9 +83,6 @@ def write_kfp_config(directory: str) -> Path:
     """``<directory>/kfp_config.ini``: each component function -> the file defining it in this installation, as
     ``kfp component build`` writes it. The containerized executor reads it from its working directory (the
     images' WORKDIR), so every image that runs components writes it at build time."""
-    import configparser
-    import inspect
-
     config = configparser.ConfigParser()
     config.optionxform = str  # function names are case-sensitive
     config["Components"] = {

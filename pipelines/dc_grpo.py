@@ -1,52 +1,39 @@
-"""The `dc_grpo` pipeline: the data-flow diagram of DESIGN.md as KFP v2 tasks.
+"""The `dc_grpo` pipeline: the paper's Algorithm 1 as KFP v2 tasks, inside an exit handler.
 
-    prepare_data -> warm_start -> [per method, side by side:
-        train round 1 .. N -> export_fp8 -> evaluate] -> select_best
-        -> register_model -> (gate passes) promote
+    prepare_data -> warm_start -> for each method, side by side (ParallelFor):
+        train (all rounds) -> export_fp8 -> evaluate
+    -> select_best -> register_model -> promote (only when the gate passes)
 
-Each training round is its own task (a preempted GPU node loses at most one
-round) with retries; methods run in a ParallelFor; the best method by the gate
-metric is registered; promotion runs only under dsl.If; an exit handler marks
-the MLflow runs failed when anything fails.
+One train task per method runs every round: a round stays the unit of checkpointing and of per-round metrics, and a
+retried, evicted or preempted train task resumes from the newest complete round on the checkpoint volume (a SIGTERM
+writes one at the current step) without logging a point twice; the built-in loop starts one vLLM engine per method.
+``rounds`` is a run-time parameter with no compiled-in maximum (0 = the preset's ``train.rounds``); the train tasks
+take the pipeline's own parameter, since kfp.local hands a loop's tasks the loop item in place of any task output.
 
-Round count: ``prepare_data`` resolves the ``rounds`` parameter (0 = the
-preset's ``train.rounds``) and refuses more than the ``max_rounds`` compiled
-in, before any GPU pod starts. After the warm start the pipeline holds one
-If/Elif/Else branch per possible count (``<n>-rounds``), each the rest of the
-run with an unrolled chain of exactly n round tasks per method: only the chosen
-branch is scheduled, so a run never starts a pod for a round it does not train.
-(One branch per count rather than a single chain ending in ``dsl.OneOf``: the
-branches need no output of each other, and kfp.local replaces any task-output
-parameter fed into a ParallelFor with the loop item, so the count cannot enter
-the method loop as a parameter; inside branch n it is the constant n.)
+The backend decides only how the train task runs, chosen at compile time: ``dc_grpo.yaml`` has a GPU train task (the
+built-in loop, verl single-node), ``dc_grpo_rayjob.yaml`` a light launcher that submits and follows one RayJob per
+method (verl on a RayJob holds the GPUs; a retried launcher re-attaches to it). Pod sizes are compile-time in KFP, so a
+run-time choice would need an If/Else with ``dsl.OneOf`` around every train task: a skipped twin beside each train
+task in the UI and a fourth level of nesting, for a choice a preset makes once. ``prepare_data`` refuses a run whose
+preset needs the other package, and ``dcgrpo submit``/``schedule`` pick the package from the preset by themselves.
 
-Cluster names (images, GPU pool, secrets, PVCs) come from the deployment
-contract (``dcgrpo.deploy.DeploymentContract``), applied through
-kfp-kubernetes (ignored by kfp.local); the contract also travels to the round
-tasks as ``$DCGRPO_DEPLOYMENT`` so the RayJobs they start use the same names.
+Cluster names (images, GPU pool, secrets, PVCs) come from the deployment contract (``dcgrpo.deploy``), applied
+through kfp-kubernetes (ignored by kfp.local); the contract also travels to the train tasks as ``$DCGRPO_DEPLOYMENT``
+so the RayJobs they start use the same names.
 """
 
 # No `from __future__ import annotations` here: KFP reads the pipeline signature at runtime.
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from dcgrpo.components import build_components
-from kfp import dsl, kubernetes
+from kfp import compiler, dsl, kubernetes
 
+from dcgrpo.config import DEFAULT_PRESET
 from dcgrpo.deploy import ENV_VAR, DeploymentContract
-from dcgrpo.steps import MODEL_STORE_ENV
+from dcgrpo.model_refs import MODEL_CACHE_ENV, MODEL_STORE_ENV
 
 PIPELINE_NAME = "dc-grpo"
-ROUND_TASK = "train-round-{}"
-"""Display name of round k (1-based): ``dcgrpo.pipeline.compiled_max_rounds`` counts them."""
-
-
-def default_max_rounds() -> int:
-    """Enough rounds for every preset (qwen3-8b and qwen3-30b-a3b ask for 10)."""
-    from dcgrpo.config import PRESETS, load_config
-
-    return max(load_config(preset=p).train.rounds for p in PRESETS)
 
 
 @dataclass(frozen=True)
@@ -54,7 +41,8 @@ class ClusterSettings:
     """Compile-time settings: the deployment contract plus sizes and retries (what the compiled YAML carries)."""
 
     contract: DeploymentContract = field(default_factory=DeploymentContract)
-    max_rounds: int = field(default_factory=default_max_rounds)
+    train_pod: str = "gpu"
+    """``gpu``: the train task holds a GPU (built-in loop, verl single-node); ``launcher``: it follows a RayJob."""
     accelerator_limit: int = 1
     # Requests are what the scheduler reserves; the light steps move metadata and references, never weights.
     light_cpu_request: str = "250m"
@@ -89,7 +77,7 @@ def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.
     for tol in c.gpu_tolerations:
         kubernetes.add_toleration(task, key=tol["key"], operator=tol["operator"], effect=tol.get("effect"))
     kubernetes.mount_pvc(task, c.model_cache_pvc, c.model_cache_mount)
-    task.set_env_variable("DCGRPO_MODEL_CACHE", c.model_cache_mount)
+    task.set_env_variable(MODEL_CACHE_ENV, c.model_cache_mount)
     _checkpoint_volume(task, c)
     if retry and s.retries > 0:
         task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
@@ -97,7 +85,7 @@ def _gpu(task: dsl.PipelineTask, s: ClusterSettings, retry: bool = True) -> dsl.
 
 
 def _checkpoint_volume(task: dsl.PipelineTask, c: DeploymentContract) -> dsl.PipelineTask:
-    """The checkpoint volume, where weights stay between tasks (``dcgrpo.steps.model_store``): each task's Model
+    """The checkpoint volume, where weights stay between tasks (``dcgrpo.model_refs.model_store``): each task's Model
     artifact references them, so the KFP artifact store never carries a checkpoint (FP8 exports excepted: serving
     reads those from S3). KFP has no ephemeral-storage request: the big writes go here, not to the pod's disk."""
     if c.checkpoint_pvc:
@@ -114,45 +102,28 @@ def _light(task: dsl.PipelineTask, s: ClusterSettings, cache: bool = True) -> ds
     return _secrets(task, s.contract)
 
 
-def _branch(n: int, rounds, max_rounds: int):
-    """The If/Elif/Else group of the chain of ``n`` rounds (Else: the largest count; prepare_data bounds it)."""
-    name = f"{n}-rounds"
-    if n == max_rounds:
-        return dsl.Else(name=name)
-    return dsl.If(rounds == n, name=name) if n == 1 else dsl.Elif(rounds == n, name=name)
+def _train_task(c, s: ClusterSettings, **inputs) -> dsl.PipelineTask:
+    """All rounds of one method: on a GPU pod (built-in loop, single-node verl), or on a light pod that only launches
+    and follows the verl RayJob (the RayJob holds the GPUs: a GPU here would sit idle for the whole training)."""
+    if s.train_pod == "gpu":
+        step = _gpu(c.train(**inputs), s)
+    else:
+        step = _checkpoint_volume(_light(c.train_launcher(**inputs), s), s.contract)  # the RayJob's volume
+        if s.retries > 0:  # a lost launcher pod re-attaches to its RayJob
+            step.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
+    step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl training starts uses these names
+    return step.set_display_name("train")
 
 
-def _round_task(c, s: ClusterSettings, on_launcher: bool, **inputs) -> dsl.PipelineTask:
-    """One round task: on a GPU pod (built-in loop, single-node verl), or on a light pod that only launches and
-    follows the verl RayJob (the RayJob holds the GPUs: a GPU here would sit idle for the whole round)."""
-    if not on_launcher:
-        return _gpu(c.train_round(**inputs), s)
-    step = _checkpoint_volume(_light(c.train_round_launcher(**inputs), s), s.contract)  # the RayJob's volume
-    if s.retries > 0:  # a lost launcher pod re-attaches to the RayJob of its round
-        step.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
-    return step
-
-
-def _train_chain(c, s: ClusterSettings, n: int, p: dict, method, dataset, base_model, on_launcher: bool):
-    """Rounds 1..n of one method, one task each, each resuming the previous one's model; returns the last model."""
-    model = base_model
-    for k in range(n):
-        step = _round_task(
-            c, s, on_launcher, preset=p["preset"], overrides=p["overrides"], method=method, round_index=k,
-            rounds=n, mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], dataset=dataset, model_in=model,
-        ).set_display_name(ROUND_TASK.format(k + 1))  # fmt: skip
-        step.set_env_variable(ENV_VAR, s.contract.to_env())  # the RayJob a verl round starts uses these names
-        model = step.outputs["model"]
-    return model
-
-
-def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, model_name, on_launcher: bool) -> None:
-    """Everything after the warm start for a run of ``n`` rounds: per method (side by side) the rounds, FP8 export
-    and evaluation; then the best method is registered and, if the gate passes, promoted."""
+def _per_method(c, s: ClusterSettings, p: dict, data, base):
+    """Train, export and evaluate each method side by side; returns the evaluate task (collected after the loop)."""
     dataset = data.outputs["dataset"]
-    tag = f"{n}-rounds{'-rayjob' if on_launcher else ''}"
-    with dsl.ParallelFor(p["methods"], name=f"methods-{tag}") as method:
-        model = _train_chain(c, s, n, p, method, dataset, base.outputs["model"], on_launcher)
+    with dsl.ParallelFor(p["methods"], name="methods") as method:
+        trained = _train_task(
+            c, s, preset=p["preset"], overrides=p["overrides"], method=method, rounds=p["rounds"],
+            mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], dataset=dataset, base_model=base.outputs["model"],
+        )  # fmt: skip
+        model = trained.outputs["model"]
         fp8 = _gpu(c.export_fp8(preset=p["preset"], overrides=p["overrides"], model=model), s)
         evaluation = _gpu(
             c.evaluate(
@@ -161,6 +132,11 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
             ),
             s,
         )  # fmt: skip
+    return evaluation
+
+
+def _select_register_promote(c, s: ClusterSettings, p: dict, evaluation, model_name) -> None:
+    """The best method by the gate metric is registered; promoted only when the gate passes (or it is forced)."""
     best = _light(
         c.select_best(
             preset=p["preset"], overrides=p["overrides"], methods=p["methods"],
@@ -177,7 +153,7 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
         s,
         cache=False,
     )  # fmt: skip
-    with dsl.If(registered.outputs["Output"] == True, name=f"gate-passed-{tag}"):  # noqa: E712 (KFP condition)
+    with dsl.If(registered.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
         _light(
             c.promote(
                 preset=p["preset"], overrides=p["overrides"], mlflow_uri=p["mlflow_uri"], model_name=model_name,
@@ -188,31 +164,41 @@ def _train_select_promote(c, s: ClusterSettings, n: int, p: dict, data, base, mo
         )  # fmt: skip
 
 
-def _rounds_on(c, s: ClusterSettings, n: int, p: dict, data, base, model_name) -> None:
-    """The rest of an ``n``-round run twice, under If/Else on prepare_data's ``round_pod``: with verl on a RayJob
-    the round tasks are light launcher pods, otherwise GPU pods. The backend is a run-time config value (the
-    qwen presets use verl, tiny-cpu the built-in loop) and pod sizes are fixed at compile time, so one YAML holds
-    both and the run's config picks; only the chosen branch is scheduled. (Split above the method loop: a
-    per-round If/Else would need ``dsl.OneOf`` inside the ParallelFor to feed ``dsl.Collected``.)"""
-    rounds_pod = data.outputs["round_pod"]
-    with dsl.If(rounds_pod == "launcher", name=f"rayjob-{n}-rounds"):
-        _train_select_promote(c, s, n, p, data, base, model_name, on_launcher=True)
-    with dsl.Else(name=f"gpu-{n}-rounds"):
-        _train_select_promote(c, s, n, p, data, base, model_name, on_launcher=False)
+def _graph(c, s: ClusterSettings, p: dict) -> None:
+    """The tasks inside the exit handler, in Algorithm 1's order."""
+    data = _light(
+        c.prepare_data(
+            preset=p["preset"], overrides=p["overrides"], data_uri=p["data_uri"], model_uri=p["model_uri"],
+            mlflow_uri=p["mlflow_uri"], kfp_run_id=p["run_id"], rounds=p["rounds"], model_name=p["model_name"],
+            train_pod=s.train_pod,
+        ),
+        s,
+        cache=False,  # resolves and checks the run's parameters: never reuse another run's answer
+    )  # fmt: skip
+    base = _gpu(
+        c.warm_start(
+            preset=p["preset"], overrides=p["overrides"], model_uri=p["model_uri"], dataset=data.outputs["dataset"],
+            kfp_run_id=p["run_id"],
+        ),
+        s,
+    )  # fmt: skip
+    evaluation = _per_method(c, s, p, data, base)
+    _select_register_promote(c, s, p, evaluation, data.outputs["model_name"])
 
 
 def build_pipeline(settings: ClusterSettings | None = None):
-    """The pipeline function for ``settings`` (contract, max rounds, sizes)."""
+    """The pipeline function for ``settings`` (contract, train pod, sizes)."""
     s = settings or ClusterSettings()
     c = build_components(s.contract.light_image, s.contract.gpu_image, s.containerized)
+    on = "one RayJob per method" if s.train_pod == "launcher" else "a GPU pod per method"
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="DC-GRPO post-training: data prep, warm start, training rounds per method, "
-        f"FP8 export, vLLM evaluation, MLflow registration and gated promotion (1 to {s.max_rounds} rounds).",
+        description=f"DC-GRPO post-training: data prep, warm start, training ({on}, all rounds), FP8 export, vLLM "
+        "evaluation, MLflow registration and gated promotion.",
     )
     def dc_grpo(
-        preset: str = "tiny-cpu",
+        preset: str = DEFAULT_PRESET,
         overrides: list = [],  # noqa: B006  (KFP pipeline defaults are data, not mutable state)
         data_uri: str = "",
         model_uri: str = "",
@@ -230,7 +216,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
             data_uri: DAPO-Math-17K parquet (raw or prepared), s3:// or a path in the image; empty = the synthetic arithmetic task.
             model_uri: HF-format base model (s3:// or a path); empty = the preset's model.path (tiny-cpu: a tiny model with an SFT warm start).
             methods: Methods trained side by side; the best by the gate metric is registered (grpo, dual-grpo, dc-grpo, tis, mis, icepop).
-            rounds: Training rounds per method (each its own task); 0 = the preset's train.rounds. At most the count compiled in (dcgrpo compile --max-rounds).
+            rounds: Training rounds per method, all in one train task (a checkpoint and held-out accuracy after each); 0 = the preset's train.rounds.
             mlflow_uri: MLflow tracking URI as seen from the pipeline pods, e.g. http://mlflow:5000; empty = the preset's tracking.mlflow_uri, else $MLFLOW_TRACKING_URI.
             model_name: Registered model name in MLflow; empty = the preset's registry.model_name (the champion it is gated against).
             force_promotion: Promote even when the gate refuses (recorded as forced on the model version).
@@ -238,37 +224,13 @@ def build_pipeline(settings: ClusterSettings | None = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         exit_task = _light(c.mark_failed(mlflow_uri=mlflow_uri, kfp_run_id=run_id), s, cache=False)
         with dsl.ExitHandler(exit_task, name="dc-grpo-run"):
-            data = _light(
-                c.prepare_data(
-                    preset=preset, overrides=overrides, data_uri=data_uri, model_uri=model_uri, mlflow_uri=mlflow_uri,
-                    kfp_run_id=run_id,
-                    rounds=rounds, model_name=model_name, max_rounds=s.max_rounds,
-                ),
-                s,
-                cache=False,  # resolves and checks the run's parameters: never reuse another run's answer
-            )  # fmt: skip
-            n_rounds, registered_name = data.outputs["rounds"], data.outputs["model_name"]
-            base = _gpu(
-                c.warm_start(
-                    preset=preset,
-                    overrides=overrides,
-                    model_uri=model_uri,
-                    dataset=data.outputs["dataset"],
-                    kfp_run_id=run_id,
-                ),  # fmt: skip
-                s,
-            )
-            p = {"preset": preset, "overrides": overrides, "methods": methods, "mlflow_uri": mlflow_uri,
-                 "run_id": run_id, "force_promotion": force_promotion}  # fmt: skip
-            for n in range(1, s.max_rounds + 1):
-                with _branch(n, n_rounds, s.max_rounds) if s.max_rounds > 1 else nullcontext():
-                    _rounds_on(c, s, n, p, data, base, registered_name)
+            _graph(c, s, {"preset": preset, "overrides": overrides, "data_uri": data_uri, "model_uri": model_uri,
+                          "methods": methods, "rounds": rounds, "mlflow_uri": mlflow_uri, "model_name": model_name,
+                          "run_id": run_id, "force_promotion": force_promotion})  # fmt: skip
 
     return dc_grpo
 
 
 def compile_pipeline(out_path: str, settings: ClusterSettings | None = None) -> str:
-    from kfp import compiler
-
     compiler.Compiler().compile(build_pipeline(settings), package_path=out_path)
     return out_path

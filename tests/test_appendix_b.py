@@ -22,6 +22,7 @@ KINDS = ("prob_diff", "ratio", "log_ratio")
 
 
 def load_script():
+    sys.path.insert(0, str(SCRIPT.parent))  # its harness import, as when run as a script
     spec = importlib.util.spec_from_file_location("appendix_b", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

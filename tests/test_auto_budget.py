@@ -9,7 +9,8 @@ import pytest
 
 from dcgrpo.algorithm.dual import LagrangeMultiplier, auto_budget
 from dcgrpo.algorithm.step import make_multiplier
-from dcgrpo.config import ConfigError, load_config, resolve_run_parameters
+from dcgrpo.config import ConfigError, load_config
+from dcgrpo.stages.parameters import resolve_run_parameters
 
 
 def test_auto_budget_is_the_scaled_mean_of_the_calibration_steps():
@@ -73,7 +74,7 @@ def test_the_weight_grid_is_a_lab_setting_the_pipeline_refuses():
     with pytest.raises(ConfigError, match="rollout.weight_grid"):
         load_config(overrides=["rollout.weight_grid=int8"])
     with pytest.raises(ConfigError, match="lab setting"):
-        resolve_run_parameters("tiny-cpu", ["rollout.weight_grid=mxfp4"], 0, "", 10)
+        resolve_run_parameters("tiny-cpu", ["rollout.weight_grid=mxfp4"], 0, "")
 
 
 def test_the_measured_budget_is_logged_once_known():

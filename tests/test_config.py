@@ -186,3 +186,41 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
     path.write_text("train:\n  lr: 1.0e-5\ntrain:\n  rounds: 2\n")  # a section twice: the first would be lost
     with pytest.raises(ConfigError, match=r"duplicate key 'train' \(line 1 and line 3\)"):
         load_config(path)
+
+
+def _imported_modules(path) -> set[str]:
+    """The modules a file imports, inside functions too (``ast``)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_config_is_below_the_data_and_registry_layers():
+    """config.py (and its presets and verl section) imports neither ``dcgrpo.data.benchmarks`` (which reads
+    ``DataConfig``: issue 24's circle) nor the registry, serving or the driver layer, not even inside a function."""
+    from pathlib import Path
+
+    import dcgrpo.config
+
+    src = Path(dcgrpo.config.__file__).parent
+    above = ("dcgrpo.data.benchmarks", "dcgrpo.registry", "dcgrpo.serving", "dcgrpo.stages", "dcgrpo.steps")
+    for name in ("config.py", "config_presets.py", "config_verl.py", "data/benchmark_names.py"):
+        bad = {m for m in _imported_modules(src / name) if m in above or m.startswith(tuple(a + "." for a in above))}
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_defaults_have_one_copy():
+    """The registry's defaults are the config's, and the default preset is one constant."""
+    from dcgrpo import registry
+    from dcgrpo.config import DEFAULT_PRESET, RegistryConfig
+
+    reg = RegistryConfig()
+    assert (registry.LOCK_WAIT_S, registry.LOCK_STALE_S) == (reg.promotion_lock_wait_s, reg.promotion_lock_stale_s)
+    assert (registry.CHAMPION_ALIAS, registry.CHALLENGER_ALIAS) == (reg.champion_alias, reg.challenger_alias)
+    assert RunConfig().preset == DEFAULT_PRESET == PRESETS[0]

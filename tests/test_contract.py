@@ -28,15 +28,22 @@ from tests.test_manifests import MANIFESTS, kustomize_build, validate
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.31.0"
 C = DeploymentContract()
-LIGHT = ("prepare-data", "select-best", "register-model", "promote", "mark-failed", "train-round-launcher")
-GPU = ("warm-start", "train-round", "export-fp8", "evaluate")
+LIGHT = ("prepare-data", "select-best", "register-model", "promote", "mark-failed", "train-launcher")
+GPU = ("warm-start", "train", "export-fp8", "evaluate")
 
 
 @pytest.fixture(scope="module")
 def compiled() -> tuple[dict, dict]:
-    """(pipeline spec, kubernetes executors) of the committed YAML (test_pipeline_compile checks it is fresh)."""
-    spec, platform = yaml.safe_load_all(pipeline.COMPILED_PATH.read_text())
-    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    """(pipeline spec, kubernetes executors) of both committed packages, executors merged (test_pipeline_compile
+    checks they are fresh): the GPU train task of dc_grpo.yaml and the RayJob launcher of dc_grpo_rayjob.yaml."""
+    merged, k8s = None, {}
+    for name in pipeline.PACKAGES.values():
+        spec, platform = yaml.safe_load_all((pipeline.COMPILED_DIR / name).read_text())
+        if merged is None:
+            merged = spec
+        merged["deploymentSpec"]["executors"] |= spec["deploymentSpec"]["executors"]
+        k8s |= platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return merged, k8s
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,7 @@ def test_compiled_pipeline_uses_the_contracts_images_pool_secrets_and_volumes(co
             assert "nodeSelector" not in cfg, name
             # the verl launcher round (no GPU) mounts the checkpoint volume its RayJob resumes from, nothing else
             volumes = {m["constant"]: m["mountPath"] for m in cfg.get("pvcMount", [])}
-            assert volumes == ({C.checkpoint_pvc: C.checkpoint_mount} if step == "train-round-launcher" else {}), name
+            assert volumes == ({C.checkpoint_pvc: C.checkpoint_mount} if step == "train-launcher" else {}), name
             continue
         assert cfg["nodeSelector"]["labels"] == C.gpu_node_selector, name
         assert [dict(t) for t in cfg["tolerations"]] == [dict(t) for t in C.gpu_tolerations], name
@@ -108,11 +115,11 @@ def test_compiled_pipeline_uses_the_contracts_images_pool_secrets_and_volumes(co
         assert mounts[C.checkpoint_pvc] == C.checkpoint_mount == VerlConfig().checkpoint_dir, name  # model store
 
 
-def test_round_tasks_carry_the_contract_to_the_rayjobs_they_start(compiled):
+def test_train_tasks_carry_the_contract_to_the_rayjobs_they_start(compiled):
     spec, _ = compiled
     for name, executor in spec["deploymentSpec"]["executors"].items():
         env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
-        if name.startswith("exec-train-round"):
+        if name.startswith("exec-train"):
             assert DeploymentContract.model_validate_json(env[ENV_VAR]) == C, name
 
 

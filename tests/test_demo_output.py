@@ -8,7 +8,8 @@ import shlex
 import pytest
 
 from dcgrpo.config import load_config
-from dcgrpo.pipeline import _not_selected, _TaskLogFilter, mlflow_ui_command
+from dcgrpo.demo import _not_selected, mlflow_ui_command
+from dcgrpo.pipeline import _TaskLogFilter
 from dcgrpo.plots import _series, curve_panels, plot_curves
 
 

@@ -47,13 +47,13 @@ def _tiny_qwen3(out: Path, dtype=torch.float32, seed: int = 0) -> Path:
     return out
 
 
-def _tiny_qwen3_moe(out: Path) -> Path:
+def _tiny_qwen3_moe(out: Path, kv_heads: int = 2) -> Path:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(
         hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512, num_experts=4,
+        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=32, vocab_size=512, num_experts=4,
         num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
     )  # fmt: skip
     Qwen3MoeForCausalLM(cfg).save_pretrained(out)
@@ -152,19 +152,42 @@ def test_export_reload_equals_engine_rounding(tmp_path, dtype, scheme):
     print(f"\n{dtype} {scheme}: {report.source_bytes / 1e6:.3f} MB -> {report.export_bytes / 1e6:.3f} MB")
 
 
-def test_moe_router_gates_stay_high_precision(tmp_path):
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel"])
+def test_moe_experts_are_fp8_and_router_gates_stay_high_precision(tmp_path, scheme):
+    """Each expert's gate/up/down projection is its own FP8 Linear with its own scale (all 4 experts of both
+    layers); the router gates stay fp32; compressed-tensors' dequantize gives back the engine's rounding."""
     src = _tiny_qwen3_moe(tmp_path / "moe")
-    export_fp8(str(src), str(tmp_path / "fp8"))
+    report = export_fp8(str(src), str(tmp_path / "fp8"), ExportConfig(scheme=scheme))
     exported = load_file(tmp_path / "fp8" / "model.safetensors")
     source_sd = load_file(src / "model.safetensors")
+    experts = [k for k in source_sd if ".mlp.experts." in k]
+    assert len(experts) == 2 * 4 * 3 and report.quantized == len(experts) + 2 * 4  # + q/k/v/o per layer
+    scale_shape = {"fp8_block": (1, 1), "fp8_channel": (128, 1)}[scheme]  # 128 x 128 expert projections
+    for k in experts:
+        assert exported[k].dtype == torch.float8_e4m3fn and exported[k].shape == source_sd[k].shape
+        assert exported[k.removesuffix(".weight") + ".weight_scale"].shape == scale_shape
     for layer in (0, 1):
         gate = f"model.layers.{layer}.mlp.gate.weight"
         assert exported[gate].dtype == torch.float32 and torch.equal(exported[gate], source_sd[gate])
         assert f"model.layers.{layer}.mlp.gate.weight_scale" not in exported
-        assert exported[f"model.layers.{layer}.mlp.experts.3.gate_proj.weight"].dtype == torch.float8_e4m3fn
     ignore = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["ignore"]
     assert ignore == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
-    _assert_bit_equal(load_dequantized(str(tmp_path / "fp8")), round_state_dict(source_sd, "fp8_block", KEEP))
+    _assert_bit_equal(load_dequantized(str(tmp_path / "fp8")), round_state_dict(source_sd, scheme, KEEP))
+
+
+def test_fused_moe_experts_are_refused(tmp_path):
+    """A shard holding transformers' fused in-memory experts (3-D) would export with its experts in high
+    precision: refused, naming the shard and the tensor, and nothing is written."""
+    from safetensors.torch import save_file
+
+    src = _tiny_qwen3_moe(tmp_path / "moe")
+    from transformers import AutoModelForCausalLM
+
+    fused = AutoModelForCausalLM.from_pretrained(str(src)).state_dict()
+    save_file({k: v.contiguous() for k, v in fused.items()}, str(src / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"model.safetensors: .*experts.down_proj has shape \(4, 128, 128\)"):
+        export_fp8(str(src), str(tmp_path / "fp8"))
+    assert not (tmp_path / "fp8").exists()
 
 
 def test_export_s3_round_trip(tmp_path, s3_server):
@@ -239,4 +262,25 @@ def test_vllm_cpu_loads_channel_fp8_export(tmp_path):
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not result:
         pytest.skip(f"vLLM CPU could not run the FP8 export (rc={proc.returncode}): {proc.stderr[-800:]}")
+    assert len(json.loads(result[0][len("RESULT ") :])) == 8
+
+
+@pytest.mark.slow
+def test_vllm_cpu_serves_the_block_fp8_moe_export(tmp_path):
+    """vLLM CPU's only FP8 MoE kernel (CPUExpertsFp8: 128x128 block weights, W8A16) needs AMX. Without it
+    vLLM 0.32 refuses the checkpoint: its block-FP8 Linears find no ScaledMM kernel, and a channel-FP8
+    MoE finds no FP8 MoE backend ("Unsupported FP8 MoE backend: NONE"), so this skips on such CPUs.
+    Every dimension is a multiple of 128 here (4 kv heads of 32), as block FP8 needs."""
+    pytest.importorskip("vllm")
+    src = _tiny_qwen3_moe(tmp_path / "src", kv_heads=4)
+    export_fp8(str(src), str(tmp_path / "fp8"), ExportConfig(scheme="fp8_block", block_size=128))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _VLLM_SCRIPT, str(tmp_path / "fp8")],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not result:
+        reason = ([line for line in proc.stderr.splitlines() if "Error" in line] or [proc.stderr[-800:]])[-1]
+        pytest.skip(f"vLLM CPU could not serve the FP8 MoE export here (rc={proc.returncode}): {reason}")
     assert len(json.loads(result[0][len("RESULT ") :])) == 8

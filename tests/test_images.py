@@ -219,7 +219,8 @@ class Block:
         if name.split(".")[0] in {"torch", "vllm", "transformers", "verl", "ray"}:
             raise ImportError("not in the light image: " + name)
 sys.meta_path.insert(0, Block())
-for m in ["dcgrpo.cli", "dcgrpo.steps", "dcgrpo.registry", "dcgrpo.tracking", "dcgrpo.data.dapo",
+for m in ["dcgrpo.cli", "dcgrpo.stages.data", "dcgrpo.stages.publish", "dcgrpo.stages.train_verl",
+          "dcgrpo.stages.train", "dcgrpo.model_refs", "dcgrpo.registry", "dcgrpo.tracking", "dcgrpo.data.dapo",
           "dcgrpo.data.synthetic", "dcgrpo.verl_plugin.rounds", "dcgrpo.components", "dcgrpo.pipelines"]:
     importlib.import_module(m)
 """
@@ -280,14 +281,15 @@ def test_the_installed_package_carries_its_compiled_pipeline_and_data(installed_
     code = (
         "import dcgrpo, dcgrpo.pipeline as p; from dcgrpo.data.benchmarks import load_benchmark, samples_dir; "
         "print(dcgrpo.__file__); print(p.COMPILED_PATH); p.load_compiled(p.COMPILED_PATH); "
-        "print(p.compiled_max_rounds()); print(len(load_benchmark('math500')), samples_dir())"
+        "print(p.compiled_train_pod(p.COMPILED_DIR / 'dc_grpo_rayjob.yaml')); "
+        "print(len(load_benchmark('math500')), samples_dir())"
     )
     proc = _run_installed(installed_light_package, tmp_path, "-c", code)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    module, compiled, rounds, samples = proc.stdout.splitlines()
+    module, compiled, pod, samples = proc.stdout.splitlines()
     site = str(installed_light_package)
     assert module.startswith(site) and compiled.startswith(site) and samples.split()[1].startswith(site)
-    assert int(rounds) >= 1 and samples.split()[0] == "24"
+    assert pod == "launcher" and samples.split()[0] == "24"  # both packages ship
     compiled_file = Path(compiled)
     assert compiled_file.read_bytes() == (ROOT / "pipelines" / "compiled" / "dc_grpo.yaml").read_bytes()
 
@@ -295,4 +297,5 @@ def test_the_installed_package_carries_its_compiled_pipeline_and_data(installed_
 def test_compile_in_the_installed_package_writes_to_the_working_directory(installed_light_package, tmp_path):
     proc = _run_installed(installed_light_package, tmp_path, "-m", "dcgrpo.cli", "compile")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == str(tmp_path / "dc_grpo.yaml") and (tmp_path / "dc_grpo.yaml").stat().st_size > 0
+    assert proc.stdout.split() == [str(tmp_path / "dc_grpo.yaml"), str(tmp_path / "dc_grpo_rayjob.yaml")]
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("dc_grpo.yaml", "dc_grpo_rayjob.yaml"))

@@ -1,4 +1,6 @@
-"""The mismatch lab's pure parts (benchmarks/lab.py): its intervals, paired comparisons and study plan."""
+"""The mismatch lab's pure parts (benchmarks/lab.py): paired gains across deploy formats and the study plan.
+
+Its intervals and paired differences are the harness's (tests/test_harness.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +13,6 @@ from dcgrpo.config import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lab  # noqa: E402
-
-
-def test_interval_is_the_student_t_95_half_width():
-    m, h = lab.interval([0.80, 0.84, 0.88])
-    assert m == pytest.approx(0.84)
-    assert h == pytest.approx(4.302653 * 0.04 / 3**0.5, rel=1e-5)  # t_{0.975, 2} * s / sqrt(n)
-    assert lab.interval([0.5])[1] != lab.interval([0.5])[1]  # one seed: no interval (nan)
-
-
-def test_paired_differences_use_only_seeds_both_runs_have():
-    rows = {("a", 0): {"acc": 0.9}, ("a", 1): {"acc": 0.8}, ("a", 2): {"acc": 0.7},
-            ("b", 0): {"acc": 0.85}, ("b", 1): {"acc": 0.70}}  # fmt: skip
-    m, h, n = lab.paired(rows, "a", "b")
-    assert n == 2 and m == pytest.approx((0.05 + 0.10) / 2)
-    assert h == pytest.approx(12.706205 * 0.0353553 / 2**0.5, rel=1e-4)
-    assert lab.paired(rows, "a", "missing")[2] == 0
 
 
 def test_gains_are_compared_across_deploy_formats():

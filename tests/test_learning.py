@@ -34,7 +34,7 @@ from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import apply_chat_template
 from dcgrpo.reward import score_batch
-from dcgrpo.train.jobs import prepare_inputs
+from dcgrpo.stages.model import prepare_inputs
 from dcgrpo.train.rl import make_engine, train
 
 # The timeout only stops a hang: on 2 cores oversubscribed ~4x (load 8-9) the SFT warm start alone took 15 min.

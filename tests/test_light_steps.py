@@ -3,7 +3,7 @@
 tests/test_images.py checks that the light modules import without them; these
 tests call the code paths the light steps take on a cluster: finding a
 training artifact's latest checkpoint (``latest_model_dir``, used by
-``register_step`` and by verl rounds), a skipped round, ``train_round_step``
+``register_step`` and by verl trainings), ``train_step``
 with ``train.backend=verl`` up to its RayJob launch, and ``select_best_step``.
 Each runs in a subprocess whose import system refuses the heavy packages.
 """
@@ -44,7 +44,7 @@ def test_checkpoint_resolution_without_torch(tmp_path):
         """
         import json
         from pathlib import Path
-        from dcgrpo.steps import latest_model_dir
+        from dcgrpo.model_refs import latest_model_dir
         from dcgrpo.train import checkpoint as ckpt
 
         art = Path(sys.argv[1]) / "model"
@@ -64,38 +64,34 @@ def test_checkpoint_resolution_without_torch(tmp_path):
 
 
 def test_light_components_and_verl_round_without_torch(tmp_path):
-    """Every light component imports; a skipped round and a verl round (up to its launch) run; select_best runs."""
+    """Every light component imports; a verl train task (up to its launch) runs; select_best runs."""
     run_light(
         """
         import importlib
         from pathlib import Path
 
         from dcgrpo import components
-        from dcgrpo import steps
+        from dcgrpo.stages import publish, train_verl
+        from dcgrpo.stages import train as train_stage
 
-        for module in sorted({fn.__module__ for fn in components.LIGHT_STEPS.values()} | {"dcgrpo.components.train_round"}):
+        for module in sorted({fn.__module__ for fn in components.LIGHT_STEPS.values()} | {"dcgrpo.components.train"}):
             importlib.import_module(module)
 
         tmp = Path(sys.argv[1])
         model_in = tmp / "in"
         model_in.mkdir()
-        (model_in / "verl_round.json").write_text("{}")
         overrides = [f"storage.root={tmp / 'root'}", "train.backend=verl"]
-        meta, _ = steps.train_round_step("", overrides, "dc-grpo", 3, 2, "", "run-1", str(tmp), str(model_in),
-                                         {"round": 2}, str(tmp / "skipped"))
-        assert meta["skipped_round"] == 4 and (tmp / "skipped" / "verl_round.json").is_file()
-
         launched = []
-        steps._train_round_verl = lambda cfg, *args: launched.append(cfg.train.backend) or ({"backend": "verl"}, {})
-        meta, _ = steps.train_round_step("", overrides, "dc-grpo", 0, 2, "", "run-1", str(tmp), str(model_in),
-                                         {}, str(tmp / "out"))
+        train_verl.train_verl = lambda cfg, *args: launched.append(cfg.train.backend) or ({"backend": "verl"}, {})
+        meta, _ = train_stage.train_step("", overrides, "dc-grpo", 2, "", "run-1", str(tmp), str(model_in),
+                                         str(tmp / "out"))
         assert launched == ["verl"] and meta == {"backend": "verl"}
 
         def reference(name, d):
             return {"model_uri": f"s3://b/{name}", "fp8_uri": f"s3://b/{name}-fp8",
                     "metadata": {"discrepancy": d, "method": name}}
 
-        best = steps.select_best_step("", [], ["a", "b"], [0.9, 0.8], [reference("a", 0.5), reference("b", 1e-4)])
+        best = publish.select_best_step("", [], ["a", "b"], [0.9, 0.8], [reference("a", 0.5), reference("b", 1e-4)])
         assert best.method in {"a", "b"} and best.reference["model_uri"].startswith("s3://")
         """,
         tmp_path,

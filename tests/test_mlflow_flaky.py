@@ -1,7 +1,7 @@
 """A flaky MLflow (a proxy answering 503, or losing a response after the server acted) costs nothing.
 
 Real MLflow server on sqlite behind ``tests/flaky_proxy.py``; the project's own calls (``tracking.start_run``,
-``registry.register_and_gate``, ``registry.promote``) retry through MLflow's HTTP layer (``tracking.mlflow_client``)
+``stages.registration.register_and_gate``, ``registry.promote``) retry through MLflow's HTTP layer (``tracking.mlflow_client``)
 and every create stays idempotent.
 """
 
@@ -14,6 +14,8 @@ import pytest
 
 from dcgrpo import registry
 from dcgrpo.config import TrackingConfig, load_config
+from dcgrpo.registry.registration import _artifact_key
+from dcgrpo.stages.registration import promote_version, register_and_gate
 from dcgrpo.tracking import CREATE_TOKEN_TAG, start_run
 from tests.flaky_proxy import FlakyProxy
 
@@ -77,17 +79,16 @@ def test_register_gate_and_promote_with_every_second_request_failing(proxy, mlc,
     name = f"flaky-model-{uuid.uuid4().hex[:6]}"
     client = registry.client(proxy.uri)
     proxy.fail("*", r"^/api/2\.0/mlflow(-artifacts)?/", every=2)
-    registered = registry.register_and_gate(client, cfg, name, run_id, str(model_dir),
-                                            metrics={"eval/synthetic/avg_1": 0.5}, final_lambda=0.0,
-                                            discrepancy=1e-4)  # fmt: skip
-    decision = registry.promote_version(client, cfg, name, registered.version)
+    registered = register_and_gate(client, cfg, name, run_id, str(model_dir),
+                                   metrics={"eval/synthetic/avg_1": 0.5}, final_lambda=0.0, discrepancy=1e-4)  # fmt: skip
+    decision = promote_version(client, cfg, name, registered.version)
     assert len(proxy.failed()) >= 8, proxy.failed()
     assert registered.version == "1" and registered.passes_gate and decision.promoted
     assert [v.version for v in mlc.search_model_versions(f"name='{name}'")] == ["1"]
     assert mlc.get_model_version_by_alias(name, "champion").version == "1"
     assert mlc.get_model_version(name, "1").tags[registry.TAG_DECISION] == "promoted"
     assert not mlc.search_registered_models(f"name LIKE '{name}.%'"), "the lock and its guard are released"
-    stored = mlc.download_artifacts(run_id, f"model/{registry._artifact_key(str(model_dir.resolve()), 'fp8')}",
+    stored = mlc.download_artifacts(run_id, f"model/{_artifact_key(str(model_dir.resolve()), 'fp8')}",
                                     str(tmp_path / "back"))  # fmt: skip
     for f in ("config.json", "model.safetensors"):
         assert hashlib.sha256((model_dir / f).read_bytes()).digest() == \

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from dcgrpo import steps
+from dcgrpo import model_refs, tracking
 from dcgrpo.config import load_config
 from dcgrpo.deploy import DeploymentContract
 from dcgrpo.models import ModelNotFoundError
+from dcgrpo.stages import evaluate as evaluate_stage
+from dcgrpo.stages import model as model_stage
+from dcgrpo.stages import publish
 
 C = DeploymentContract()
 
@@ -35,7 +38,7 @@ def volumes(tmp_path, monkeypatch) -> tuple[Path, Path]:
     cache.mkdir()
     store.mkdir()
     monkeypatch.setenv("DCGRPO_MODEL_CACHE", str(cache))
-    monkeypatch.setenv(steps.MODEL_STORE_ENV, str(store))
+    monkeypatch.setenv(model_refs.MODEL_STORE_ENV, str(store))
     return cache, store
 
 
@@ -48,29 +51,29 @@ def test_a_base_model_in_the_model_cache_is_referenced_where_it_is(tiny_model, v
     base = cache / "org--base"
     shutil.copytree(tiny_model, base)
     artifact = tmp_path / "artifact"
-    steps.warm_start_step("tiny-cpu", [], str(base), "", str(artifact), kfp_run_id="run-1")
-    assert _files(artifact) == {steps.MODEL_REF_FILE}  # no weights through the artifact store
-    assert steps.resolve_model(str(artifact)) == str(base)
-    assert steps.latest_model_dir(str(artifact)) == str(base)
+    model_stage.warm_start_step("tiny-cpu", [], str(base), "", str(artifact), kfp_run_id="run-1")
+    assert _files(artifact) == {model_refs.MODEL_REF_FILE}  # no weights through the artifact store
+    assert model_refs.resolve_model(str(artifact)) == str(base)
+    assert model_refs.latest_model_dir(str(artifact)) == str(base)
 
 
 def test_a_base_model_elsewhere_is_copied_once_to_the_checkpoint_volume(tiny_model, volumes, tmp_path):
     _, store = volumes
     artifact = tmp_path / "artifact"
-    steps.warm_start_step("tiny-cpu", [], str(tiny_model), "", str(artifact), kfp_run_id="run-2")
-    assert _files(artifact) == {steps.MODEL_REF_FILE}
+    model_stage.warm_start_step("tiny-cpu", [], str(tiny_model), "", str(artifact), kfp_run_id="run-2")
+    assert _files(artifact) == {model_refs.MODEL_REF_FILE}
     on_volume = store / "models" / "run-2" / "base"
-    assert steps.resolve_model(str(artifact)) == str(on_volume)
+    assert model_refs.resolve_model(str(artifact)) == str(on_volume)
     assert (on_volume / "config.json").is_file() and (on_volume / "model.safetensors").is_file()
 
 
 def test_without_the_volume_the_weights_go_into_the_artifact(tiny_model, tmp_path, monkeypatch):
     monkeypatch.delenv("DCGRPO_MODEL_CACHE", raising=False)
-    monkeypatch.setenv(steps.MODEL_STORE_ENV, str(tmp_path / "not-mounted"))  # set by the pipeline, no PVC here
+    monkeypatch.setenv(model_refs.MODEL_STORE_ENV, str(tmp_path / "not-mounted"))  # set by the pipeline, no PVC here
     artifact = tmp_path / "artifact"
-    steps.warm_start_step("tiny-cpu", [], str(tiny_model), "", str(artifact), kfp_run_id="run-3")
-    assert steps.MODEL_REF_FILE not in _files(artifact) and (artifact / "model.safetensors").is_file()
-    assert steps.resolve_model(str(artifact)) == str(artifact)
+    model_stage.warm_start_step("tiny-cpu", [], str(tiny_model), "", str(artifact), kfp_run_id="run-3")
+    assert model_refs.MODEL_REF_FILE not in _files(artifact) and (artifact / "model.safetensors").is_file()
+    assert model_refs.resolve_model(str(artifact)) == str(artifact)
 
 
 def test_export_reads_through_the_reference_and_registration_names_the_volume(tiny_model, volumes, tmp_path, mlc):
@@ -78,22 +81,22 @@ def test_export_reads_through_the_reference_and_registration_names_the_volume(ti
     (KServe's scheme for a PVC) with nothing uploaded, and MLflow's server accepts that source."""
     _, store = volumes
     model = tmp_path / "model"
-    steps.warm_start_step("tiny-cpu", [], str(tiny_model), "", str(model), kfp_run_id="run-4")
+    model_stage.warm_start_step("tiny-cpu", [], str(tiny_model), "", str(model), kfp_run_id="run-4")
     fp8 = tmp_path / "fp8"
-    meta = steps.export_fp8_step("tiny-cpu", [], str(model), {"method": "grpo"}, str(fp8))
+    meta = evaluate_stage.export_fp8_step("tiny-cpu", [], str(model), {"method": "grpo"}, str(fp8))
     assert meta["quantized_weights"] > 0 and (fp8 / "config.json").is_file()
-    ref = steps.model_reference("minio://mlpipeline/v2/artifacts/r/model", str(model), {"method": "grpo"},
+    ref = model_refs.model_reference("minio://mlpipeline/v2/artifacts/r/model", str(model), {"method": "grpo"},
                                 "minio://mlpipeline/v2/artifacts/r/fp8")  # fmt: skip
     assert ref["model_uri"] == f"pvc://{C.checkpoint_pvc}/models/run-4/base"
 
     exp = mlc.create_experiment(f"store-{uuid.uuid4().hex[:6]}")
-    run = mlc.create_run(exp, tags={steps.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg_1": 0.5})}).info
+    run = mlc.create_run(exp, tags={tracking.EVAL_METRICS_TAG: json.dumps({"eval/synthetic/avg_1": 0.5})}).info
     mlc.log_metric(run.run_id, "dc/lambda", 0.0)
     name = f"store-{uuid.uuid4().hex[:6]}"
     uri = mlc.tracking_uri
-    mlc.set_tag(run.run_id, steps.EVAL_ENGINE_TAG, "vllm 0.33.0")
+    mlc.set_tag(run.run_id, tracking.EVAL_ENGINE_TAG, "vllm 0.33.0")
     meta = {"mlflow_run_id": run.run_id, "discrepancy": 1e-4, "rollout_engine": "vllm 0.24.0 (verl 0.9.1)"}
-    version = steps.register_step("", [], uri, name, meta, ref["model_uri"], ref["fp8_uri"]).version
+    version = publish.register_step("", [], uri, name, meta, ref["model_uri"], ref["fp8_uri"]).version
     bf16 = mlc.search_model_versions(f"name='{name}-bf16'")[0]
     assert bf16.source == ref["model_uri"]
     assert mlc.list_artifacts(run.run_id) == []
@@ -107,19 +110,24 @@ def test_export_reads_through_the_reference_and_registration_names_the_volume(ti
 
 def test_a_reference_whose_volume_is_missing_names_the_path_and_the_fix(tmp_path):
     artifact = tmp_path / "artifact"
-    steps.write_model_ref(str(artifact), tmp_path / "checkpoints" / "models" / "r" / "grpo" / "round-1")
+    model_refs.write_model_ref(str(artifact), tmp_path / "checkpoints" / "models" / "r" / "grpo" / "round-1")
     with pytest.raises(ModelNotFoundError, match=r"round-1, which is not there: mount the checkpoint volume"):
-        steps.latest_model_dir(str(artifact))
+        model_refs.latest_model_dir(str(artifact))
     with pytest.raises(ValueError, match="on no pipeline volume"):
-        steps.volume_uri(str(tmp_path / "elsewhere"))
+        model_refs.volume_uri(str(tmp_path / "elsewhere"))
 
 
-def test_built_in_rounds_leave_their_checkpoints_on_the_volume_and_resume_through_the_reference(
+def test_the_train_task_keeps_its_checkpoints_on_the_volume_and_a_retry_resumes_bit_identically(
     tiny_model, volumes, tmp_path, mlflow_server
 ):
-    """Two real rounds (vLLM CPU rollouts): each round's artifact is a reference; round 2 resumes round 1's
-    checkpoint on the volume (one MLflow run, steps continue); export reads round 2's latest checkpoint."""
+    """One train task per method (real vLLM CPU rollouts): its artifact is a reference to its folder on the volume.
+    A task stopped after round 1 and retried (KFP's retry after an eviction) resumes that round's checkpoint in the
+    same MLflow run, logs no step twice, and ends with weights bit-identical to a task never stopped; a retry after
+    the last round trains nothing. Export reads the latest checkpoint."""
+    from mlflow.tracking import MlflowClient
+
     from dcgrpo.data.synthetic import write_synthetic_splits
+    from dcgrpo.stages.train import train_step
 
     _, store = volumes
     tiny = ["train.steps_per_round=1", "train.prompts_per_batch=4", "train.ppo_mini_batch=2",
@@ -127,18 +135,37 @@ def test_built_in_rounds_leave_their_checkpoints_on_the_volume_and_resume_throug
     data = tmp_path / "data"
     write_synthetic_splits(load_config(preset="tiny-cpu", overrides=tiny).data, data)
     base = tmp_path / "base"
-    steps.warm_start_step("tiny-cpu", tiny, str(tiny_model), str(data), str(base), kfp_run_id="run-5")
-    meta, model_in = {}, base
-    for k in range(2):
-        out = tmp_path / f"round-{k + 1}"
-        meta, _ = steps.train_round_step("tiny-cpu", tiny, "grpo", k, 2, mlflow_server, "run-5", str(data),
-                                         str(model_in), meta, str(out))  # fmt: skip
-        assert _files(out) == {steps.MODEL_REF_FILE}, k
-        assert steps.resolve_model(str(out)) == str(store / "models" / "run-5" / "grpo" / f"round-{k + 1}")
-        model_in = out
-    assert meta["step"] == 2 and meta["round"] == 2
-    assert meta["rollout_engine"].startswith("vllm 0.")  # the engine the round's discrepancy was measured on
-    latest = Path(steps.latest_model_dir(str(model_in)))
-    assert latest.is_relative_to(store / "models" / "run-5" / "grpo" / "round-2" / "checkpoints")
+    model_stage.warm_start_step("tiny-cpu", tiny, str(tiny_model), str(data), str(base), kfp_run_id="run-5")
+
+    def task(run_id: str, rounds: int, out: str):
+        return train_step("tiny-cpu", tiny, "grpo", rounds, mlflow_server, run_id, str(data), str(base),
+                          str(tmp_path / out))  # fmt: skip
+
+    stopped, _ = task("run-5", 1, "try-1")  # the task's first try ends after round 1 (as if evicted there)
+    meta, scalars = task("run-5", 2, "try-2")  # the retry: the same folder on the volume, the same MLflow run
+    model_in = tmp_path / "try-2"
+    assert _files(model_in) == {model_refs.MODEL_REF_FILE}
+    assert model_refs.resolve_model(str(model_in)) == str(store / "models" / "run-5" / "grpo")
+    assert meta["step"] == 2 and meta["round"] == 2 and meta["mlflow_run_id"] == stopped["mlflow_run_id"]
+    assert meta["rollout_engine"].startswith("vllm 0.")  # the engine the discrepancy was measured on
+    assert scalars[tracking.ROUND_DISCREPANCY] == meta["discrepancy"] > 0
+    history = MlflowClient(mlflow_server).get_metric_history(meta["mlflow_run_id"], "dc/lambda")
+    assert sorted(m.step for m in history) == [1, 2]
+    rounds = MlflowClient(mlflow_server).get_metric_history(meta["mlflow_run_id"], tracking.ROUND_DISCREPANCY)
+    assert sorted(m.step for m in rounds) == [1, 2]  # one point per round
+
+    straight, _ = task("run-6", 2, "never-stopped")
+    resumed = Path(model_refs.latest_model_dir(str(model_in)))
+    whole = Path(model_refs.latest_model_dir(str(tmp_path / "never-stopped")))
+    assert resumed.is_relative_to(store / "models" / "run-5" / "grpo" / "checkpoints")
+    assert {p.name: p.read_bytes() for p in resumed.glob("*.safetensors")} == {
+        p.name: p.read_bytes() for p in whole.glob("*.safetensors")
+    }, "resuming round 1's checkpoint must give the weights of a task never stopped"
+    again, _ = task("run-5", 2, "try-3")  # a retry after the last round: nothing trained, the same result
+    assert (again["step"], again["mlflow_run_id"], again["discrepancy"]) == (
+        2,
+        meta["mlflow_run_id"],
+        meta["discrepancy"],
+    )
     fp8 = tmp_path / "fp8"
-    assert steps.export_fp8_step("tiny-cpu", tiny, str(model_in), meta, str(fp8))["method"] == "grpo"
+    assert evaluate_stage.export_fp8_step("tiny-cpu", tiny, str(model_in), meta, str(fp8))["method"] == "grpo"

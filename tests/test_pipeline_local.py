@@ -61,11 +61,11 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout + proc.stderr
     clean = out.replace("\x1b[96m", "").replace("\x1b[0m", "")
-    for task in ("prepare-data", "warm-start", "train-round", "export-fp8", "evaluate", "select-best",
+    for task in ("prepare-data", "warm-start", "train", "export-fp8", "evaluate", "select-best",
                  "register-model", "promote"):  # fmt: skip
-        # A task of the second copy of a branch (GPU vs launcher rounds) is named with a suffix, e.g. export-fp8-2
-        pattern = rf"Task '{task}(-\d+)?' finished with status SUCCESS"
+        pattern = rf"Task '{task}' finished with status SUCCESS"
         assert re.search(pattern, clean.replace("\x1b[92m", "")), (task, clean[-4000:])
+    assert "train-round" not in clean  # one train task per method, every round in it
 
     client = MlflowClient(mlflow_on_s3)
     exp = client.get_experiment_by_name("dcgrpo")
@@ -78,6 +78,8 @@ def test_pipeline_end_to_end_registers_a_champion(tmp_path, s3_server, mlflow_on
                     "timing/rollout_s"):  # fmt: skip
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == [1, 2], (method, key)
+        rounds = client.get_metric_history(run.info.run_id, "dc/discrepancy_round_mean")
+        assert [m.step for m in rounds] == [2], method  # a point per round, at its last step
         evals = json.loads(run.data.tags["dcgrpo.eval_metrics"])
         assert "eval/synthetic/avg_1" in evals and "eval/amc23/avg_1" in evals
 
@@ -114,7 +116,7 @@ def test_failing_step_fails_the_run_and_registers_nothing(tmp_path, mlflow_serve
 
 
 def test_pipeline_with_verl_rounds_hands_verls_model_to_export_and_registry(tmp_path, mlflow_server):
-    """train.backend=verl through kfp.local: two rounds in one MLflow run, the last round's HF model exported,
+    """train.backend=verl through kfp.local: two rounds in one launch and one MLflow run, verl's HF model exported,
     evaluated and registered. verl itself needs GPUs: tests/fake_verl stands in for its main_ppo
     (see tests/test_verl_backend.py)."""
     (tmp_path / "ckpt").mkdir()
@@ -136,4 +138,4 @@ def test_pipeline_with_verl_rounds_hands_verls_model_to_export_and_registry(tmp_
     (version,) = client.search_model_versions("name = 'dcgrpo-verl-e2e'")
     assert version.run_id == run.info.run_id and version.tags["quantization"] == "fp8"
     (run_dir,) = (tmp_path / "ckpt").iterdir()
-    assert len((run_dir / "launches.log").read_text().splitlines()) == 2  # one launch per round
+    assert len((run_dir / "launches.log").read_text().splitlines()) == 1  # one launch for every round

@@ -16,10 +16,10 @@ import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dcgrpo import steps
 from dcgrpo.config import load_config
 from dcgrpo.errors import ServiceUnavailable
 from dcgrpo.preflight import check_run_environment
+from dcgrpo.stages.train import train_step
 from dcgrpo.storage import StorageError
 from tests.conftest import TEST_BUCKET, free_port
 
@@ -89,11 +89,10 @@ def test_unreachable_mlflow_fails_in_seconds_and_a_live_one_passes(mlflow_server
     check_run_environment(cfg_with(f"storage.root={tmp_path}", f"tracking.mlflow_uri={mlflow_server}"))
 
 
-def test_pipeline_round_checks_mlflow_before_its_compute(tmp_path):
+def test_pipeline_train_task_checks_mlflow_before_its_compute(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServiceUnavailable, match="MLflow server"):
-        steps.train_round_step("tiny-cpu", [], "grpo", 0, 1, dead, "kfp-1", str(tmp_path), str(tmp_path), {},
-                               str(tmp_path / "out"))  # fmt: skip
+        train_step("tiny-cpu", [], "grpo", 1, dead, "kfp-1", str(tmp_path), str(tmp_path), str(tmp_path / "out"))
 
 
 @pytest.mark.slow

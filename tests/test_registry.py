@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _register(mlc, name, model_dir, acc: float, d: float = 1e-3, **kw):
 
 
 def _champion(mlc, name):
-    return registry._alias_version(mlc, name, "champion")
+    return registry.alias_version(mlc, name, "champion")
 
 
 def test_first_registration_becomes_champion(mlc, model_dir):
@@ -256,9 +257,9 @@ def test_cli_register_bad_input_exits_2_and_writes_nothing(mlc, mlflow_server, m
 
 
 def test_cli_register_gates_and_records_a_rejection_as_the_pipeline_step_does(mlc, mlflow_server, model_dir, capsys):
-    """One register path (registry.register_and_gate): a hand registration the gate refuses carries the same
+    """One register path (stages.registration.register_and_gate): a hand registration the gate refuses carries the same
     decision tags as the pipeline's register step; with --quantization bf16 it is the bf16 twin's version."""
-    from dcgrpo import steps
+    from dcgrpo.stages import publish
 
     sets = [f"eval.gate_metric={GATE}", f"registry.max_discrepancy={BUDGET}"]
     tags = {}
@@ -269,7 +270,7 @@ def test_cli_register_gates_and_records_a_rejection_as_the_pipeline_step_does(ml
         run_id = _run_id(mlc)
         if path == "step":
             meta = {"mlflow_run_id": run_id, "discrepancy": 1e-3, "lambda": 0.1, "eval_metrics": {GATE: 0.3}}
-            out = steps.register_step("", sets, mlflow_server, name, meta, str(model_dir), str(model_dir))
+            out = publish.register_step("", sets, mlflow_server, name, meta, str(model_dir), str(model_dir))
             assert not out.passes_gate and out.model_name == name
             version = out.version
         else:
@@ -364,3 +365,47 @@ def test_a_champion_registered_with_the_old_metric_spelling_still_gates(mlc, mod
     v2 = register(registry.load_metrics('{"eval/synthetic/avg@1": 0.4}'))
     decision = registry.promote(mlc, name, v2, "eval/synthetic/avg_1", 1e-3)
     assert not decision.promoted and "0.5" in decision.reason, decision.reason
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module (and ``module.name``) ``path`` imports, at any depth: inside functions and ``if`` blocks too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module if node.level == 0 else "dcgrpo.registry"  # relative: inside the package
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_registry_sits_below_serving_and_the_driver_layer():
+    """Nothing under src/dcgrpo/registry imports dcgrpo.serving (nor the driver layer, nor ``RunConfig``), not even
+    inside a function: serve-on-promote is a hook the caller above passes (issue 24)."""
+    package = Path(registry.__file__).parent
+    files = sorted(package.rglob("*.py"))
+    assert len(files) >= 5, files
+    above = ("dcgrpo.serving", "dcgrpo.stages", "dcgrpo.steps", "dcgrpo.cli", "dcgrpo.pipeline")
+    bad = sorted(
+        f"{f.relative_to(package)}: {m}"
+        for f in files
+        for m in _imports(f)
+        if m in above or m.startswith(tuple(a + "." for a in above)) or m == "dcgrpo.config.RunConfig"
+    )
+    assert not bad, f"the registry imports a layer above it: {bad}"
+
+
+def test_the_layer_check_sees_an_import_hidden_in_a_function(tmp_path):
+    hidden = tmp_path / "hidden.py"
+    hidden.write_text("def f():\n    from dcgrpo import serving\n\n\ndef g():\n    import dcgrpo.serving.x\n")
+    assert {"dcgrpo.serving", "dcgrpo.serving.x"} <= _imports(hidden)
+
+
+def test_best_method_index_ranks_within_the_run_configs_gate_limit():
+    """``stages.registration.best_method_index``: ``rank_methods`` with the config's promotion discrepancy limit."""
+    from dcgrpo.config import load_config
+    from dcgrpo.stages.registration import best_method_index
+
+    gates, ds = [0.9, 0.5], [5e-3, 1e-4]
+    assert best_method_index(load_config(overrides=["registry.max_discrepancy=1e-3"]), gates, ds) == 1
+    assert best_method_index(load_config(overrides=["registry.max_discrepancy=1e-2"]), gates, ds) == 0

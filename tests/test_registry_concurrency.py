@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from dcgrpo import registry
+from dcgrpo.registry import promotion
 
 GATE = "eval/synthetic/avg_1"
 BUDGET = 5e-3
@@ -294,14 +295,14 @@ def test_many_concurrent_promotions_under_load_gate_one_at_a_time(mlc, mlflow_se
     random.shuffle(scores)
     score_of = {v1: 0.5} | {_register(mlc, name, model_dir, s): s for s in scores}
     sections: list[_Section] = []
-    real = registry.promotion_lock
+    real = promotion.promotion_lock
 
     @contextmanager
     def recording_lock(client, model, purpose="promotion", *args, **kwargs):
         with real(client, model, purpose, *args, **kwargs), _recorded(sections, mlc, model, purpose):
             yield
 
-    monkeypatch.setattr(registry, "promotion_lock", recording_lock)
+    monkeypatch.setattr(promotion, "promotion_lock", recording_lock)  # where promote() looks it up
 
     def job(version):
         cls = _Slow if int(version) % 3 == 0 else MlflowClient  # some dawdle inside the lock

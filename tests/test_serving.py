@@ -309,18 +309,18 @@ def test_every_rendered_object_validates():
 
 
 def test_pipeline_promote_step_serves_when_switched_on(mlc, mlflow_server, model_dir, kube, monkeypatch):
-    from dcgrpo import steps
     from dcgrpo.config import load_config
+    from dcgrpo.stages import publish
 
     monkeypatch.setattr(serving, "kube_api_client", lambda: kube.api_client)
     name = _name()
     sets = [f"registry.max_discrepancy={BUDGET}", f"eval.gate_metric={GATE}"]
     v1 = _register(mlc, name, model_dir, acc=0.5)
-    assert steps.promote_step("", sets, mlflow_server, name, v1.version, False).startswith("promoted")
+    assert publish.promote_step("", sets, mlflow_server, name, v1.version, False).startswith("promoted")
     assert not kube.applies  # off by default (local runs have no KServe)
     v2 = _register(mlc, name, model_dir, acc=0.7)
     on = [*sets, "registry.serve_on_promote=true"]
-    assert steps.promote_step("", on, mlflow_server, name, v2.version, False).startswith("promoted")
+    assert publish.promote_step("", on, mlflow_server, name, v2.version, False).startswith("promoted")
     assert _served_version(kube, name) == v2.version == _champion(mlc, name)
     for preset in ("qwen3-8b", "qwen3-30b-a3b"):  # the cluster presets serve what they promote
         assert load_config(preset=preset).registry.serve_on_promote

@@ -78,7 +78,10 @@ def test_training_run_logs_every_metric_to_mlflow_and_lambda_rises(setup, mlflow
     assert lams[1] == pytest.approx(cfg.method.dual_lr * sum(ds))
     # dc/lambda is the lambda a step shaped with: the previous step's dc/lambda_next (as verl logs it)
     assert steps[0]["dc/lambda"] == cfg.method.lambda_init and steps[1]["dc/lambda"] == lams[0]
-    assert {k for h in steps for k in h if k.startswith("dc/")} == set(DC_METRIC_KEYS)  # = the verl trainer's
+    per_step = {k for h in steps for k in h if k.startswith("dc/")} - {"dc/discrepancy_round_mean"}  # a round's
+    assert per_step == set(DC_METRIC_KEYS)  # = the verl trainer's (its rounds' means: stages.train_verl)
+    assert [h.get("dc/discrepancy_round_mean") for h in steps] == [None, pytest.approx(sum(ds) / 2)]  # round end
+    assert [m.step for m in client.get_metric_history(res.run_id, "dc/discrepancy_round_mean")] == [2]
 
 
 def test_lambda_decays_under_budget_and_grpo_keeps_it_fixed(setup, tmp_path):

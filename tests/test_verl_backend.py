@@ -1,4 +1,4 @@
-"""The pipeline train step's verl backend (``train.backend=verl``), both launches.
+"""The pipeline train task's verl backend (``train.backend=verl``), both launches: one launch for all rounds.
 
 What cannot exist here is faked, and only that: verl's training itself needs
 GPUs, so the launched process finds ``tests/fake_verl`` (a stand-in for
@@ -10,7 +10,6 @@ else is real: our launcher, the step, a real MLflow server, the real
 real verl in tests/verl/test_plugin.py.
 """
 
-import json
 import logging
 import math
 import os
@@ -24,8 +23,10 @@ from mlflow.tracking import MlflowClient
 
 from dcgrpo.config import ConfigError, load_config
 from dcgrpo.data.synthetic import write_synthetic_splits
+from dcgrpo.model_refs import MODEL_REF_FILE, latest_model_dir
 from dcgrpo.models import build_tiny_model
-from dcgrpo.steps import VERL_ROUND_FILE, _verl_round_metrics, train_round_step
+from dcgrpo.stages.train import train_step
+from dcgrpo.stages.train_verl import RUN_FILE, verl_round_metrics
 from dcgrpo.verl_plugin import rayjob
 from dcgrpo.verl_plugin.config import render_overrides
 from dcgrpo.verl_plugin.launch import DC_METRICS_FILE, append_dc_metrics, local_dir_of, read_stop_step, write_round_file
@@ -58,15 +59,11 @@ def _overrides(tmp_path, *extra):
     ]  # fmt: skip
 
 
-def _round(tmp_path, inputs, mlflow_uri, k, meta, *extra, run_id="kfp-run-1"):
+def _train(tmp_path, inputs, mlflow_uri, *extra, run_id="kfp-run-1", out="model"):
     (tmp_path / "ckpt").mkdir(exist_ok=True)
     data, model = inputs
-    out = tmp_path / f"round-{k}"
-    meta_out, scalars = train_round_step(
-        "tiny-cpu", _overrides(tmp_path, *extra), "dc-grpo", k, ROUNDS, mlflow_uri, run_id,
-        str(data), str(model) if k == 0 else str(tmp_path / f"round-{k - 1}"), meta, str(out),
-    )  # fmt: skip
-    return out, meta_out, scalars
+    return train_step("tiny-cpu", _overrides(tmp_path, *extra), "dc-grpo", ROUNDS, mlflow_uri, run_id, str(data),
+                      str(model), str(tmp_path / out))  # fmt: skip
 
 
 def _launches(tmp_path, run_id="kfp-run-1"):
@@ -74,55 +71,49 @@ def _launches(tmp_path, run_id="kfp-run-1"):
     return log.read_text().splitlines() if log.is_file() else []
 
 
-def test_single_node_rounds_resume_log_and_hand_over_the_model(tmp_path, inputs, mlflow_server, fake_verl_path):
+def test_single_node_trains_every_round_in_one_launch_logs_each_round_and_hands_over_the_model(
+    tmp_path, inputs, mlflow_server, fake_verl_path
+):
     extra = ("verl.launch=single-node",)
-    out1, meta1, scalars1 = _round(tmp_path, inputs, mlflow_server, 0, {}, *extra)
-    assert json.loads((out1 / VERL_ROUND_FILE).read_text())["step"] == STEPS  # weights stay on the volume
-    assert meta1["step"] == STEPS and meta1["backend"] == "verl" and meta1["round"] == 1
-    assert meta1["rollout_engine"].startswith("vllm ") and "(verl " in meta1["rollout_engine"]  # the launch's
-    assert meta1["discrepancy"] == pytest.approx((1e-3 / 1 + 1e-3 / 2) / 2)  # mean over this round's steps
-    assert scalars1["dc/lambda_next"] == meta1["lambda"] > 0  # the KFP metrics carry MLflow's names and values
-    assert scalars1["dc/discrepancy_mean"] == pytest.approx(1e-3 / 2)  # the round's last step, from the file
-    assert scalars1["dc/discrepancy_round_mean"] == meta1["discrepancy"]
-    assert set(scalars1) == {"dc/discrepancy_mean", "dc/lambda", "dc/lambda_next", "dc/discrepancy_round_mean"}
-
-    out2, meta2, _ = _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)
-    assert meta2["step"] == 2 * STEPS and meta2["mlflow_run_id"] == meta1["mlflow_run_id"]
-    assert meta2["discrepancy"] == pytest.approx((1e-3 / 3 + 1e-3 / 4) / 2)
-    # the last round's artifact is verl's HF model, what export and evaluation read
-    assert (out2 / "config.json").is_file() and list(out2.glob("*.safetensors"))
+    meta, scalars = _train(tmp_path, inputs, mlflow_server, *extra)
+    assert len(_launches(tmp_path)) == 1  # all rounds, one launch: verl checkpoints each round itself
+    assert meta["step"] == ROUNDS * STEPS and meta["backend"] == "verl" and meta["round"] == ROUNDS
+    assert meta["rollout_engine"].startswith("vllm ") and "(verl " in meta["rollout_engine"]  # the launch's
+    assert meta["discrepancy"] == pytest.approx((1e-3 / 3 + 1e-3 / 4) / 2)  # mean over the last round's steps
+    assert scalars["dc/lambda_next"] == meta["lambda"] > 0  # the KFP metrics carry MLflow's names and values
+    assert scalars["dc/discrepancy_mean"] == pytest.approx(1e-3 / 4)  # the last step, from the trainer's file
+    assert scalars["dc/discrepancy_round_mean"] == meta["discrepancy"]
+    out = tmp_path / "model"  # verl's HF model, what export and evaluation read
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     base = {p.name: p.read_bytes() for p in inputs[1].glob("*.safetensors")}
-    assert {p.name: p.read_bytes() for p in out2.glob("*.safetensors")} == base  # (the stand-in trains nothing)
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == base  # (the stand-in trains nothing)
 
     mlc = MlflowClient(mlflow_server)
-    run = mlc.get_run(meta1["mlflow_run_id"])
+    run = mlc.get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["backend"] == "verl"
     assert [m.step for m in mlc.get_metric_history(run.info.run_id, "dc/discrepancy_mean")] == [1, 2, 3, 4]
-    # verl logs its config on every launch: one total for the whole run, or round 2 would be refused
+    per_round = {m.step: m.value for m in mlc.get_metric_history(run.info.run_id, "dc/discrepancy_round_mean")}
+    assert per_round == pytest.approx({2: (1e-3 / 1 + 1e-3 / 2) / 2, 4: (1e-3 / 3 + 1e-3 / 4) / 2})
     assert run.data.params["trainer/total_training_steps"] == str(ROUNDS * STEPS)
-    launches = _launches(tmp_path)
-    assert len(launches) == 2
-    lines = (tmp_path / "ckpt" / "dc-grpo-kfp-run-1" / DC_METRICS_FILE).read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # what the step read, not MLflow
 
-    _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)  # a retried round whose checkpoint exists
-    assert len(_launches(tmp_path)) == 2  # not launched again
+    again, _ = _train(tmp_path, inputs, mlflow_server, *extra, out="retry")  # a retried task, checkpoint complete
+    assert len(_launches(tmp_path)) == 1  # not launched again
+    assert again["mlflow_run_id"] == meta["mlflow_run_id"] and again["step"] == meta["step"]
+    per_round = mlc.get_metric_history(run.info.run_id, "dc/discrepancy_round_mean")
+    assert sorted(m.step for m in per_round) == [2, 4]  # no round logged twice
 
 
-def test_on_the_checkpoint_volume_the_last_round_references_verls_model(
+def test_on_the_checkpoint_volume_the_train_task_references_verls_model(
     tmp_path, inputs, mlflow_server, fake_verl_path, monkeypatch
 ):
-    """With the checkpoint volume mounted (a cluster), the last round's artifact references the HF model verl
-    saved there instead of copying it through the KFP artifact store; export and evaluation read through it."""
-    from dcgrpo.steps import MODEL_REF_FILE, latest_model_dir
-
+    """With the checkpoint volume mounted (a cluster), the task's artifact references the HF model verl saved there
+    instead of copying it through the KFP artifact store; export and evaluation read through it."""
     (tmp_path / "ckpt").mkdir()
     monkeypatch.setenv("DCGRPO_MODEL_STORE", str(tmp_path / "ckpt"))  # verl.checkpoint_dir = the mount
-    extra = ("verl.launch=single-node",)
-    _, meta1, _ = _round(tmp_path, inputs, mlflow_server, 0, {}, *extra)
-    out2, _, _ = _round(tmp_path, inputs, mlflow_server, 1, meta1, *extra)
-    assert [p.name for p in out2.iterdir()] == [MODEL_REF_FILE]
-    hf = Path(latest_model_dir(str(out2)))
+    _train(tmp_path, inputs, mlflow_server, "verl.launch=single-node")
+    out = tmp_path / "model"
+    assert [p.name for p in out.iterdir()] == [MODEL_REF_FILE]
+    hf = Path(latest_model_dir(str(out)))
     assert hf.is_relative_to(tmp_path / "ckpt") and (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
 
 
@@ -154,36 +145,35 @@ def kube(monkeypatch):
         yield fake
 
 
-def test_rayjob_round_fails_with_the_jobs_error_then_a_retry_resubmits(
+def test_rayjob_fails_with_the_jobs_error_then_a_retry_resubmits_in_the_same_run(
     tmp_path, inputs, mlflow_server, fake_verl_path, kube, monkeypatch
 ):
     monkeypatch.setenv("FAKE_VERL_FAIL", "1")
     with pytest.raises(RayJobFailed, match=r"AppFailed\): torch.OutOfMemoryError: CUDA out of memory"):
-        _round(tmp_path, inputs, mlflow_server, 0, {}, run_id="kfp-run-2")
+        _train(tmp_path, inputs, mlflow_server, run_id="kfp-run-2")
     (failed,) = kube.created
-    assert failed["metadata"]["name"] == "r1-dc-grpo-kfp-run-2"
-    assert " --stop-at-step 2 " in failed["spec"]["entrypoint"]
+    assert failed["metadata"]["name"] == "dc-grpo-kfp-run-2"  # one RayJob per method, all rounds
+    assert f" --stop-at-step {ROUNDS * STEPS} " in failed["spec"]["entrypoint"]
     mlc = MlflowClient(mlflow_server)
     (run,) = mlc.search_runs([mlc.get_experiment_by_name("dcgrpo").experiment_id], "tags.kfp_run_id = 'kfp-run-2'")
-    assert run.info.status == "FAILED"  # the step's failure is the run's
+    assert run.info.status == "FAILED"  # the task's failure is the run's
 
     monkeypatch.delenv("FAKE_VERL_FAIL")  # the KFP retry: the failed RayJob is kept, a next attempt submitted
-    out, meta, _ = _round(tmp_path, inputs, mlflow_server, 0, {}, run_id="kfp-run-2")
-    assert [job["metadata"]["name"] for job in kube.created] == ["r1-dc-grpo-kfp-run-2", "r1-dc-grpo-kfp-run-2-a2"]
-    assert kube.jobs["r1-dc-grpo-kfp-run-2-a2"]["status"]["jobStatus"] == "SUCCEEDED"
-    assert meta["step"] == STEPS and (out / VERL_ROUND_FILE).is_file()
+    meta, _ = _train(tmp_path, inputs, mlflow_server, run_id="kfp-run-2")
+    assert [job["metadata"]["name"] for job in kube.created] == ["dc-grpo-kfp-run-2", "dc-grpo-kfp-run-2-a2"]
+    assert kube.jobs["dc-grpo-kfp-run-2-a2"]["status"]["jobStatus"] == "SUCCEEDED"
+    assert meta["step"] == ROUNDS * STEPS and meta["mlflow_run_id"] == run.info.run_id  # re-attached (RUN_FILE)
+    assert (tmp_path / "ckpt" / "dc-grpo-kfp-run-2" / RUN_FILE).is_file()
+    assert mlc.get_run(run.info.run_id).info.status == "FINISHED"
     assert len(_launches(tmp_path, "kfp-run-2")) == 2
 
 
 def test_verl_backend_refuses_what_cannot_work(tmp_path, inputs):
     data, model = inputs
-    common = ("tiny-cpu", "dc-grpo", 0, ROUNDS)
 
     def step(*extra, mlflow_uri=""):
-        return train_round_step(
-            common[0], _overrides(tmp_path, *extra), common[1], common[2], common[3], mlflow_uri, "r",
-            str(data), str(model), {}, str(tmp_path / "out"),
-        )  # fmt: skip
+        return train_step("tiny-cpu", _overrides(tmp_path, *extra), "dc-grpo", ROUNDS, mlflow_uri, "r", str(data),
+                          str(model), str(tmp_path / "out"))  # fmt: skip
 
     with pytest.raises(ConfigError, match="tracking.mlflow_uri: a RayJob's nodes .* cannot reach 'sqlite:"):
         step(mlflow_uri=f"sqlite:///{tmp_path}/m.db")
@@ -213,7 +203,7 @@ def test_round_metrics_come_from_the_trainers_file(tmp_path, caplog):
     with open(tmp_path / DC_METRICS_FILE, "a") as f:
         f.write('{"step": 4, "dc/discrepancy_mean": 9')  # killed mid-write
     with caplog.at_level(logging.WARNING, logger="dcgrpo"):
-        scalars, d = _verl_round_metrics(tmp_path, 2, 4)
+        scalars, d = verl_round_metrics(tmp_path, 2, 4)
     assert d == pytest.approx((0.3 + 0.8) / 2)
     # each key's last value in the round: dc/violation from step 3, which the redone step 4 did not log
     assert scalars == {"dc/discrepancy_mean": 0.8, "dc/lambda": 40.0, "dc/violation": 0.0}
@@ -222,12 +212,12 @@ def test_round_metrics_come_from_the_trainers_file(tmp_path, caplog):
     caplog.clear()  # the next append ends the cut line, so only that one line is lost
     append_dc_metrics(tmp_path, 4, {"dc/discrepancy_mean": 0.6})
     with caplog.at_level(logging.WARNING, logger="dcgrpo"):
-        assert _verl_round_metrics(tmp_path, 2, 4)[1] == pytest.approx((0.3 + 0.6) / 2)
+        assert verl_round_metrics(tmp_path, 2, 4)[1] == pytest.approx((0.3 + 0.6) / 2)
     assert "line 7: skipped" in caplog.text
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dcgrpo"):
-        scalars, d = _verl_round_metrics(tmp_path / "elsewhere", 2, 4)
+        scalars, d = verl_round_metrics(tmp_path / "elsewhere", 2, 4)
     assert scalars == {} and math.isnan(d)
     assert "recorded no dc/discrepancy_mean for steps 3..4" in caplog.text
 

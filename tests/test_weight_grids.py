@@ -229,6 +229,49 @@ def test_round_state_dict_only_touches_linear_weights(grid):
         assert torch.equal(out[k], round_to_grid(t, grid))
 
 
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A Qwen3-MoE (2 layers, 4 experts) in memory and as save_pretrained writes it (the checkpoint layout)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=256, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("moe")
+    model.save_pretrained(out)
+    return model.state_dict(), load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("grid", FOUR_BIT)
+def test_moe_experts_are_rounded_one_expert_at_a_time(tiny_moe, grid):
+    """Every expert's gate/up/down projection on the grid, bit for bit against the definition (its own
+    groups and scales: no expert shares a scale with another); router gates, norms, embeddings, head kept."""
+    _, on_disk = tiny_moe
+    out = round_state_dict(on_disk, grid, KEEP)
+    experts = [k for k in on_disk if ".mlp.experts." in k]
+    assert len(experts) == 2 * 4 * 3 and all(on_disk[k].ndim == 2 for k in experts)
+    for k in experts:
+        assert torch.equal(out[k], reference(on_disk[k], grid)), k
+        assert not torch.equal(out[k], on_disk[k])
+    kept = [k for k in on_disk if k.endswith("mlp.gate.weight") or "norm" in k or "embed" in k or "lm_head" in k]
+    assert len(kept) == 2 * 5 + 3  # per layer: router gate, 2 layer norms, q/k norms; + embed, final norm, head
+    assert all(out[k] is on_disk[k] for k in kept)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_fused_in_memory_experts_are_refused(tiny_moe, grid):
+    """Transformers 5's in-memory experts are 3-D (E, 2I, H): rounding them as they are would skip them."""
+    in_memory, _ = tiny_moe
+    assert in_memory["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 256, 128)
+    with pytest.raises(ValueError, match=r"experts.gate_up_proj has shape \(4, 256, 128\): fused MoE experts"):
+        round_state_dict(in_memory, grid, KEEP)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 

@@ -13,10 +13,11 @@ def evaluate(
     reference: OutputPath(dict),
 ) -> float:
     """avg@k per benchmark with the deploy engine on the FP8 export; returns the gate metric. ``reference``:
-    where the evaluated models are (``dcgrpo.steps.model_reference``), what select_best and register_model take."""
-    import json
+    where the evaluated models are (``dcgrpo.model_refs.model_reference``), what select_best and register_model take."""
+    import json  # inside: KFP runs only the function body
 
-    from dcgrpo.steps import evaluate_step, model_reference
+    from dcgrpo.model_refs import model_reference  # inside: KFP runs only the function body
+    from dcgrpo.stages.evaluate import evaluate_step  # inside: KFP runs only the function body
 
     result = evaluate_step(
         preset, overrides, mlflow_uri, dataset.path, dict(model.metadata), model.path, fp8_model.path, report.path

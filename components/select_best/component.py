@@ -13,6 +13,6 @@ def select_best(
     Takes each method's model reference (artifact URIs and metadata from evaluate), not its Model
     artifacts: a task downloads every input artifact, and the weights are many GB.
     """
-    from dcgrpo.steps import select_best_step
+    from dcgrpo.stages.publish import select_best_step  # inside: KFP runs only the function body
 
     return select_best_step(preset, overrides, methods, gate_values, references)

@@ -6,6 +6,6 @@ def warm_start(
 ):
     """The base policy: the model at ``model_uri``, or a tiny model with an SFT warm start (on a cluster the
     artifact references the weights on the model-cache or checkpoint volume)."""
-    from dcgrpo.steps import warm_start_step
+    from dcgrpo.stages.model import warm_start_step  # inside: KFP runs only the function body
 
     model.metadata.update(warm_start_step(preset, overrides, model_uri, dataset.path, model.path, kfp_run_id))

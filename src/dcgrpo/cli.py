@@ -18,8 +18,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dcgrpo.config import RunConfig, load_config
+from dcgrpo import cli_args, shutdown, storage
+from dcgrpo.config import DEFAULT_PRESET, RunConfig, load_config
+from dcgrpo.data.benchmarks import BenchmarkError
+from dcgrpo.data.dapo import DapoSchemaError
+from dcgrpo.deploy import DeploymentContract
 from dcgrpo.errors import DcgrpoError
+from dcgrpo.evaluate import load_benchmarks
+from dcgrpo.models import parse_hf_id
+from dcgrpo.pipeline import compile_yaml, default_compile_output, pipeline_arguments, schedule, submit
+from dcgrpo.preflight import check_exists, check_writable
+from dcgrpo.registry import ALREADY, load_metrics, version_by_alias
+from dcgrpo.registry import client as registry_client
+from dcgrpo.serving import render_champion_manifests
+from dcgrpo.stages.data import prepare_dapo_tracked
+from dcgrpo.stages.evaluate import evaluate_tracked
+from dcgrpo.stages.registration import promote_version, register_and_gate, rollback_version
+from dcgrpo.stages.train import train_job
+from dcgrpo.tracking import tracking_uri
 from dcgrpo.verl_plugin import cli as verl_cli
 
 log = logging.getLogger("dcgrpo")
@@ -27,19 +43,6 @@ log = logging.getLogger("dcgrpo")
 
 class UserError(DcgrpoError):
     """A failure caused by the command's arguments, reported without a traceback."""
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML run config (sections as in dcgrpo.config)")
-    p.add_argument("--preset", help="tiny-cpu (default), qwen3-8b or qwen3-30b-a3b")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set train.lr=1e-5 (repeatable)",
-    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -54,66 +57,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default="grpo,dc-grpo", help="comma-separated methods to run side by side")
-    p.add_argument("--rounds", type=int, help="training rounds (default: the config's train.rounds)")
-    p.add_argument("--data-uri", default="", help="prepared/raw DAPO parquet (local or s3://); empty = synthetic")
-    p.add_argument("--model-uri", default="", help="HF-format base model (local or s3://); empty = tiny + SFT")
-    p.add_argument("--mlflow-uri", default="", help="MLflow tracking URI seen from the pipeline pods")
-    p.add_argument("--model-name", help="MLflow registered model name (default: registry.model_name)")
-    p.add_argument("--force-promotion", action="store_true", help="promote even when the gate fails")
-
-
-def _cluster_args(p: argparse.ArgumentParser) -> None:
-    import os
-
-    from dcgrpo.deploy import DeploymentContract
-
-    p.add_argument("--host", default=os.environ.get("KFP_HOST") or None,
-                   help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (default: $KFP_HOST; one of "
-                   "them is needed); a bearer token comes from $KFP_TOKEN")  # fmt: skip
-    p.add_argument("--experiment", default="dcgrpo", help="KFP experiment name")
-    p.add_argument("--namespace", help="Kubeflow profile namespace of the run (multi-user Kubeflow needs it)")
-    p.add_argument("--service-account", default=DeploymentContract().service_account,
-                   help="service account of the run's pods (default: Kubeflow's run account, pipeline-runner or "
-                        "default-editor, which manifests/rbac lets create RayJobs; yours needs what KFP runs need too)")  # fmt: skip
-    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the one shipped in the package)")
-    _pipeline_args(p)
-
-
-def _submit_args(p: argparse.ArgumentParser) -> None:
-    _cluster_args(p)
-    p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 unless it succeeds")
-    p.add_argument("--wait-timeout", type=float, default=6 * 3600.0, metavar="SECONDS",
-                   help="how long --wait follows the run (default: 6 hours)")  # fmt: skip
-
-
 def _arguments(args: argparse.Namespace) -> dict:
-    from dcgrpo.pipeline import pipeline_arguments
-
     return pipeline_arguments(
-        args.preset or "tiny-cpu", args.overrides, [m for m in args.methods.split(",") if m], args.rounds,
+        args.preset or DEFAULT_PRESET, args.overrides, [m for m in args.methods.split(",") if m], args.rounds,
         args.data_uri, args.model_uri, args.mlflow_uri, args.model_name, args.force_promotion,
     )  # fmt: skip
-
-
-def _compile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--output",
-        default=None,
-        help="where to write the YAML (default: pipelines/compiled/dc_grpo.yaml in a checkout, else ./dc_grpo.yaml)",
-    )
-    p.add_argument("--image", help="image of the light steps (default: the deployment contract's light_image)")
-    p.add_argument("--trainer-image", help="image of the GPU steps (default: the contract's gpu_image)")
-    p.add_argument("--verl-image", help="image of the RayJobs' Ray nodes (default: the contract's verl_image)")
-    p.add_argument("--max-rounds", type=int,
-                   help="most rounds a run may ask for (default: the most any preset asks for)")  # fmt: skip
-    p.add_argument("--gpu-pool", help="GPU pool node selector KEY=VALUE (default: the deployment contract's)")
-    p.add_argument("--accelerator-limit", type=int, default=1,
-                   help="GPUs per GPU step (verl.launch=single-node trains on these: set verl.gpus_per_node)")  # fmt: skip
-    p.add_argument("--checkpoint-pvc",
-                   help="PVC for verl's checkpoints, mounted on the train rounds ('' = none; train.backend=verl)")  # fmt: skip
-    p.add_argument("--checkpoint-mount", help="its mount path (= verl.checkpoint_dir)")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -123,8 +71,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "compile takes no run config: preset and overrides are pipeline parameters, given at "
             "submit/schedule time or in the Kubeflow UI"
         )
-    from dcgrpo.deploy import DeploymentContract
-    from dcgrpo.pipeline import compile_yaml, default_compile_output
 
     update: dict = {"light_image": args.image, "gpu_image": args.trainer_image, "verl_image": args.verl_image,
                     "checkpoint_pvc": args.checkpoint_pvc, "checkpoint_mount": args.checkpoint_mount}  # fmt: skip
@@ -135,15 +81,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         update["gpu_node_selector"] = {key: value}
     if args.accelerator_limit < 1:
         raise UserError(f"--accelerator-limit {args.accelerator_limit}: must be >= 1")
-    if args.max_rounds is not None and args.max_rounds < 1:
-        raise UserError(f"--max-rounds {args.max_rounds}: must be >= 1")
     defaults = DeploymentContract().model_dump()
     contract = DeploymentContract(**defaults | {k: v for k, v in update.items() if v is not None})
-    settings = {"max_rounds": args.max_rounds} if args.max_rounds else {}
-    path = compile_yaml(
-        args.output or default_compile_output(), contract, accelerator_limit=args.accelerator_limit, **settings
-    )
-    print(path)
+    if args.output:
+        pods = {args.output: args.train_pod or "gpu"}
+    elif args.train_pod:
+        raise UserError("--train-pod needs --output FILE (without it, both packages are written)")
+    else:
+        pods = {default_compile_output(pod): pod for pod in ("gpu", "launcher")}
+    for out, pod in pods.items():
+        print(compile_yaml(out, contract, accelerator_limit=args.accelerator_limit, train_pod=pod))
     return 0
 
 
@@ -154,11 +101,10 @@ def _need_host(args: argparse.Namespace) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one pipeline run to a Kubeflow Pipelines endpoint."""
-    from dcgrpo.pipeline import COMPILED_PATH, submit
-
     _need_host(args)
     run_id, state = submit(
-        args.host, _arguments(args), args.experiment, Path(args.package or COMPILED_PATH), namespace=args.namespace,
+        args.host, _arguments(args), args.experiment, Path(args.package) if args.package else None,
+        namespace=args.namespace,
         service_account=args.service_account, wait_s=args.wait_timeout if args.wait else None,
     )  # fmt: skip
     print(run_id if state is None else f"{run_id} {state}")
@@ -170,22 +116,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Create a recurring run (max concurrency 1, no catch-up) for scheduled retraining."""
-    from dcgrpo.pipeline import COMPILED_PATH, schedule
-
     _need_host(args)
     try:
         job_id = schedule(args.host, args.cron, _arguments(args), args.experiment, args.job_name,
-                          Path(args.package or COMPILED_PATH), args.namespace, args.service_account)  # fmt: skip
+                          Path(args.package) if args.package else None, args.namespace,
+                          args.service_account)  # fmt: skip
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     print(job_id)
     return 0
-
-
-def _schedule_args(p: argparse.ArgumentParser) -> None:
-    _cluster_args(p)
-    p.add_argument("--cron", required=True, help="6-field cron, seconds first: '0 0 3 * * 0' = Sundays 03:00")
-    p.add_argument("--job-name", default="dcgrpo-retrain", help="recurring run name")
 
 
 # --- export / register / promote (dcgrpo.export, dcgrpo.registry) ---------------------------------------------------
@@ -193,7 +132,7 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an HF checkpoint (local or s3://) as an FP8 compressed-tensors checkpoint."""
-    from dcgrpo.export import ExportError, export_fp8
+    from dcgrpo.export import ExportError, export_fp8  # torch: not on the light image
 
     cfg = config_from_args(args)
     try:
@@ -204,26 +143,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True, help="HF-format model directory, local or s3://")
-    p.add_argument("--dest", required=True, help="output directory, local or s3://")
-
-
 def _tracking_client(cfg: RunConfig, uri: str | None):
-    from dcgrpo.registry import client
-    from dcgrpo.tracking import tracking_uri
-
-    return client(tracking_uri(cfg, uri))  # the pipeline steps' rule: one MLflow for both paths
+    return registry_client(tracking_uri(cfg, uri))  # the pipeline steps' rule: one MLflow for both paths
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register a model directory as a new version (alias challenger) with its gate tags, and gate it against the
-    champion as the pipeline does (``registry.register_and_gate``: a refused version records the rejection).
+    champion as the pipeline does (``stages.registration.register_and_gate``: a refused version records the rejection).
 
     Registering the same run, directory and quantization again prints the existing version.
     """
-    from dcgrpo.registry import load_metrics, register_and_gate
-
     cfg = config_from_args(args)
     metrics = load_metrics(args.metrics, "--metrics")  # before any server call: a typo fails fast
     registered = register_and_gate(
@@ -235,27 +164,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-name", help="registered model (default: registry.model_name)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default: tracking.mlflow_uri, else $MLFLOW_TRACKING_URI)")
-    p.add_argument("--run-id", required=True, help="MLflow run the model came from")
-    p.add_argument("--model-dir", required=True, help="model directory, local or s3://")
-    p.add_argument("--metrics", required=True, help="JSON object of eval metrics, or a file holding one")
-    p.add_argument("--final-lambda", type=float, required=True,
-                   help="lambda after the run's last step (dc/lambda_next): the version's dc/lambda_final tag")  # fmt: skip
-    p.add_argument("--discrepancy", type=float, required=True,
-                   help="the run's mean d over its last round (dc/discrepancy_round_mean), what the gate compares")  # fmt: skip
-    p.add_argument("--quantization", choices=["fp8", "bf16"], default="fp8",
-                   help="the weights' format, a version tag (default: fp8)")  # fmt: skip
-
-
 def cmd_promote(args: argparse.Namespace) -> int:
     """Promote a version (default: the challenger, resolved once) to champion if it passes the gate (or --force),
     or roll back to an earlier one; with --serve (or registry.serve_on_promote) apply its InferenceService first;
     render serving manifests."""
-    from dcgrpo.registry import ALREADY, promote_version, rollback_version, version_by_alias
-    from dcgrpo.serving import render_champion_manifests
-
     cfg = config_from_args(args)
     if args.model_name:
         cfg.registry.model_name = args.model_name
@@ -276,85 +188,25 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _promote_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-name", help="registered model (default: registry.model_name)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default: tracking.mlflow_uri, else $MLFLOW_TRACKING_URI)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--version", help="model version to gate (default: the version holding the challenger alias)")
-    which.add_argument("--rollback-to", metavar="VERSION",
-                       help="make VERSION the champion again without the gate (with --serve: and serve it)")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
-    p.add_argument("--serve", action="store_true",
-                   help="apply the champion's KServe InferenceService before moving the alias "
-                        "(registry.serve_on_promote; Kubernetes credentials: in-cluster or kubeconfig)")  # fmt: skip
-    p.add_argument("--manifests-dir", help="write the champion's KServe + vllm-serve manifests here (local or s3://)")
-
-
-# name -> (handler, help, extra-argument adder). Later modules add their
-# commands here; each handler is a few lines around one library call.
 def cmd_prepare(args: argparse.Namespace) -> int:
     """DAPO-Math-17K -> verl-schema train/val parquet; summary printed and logged to MLflow. Prompts longer than
     data.max_prompt_length tokens of the run's model (model.path, else the tiny model) are dropped and counted."""
-    from dataclasses import asdict
-
-    from dcgrpo import storage
-    from dcgrpo.data.dapo import DapoSchemaError, prepare_dapo
-    from dcgrpo.models import run_tokenizer
-
     cfg = config_from_args(args)
     out = args.out or storage.join(cfg.storage.root, "data", "dapo")
     try:
-        summary = prepare_dapo(args.source, out, template=args.template or cfg.data.prompt_template,
-                               val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, max_bad_rows=args.max_bad_rows,
-                               tokenizer=run_tokenizer(cfg), max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
+        summary, run_id = prepare_dapo_tracked(cfg, args.source, out, template=args.template, max_bad_rows=args.max_bad_rows,
+                                       track=not args.no_track)  # fmt: skip
     except DapoSchemaError as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
     print(f"train: {summary.train_path}\nval:   {summary.val_path}")
-    if not args.no_track:
-        from dcgrpo import tracking
-
-        with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="prepare",
-                                tags={"dcgrpo.step": "prepare"}) as run:  # fmt: skip
-            run.log_params({"data.source": summary.source, "data.form": summary.form,
-                            "data.prompt_template": summary.template, "data.seed": summary.seed,
-                            "data.val_fraction": cfg.data.val_fraction})  # fmt: skip
-            run.log_metrics(summary.metrics())
-            run.log_dict(asdict(summary), "data/summary.json")
-            print(f"mlflow run: {run.run_id}")
+    if run_id:
+        print(f"mlflow run: {run_id}")
     return 0
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: a count >= 0, so a bad value exits 2 with usage instead of failing mid-run."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _prepare_args(p: argparse.ArgumentParser) -> None:
-    from dcgrpo.data.dapo import PROMPT_TEMPLATES
-
-    p.add_argument("--source", default="hub", help="hub (BytedTsinghua-SIA/DAPO-Math-17k), a local path or s3:// URI")
-    p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/data/dapo)")
-    p.add_argument(
-        "--template", choices=sorted(PROMPT_TEMPLATES), help="prompt template (default: data.prompt_template)"
-    )
-    p.add_argument("--max-bad-rows", type=_non_negative_int, default=None, metavar="N",
-                   help="fail if more than N rows are bad (N >= 0; default: no limit)")  # fmt: skip
-    p.add_argument("--no-track", action="store_true", help="do not log the summary to MLflow")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """avg@k + greedy pass@1 per benchmark with the vLLM engine; results JSON/markdown + MLflow."""
-    from dcgrpo import storage
-    from dcgrpo.data.benchmarks import BenchmarkError
-    from dcgrpo.evaluate import evaluate
-
     cfg = config_from_args(args)
     model = args.model or cfg.model.path
     if not model:
@@ -364,17 +216,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     kw = dict(benchmarks=names, benchmark_dir=args.benchmark_dir, progress=not args.no_progress)
     try:
         _check_evaluate_inputs(cfg, model, out, names, args.benchmark_dir)  # before the MLflow run: none left FAILED
-        if args.no_track:
-            report = evaluate(model, cfg, out, **kw)
-        else:
-            from dcgrpo import tracking
-
-            with tracking.start_run(cfg.tracking, storage_root=cfg.storage.root, run_name="evaluate",
-                                    params=cfg.to_flat_dict(), tags={"dcgrpo.step": "evaluate"}) as run:  # fmt: skip
-                report = evaluate(model, cfg, out, run=run, **kw)
-                print(f"mlflow run: {run.run_id}")
+        report, run_id = evaluate_tracked(cfg, model, out, track=not args.no_track, **kw)
     except BenchmarkError as exc:
         raise UserError(str(exc)) from None
+    if run_id:
+        print(f"mlflow run: {run_id}")
     print(report.markdown(), end="")
     print(f"results: {storage.join(out, 'results.json')}")
     return 0
@@ -382,11 +228,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _check_evaluate_inputs(cfg: RunConfig, model: str, out: str, names: list[str] | None, benchmark_dir) -> None:
     """The model exists (a path or s3://; a Hub id is fetched later), the benchmarks load, ``--out`` is writable."""
-    from dcgrpo import storage
-    from dcgrpo.evaluate import load_benchmarks
-    from dcgrpo.models import parse_hf_id
-    from dcgrpo.preflight import check_exists, check_writable
-
     endpoint = cfg.storage.s3_endpoint_url
     if storage.is_s3(model) or Path(model).exists() or parse_hf_id(model) is None:
         check_exists(model, "--model", endpoint)
@@ -394,22 +235,8 @@ def _check_evaluate_inputs(cfg: RunConfig, model: str, out: str, names: list[str
     check_writable(out, "--out", endpoint, keep_created=False)
 
 
-def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF model directory, local or s3:// (default: model.path)")
-    p.add_argument("--benchmarks", help="comma list, e.g. aime24,math500 (default: eval.benchmarks)")
-    p.add_argument(
-        "--benchmark-dir",
-        help="samples, hub, or a directory (local or s3://) of <name>.jsonl files (default: eval.benchmark_dir)",
-    )
-    p.add_argument("--out", help="output directory, local or s3:// (default: <storage.root>/eval)")
-    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with the built-in single-machine loop (vLLM rollouts, HF updates, MLflow)."""
-    from dcgrpo.train.jobs import train_job
-
     if args.method:  # through the config, so a bad name fails like any other field
         args.overrides = [*args.overrides, f"method.name={args.method}"]
     cfg = config_from_args(args)
@@ -423,56 +250,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    from dcgrpo.algorithm.methods import METHODS  # torch-free: the registry's names, not a copy of them
-
-    p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default: method.name)")
-    p.add_argument("--resume", metavar="CHECKPOINT|auto",
-                   help="a checkpoint (or checkpoints/ dir) to continue from; 'auto': continue <out>/checkpoints if "
-                        "it holds one, else start (one command for a pod that may be restarted)")  # fmt: skip
-    p.add_argument("--out", help="output dir or s3:// prefix (default: <storage.root>/runs/<run name>)")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline through kfp.local: data, warm start, rounds per method, FP8 export,
     evaluation, registration, promotion; then a summary table."""
-    from dcgrpo.pipeline import demo
+    from dcgrpo.demo import demo  # rich: `dcgrpo submit` runs without it
 
     if args.config:
         raise UserError("demo takes --preset and --set overrides (the pipeline's parameters), not --config")
     methods = [m for m in args.methods.split(",") if m]
-    rows = demo(args.preset or "tiny-cpu", args.overrides, methods, args.rounds, args.data_uri, args.keep_server,
+    rows = demo(args.preset or DEFAULT_PRESET, args.overrides, methods, args.rounds, args.data_uri, args.keep_server,
                 verbose=args.verbose)  # fmt: skip
     return 0 if rows else 1
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default="grpo,dc-grpo", help="comma-separated methods to run side by side")
-    p.add_argument("--rounds", type=int, help="training rounds (default: the config's train.rounds)")
-    p.add_argument("--data-uri", default="", help="DAPO parquet to prepare (default: the synthetic task)")
-    p.add_argument("--keep-server", action="store_true",
-                   help="leave the demo's local MLflow server running after it ends (its links stay valid)")  # fmt: skip
-
-
+# name -> (handler, help, extra-argument adder from dcgrpo.cli_args); each handler is a few lines around one library
+# call.
 COMMANDS: dict[
     str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None] | None]
 ] = {
     "config": (cmd_config, "print the resolved run config", None),
-    "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", _train_args),
+    "train": (cmd_train, "train with the built-in loop (vLLM + HF + MLflow)", cli_args.add_train_args),
     "demo": (
         cmd_demo,
-        "the whole pipeline on this machine (kfp.local, vLLM CPU, a local MLflow), tiny-cpu preset",
-        _demo_args,
+        f"the whole pipeline on this machine (kfp.local, vLLM CPU, a local MLflow), {DEFAULT_PRESET} preset",
+        cli_args.add_demo_args,
     ),
-    "prepare": (cmd_prepare, "prepare DAPO-Math-17K as verl-schema parquet", _prepare_args),
-    "evaluate": (cmd_evaluate, "avg@k on math benchmarks with vLLM", _evaluate_args),
+    "prepare": (cmd_prepare, "prepare DAPO-Math-17K as verl-schema parquet", cli_args.add_prepare_args),
+    "evaluate": (cmd_evaluate, "avg@k on math benchmarks with vLLM", cli_args.add_evaluate_args),
     "train-verl": (verl_cli.run, "train on verl: KubeRay RayJob or verl in this pod", verl_cli.add_args),
-    "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", _compile_args),
-    "submit": (cmd_submit, "submit one pipeline run to Kubeflow", _submit_args),
-    "schedule": (cmd_schedule, "schedule recurring retraining on Kubeflow", _schedule_args),
-    "export": (cmd_export, "export a checkpoint to FP8 (compressed-tensors)", _export_args),
-    "register": (cmd_register, "register a model version (alias challenger)", _register_args),
-    "promote": (cmd_promote, "gate the challenger against the champion and promote", _promote_args),
+    "compile": (cmd_compile, "compile the Kubeflow pipeline to YAML", cli_args.add_compile_args),
+    "submit": (cmd_submit, "submit one pipeline run to Kubeflow", cli_args.add_submit_args),
+    "schedule": (cmd_schedule, "schedule recurring retraining on Kubeflow", cli_args.add_schedule_args),
+    "export": (cmd_export, "export a checkpoint to FP8 (compressed-tensors)", cli_args.add_export_args),
+    "register": (cmd_register, "register a model version (alias challenger)", cli_args.add_register_args),
+    "promote": (cmd_promote, "gate the challenger against the champion and promote", cli_args.add_promote_args),
 }
 
 
@@ -489,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         # also after the command (`dcgrpo demo -v`); SUPPRESS keeps a `dcgrpo -v demo` from being reset to False
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-        _add_config_args(p)
+        cli_args.add_config_args(p)
         if add_args is not None:
             add_args(p)
         p.set_defaults(handler=handler)
@@ -516,8 +327,6 @@ def user_error_message(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dcgrpo import shutdown
-
     args = build_parser().parse_args(argv)
     shutdown.install()  # SIGTERM unwinds (runs marked, servers stopped) instead of killing at once
     logging.basicConfig(

@@ -36,6 +36,7 @@ from dcgrpo import reward, storage
 from dcgrpo.config import RunConfig
 from dcgrpo.data.benchmarks import canonical_name, load_benchmark
 from dcgrpo.data.dapo import PROMPT_TEMPLATES
+from dcgrpo.models import check_model_files
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def evaluate(
     ``engine``: an open ``VLLMEngine`` to reuse (else one is started and closed
     here). ``run``: a ``dcgrpo.tracking`` run to log metrics and artifacts to.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # tqdm: `dcgrpo submit` runs without it
 
     t0 = time.perf_counter()
     names = benchmarks or cfg.eval.benchmarks
@@ -244,7 +245,7 @@ def evaluate(
 def _evaluate_benchmark(eng, cfg: RunConfig, bench: str, rows: list[dict], bar, samples: list[dict]):
     """avg@k (and greedy pass@1) of one benchmark; problems whose prompt does not fit score 0. Appends each
     problem's scores to ``samples``; returns (its ``BenchResult``, seconds spent generating)."""
-    from dcgrpo.engines.vllm_engine import apply_chat_template, encode_prompt
+    from dcgrpo.engines.vllm_engine import apply_chat_template, encode_prompt  # torch: not on the light image
 
     tb = time.perf_counter()
     k = cfg.eval.k_for(bench)
@@ -302,8 +303,7 @@ class _engine_for:
     def __enter__(self):
         if self.engine is not None:
             return self.engine
-        from dcgrpo.engines.vllm_engine import engine_from_config
-        from dcgrpo.models import check_model_files
+        from dcgrpo.engines.vllm_engine import engine_from_config  # torch: not on the light image
 
         path = str(self.model_path)
         if storage.is_s3(path):

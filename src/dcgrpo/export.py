@@ -17,8 +17,11 @@ pins ``compressed-tensors==0.17.0`` and ``transformers>=5.16.1,<5.20``, resolved
 to 5.19); the config schema comes from compressed-tensors itself.
 
 Works on the checkpoint files (safetensors shards), not on a live model: no
-model class is instantiated, MoE experts are already per-expert 2-D Linears on
-disk, and sharded checkpoints keep their shards.
+model class is instantiated, and sharded checkpoints keep their shards. MoE
+experts are per-expert 2-D Linears on disk (transformers 5 splits its fused
+in-memory experts when saving), so each expert's projections are quantised
+one by one with their own scales, while router gates stay high precision; a
+shard holding fused 3-D experts is refused rather than exported half-quantised.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from safetensors.torch import save_file
 
 from dcgrpo import storage
 from dcgrpo.config import ExportConfig
-from dcgrpo.engines.fp8 import is_quantisable, quantize_fp8
+from dcgrpo.engines.fp8 import check_checkpoint_layout, is_quantisable, quantize_fp8
 from dcgrpo.errors import DcgrpoError
 from dcgrpo.models import check_model_files, load_safetensors
 
@@ -79,7 +82,9 @@ def quantization_config(scheme: str, block_size: int, ignore: list[str]) -> dict
     ``FP8_BLOCK``) or per output channel (``fp8_channel``, ``FP8_DYNAMIC``);
     activations: dynamic FP8 per 128-group / per token, computed by the server.
     """
-    import compressed_tensors
+    import compressed_tensors  # compressed_tensors: only the FP8 config needs it
+
+    # compressed_tensors: only the FP8 config needs it
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     preset = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC"}[scheme]
@@ -139,6 +144,39 @@ def _block_warnings(tensors: dict[str, torch.Tensor], cfg: ExportConfig) -> list
     return msgs
 
 
+def _copy_side_files(src: Path, out_dir: Path) -> None:
+    """Tokenizer, generation config, chat template...: copied as they are."""
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", SAFETENSORS_INDEX):
+            if p.name != storage.COMPLETE_MARKER:
+                shutil.copy2(p, out_dir / p.name)
+
+
+def _write_shards(src: Path, out_dir: Path, source: str, cfg: ExportConfig) -> tuple[int, list[str], list[str]]:
+    """Quantise every shard into ``out_dir`` (and its index, if sharded): (number quantised, kept, warnings)."""
+    n_quantized, kept, warnings, weight_map = 0, [], [], {}
+    for shard in sorted(src.glob("*.safetensors")):
+        raw = load_safetensors(shard, storage.join(source, shard.name))
+        try:
+            check_checkpoint_layout(raw, storage.join(source, shard.name))
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        tensors, quantized, shard_kept = _quantize_shard(raw, cfg)
+        warnings += _block_warnings(tensors, cfg)
+        save_file(tensors, out_dir / shard.name, metadata={"format": "pt"})
+        n_quantized += len(quantized)
+        kept += shard_kept
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+    if n_quantized == 0:
+        raise ExportError(f"{source}: no quantisable Linear weights found (keep_high_precision too broad?)")
+    if (src / SAFETENSORS_INDEX).is_file():
+        index = json.loads((src / SAFETENSORS_INDEX).read_text())
+        index["weight_map"] = weight_map
+        index.setdefault("metadata", {})["total_size"] = _dir_bytes(out_dir, "*.safetensors")
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    return n_quantized, kept, warnings
+
+
 def export_fp8(
     source: str,
     dest: str,
@@ -164,29 +202,8 @@ def export_fp8(
 
         out_dir = Path(tmp) / "fp8"
         out_dir.mkdir()
-        # Tokenizer, generation config, chat template...: copied as they are.
-        for p in src.iterdir():
-            if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", SAFETENSORS_INDEX):
-                if p.name != storage.COMPLETE_MARKER:
-                    shutil.copy2(p, out_dir / p.name)
-
-        n_quantized, kept, warnings, weight_map = 0, [], [], {}
-        for shard in shards:
-            raw = load_safetensors(shard, storage.join(source, shard.name))
-            tensors, quantized, shard_kept = _quantize_shard(raw, cfg)
-            warnings += _block_warnings(tensors, cfg)
-            save_file(tensors, out_dir / shard.name, metadata={"format": "pt"})
-            n_quantized += len(quantized)
-            kept += shard_kept
-            weight_map.update(dict.fromkeys(tensors, shard.name))
-        if n_quantized == 0:
-            raise ExportError(f"{source}: no quantisable Linear weights found (keep_high_precision too broad?)")
-
-        if (src / SAFETENSORS_INDEX).is_file():
-            index = json.loads((src / SAFETENSORS_INDEX).read_text())
-            index["weight_map"] = weight_map
-            index.setdefault("metadata", {})["total_size"] = _dir_bytes(out_dir, "*.safetensors")
-            (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        _copy_side_files(src, out_dir)
+        n_quantized, kept, warnings = _write_shards(src, out_dir, source, cfg)
 
         # Linear modules left in high precision (not embeddings: those are not Linear targets).
         ignore = [n.removesuffix(".weight") for n in kept if "embed" not in n]
@@ -223,7 +240,9 @@ def load_dequantized(path: str, endpoint_url: str | None = None) -> dict[str, to
     checkpoint's ``quantization_config``), not with our quantiser, so a
     round-trip check compares two independent implementations of the format.
     """
-    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization import QuantizationConfig  # compressed_tensors: only the FP8 config needs it
+
+    # compressed_tensors: only the FP8 config needs it
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 
     with storage.local_copy(path, endpoint_url) as d:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -19,8 +22,6 @@ def start_local_server(
 
     The caller owns the process (``proc.terminate()``); its log is ``backend_dir/server.log``.
     """
-    import socket
-    import urllib.request
 
     backend_dir = Path(backend_dir).resolve()
     backend_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,6 @@ def start_local_server(
 
 def stop_local_server(proc: subprocess.Popen, kill: bool = False) -> None:
     """Stop a server from ``start_local_server`` and its worker processes (its own process group)."""
-    import signal
 
     try:
         os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from dcgrpo import storage
+from dcgrpo.data.synthetic import make_synthetic
 from dcgrpo.errors import DcgrpoError
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ SPECIAL_TOKENS = [PAD, BOS, EOS]
 def _tokenizer_corpus(seed: int) -> list[str]:
     """Text the BPE merges are learnt from: the synthetic task at every difficulty
     and both templates, wrapped in the chat format, plus plain words."""
-    from dcgrpo.data.synthetic import make_synthetic
-
     texts: list[str] = []
     for difficulty in range(1, 6):
         for template in ("boxed", "dapo"):
@@ -55,8 +54,8 @@ def _tokenizer_corpus(seed: int) -> list[str]:
 
 def build_tokenizer(vocab_size: int, seed: int = 0):
     """A transformers fast tokenizer trained offline (byte-level BPE, single digits)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # tokenizers: not on the light image
+    from transformers import PreTrainedTokenizerFast  # transformers: not on the light image
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -91,10 +90,10 @@ def _hf_config(model_cfg, tokenizer):
         rope_theta=10000.0,
     )
     if model_cfg.arch == "qwen3":
-        from transformers import Qwen3Config
+        from transformers import Qwen3Config  # transformers: not on the light image
 
         return Qwen3Config(intermediate_size=model_cfg.intermediate_size, **common)
-    from transformers import Qwen3MoeConfig
+    from transformers import Qwen3MoeConfig  # transformers: not on the light image
 
     return Qwen3MoeConfig(
         intermediate_size=model_cfg.intermediate_size,
@@ -115,8 +114,8 @@ def build_tiny_model(model_cfg, out_dir: str | Path) -> Path:
     ``model.safetensors`` (fp32), the tokenizer files and
     ``generation_config.json`` to ``out_dir`` and returns it.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    import torch  # torch: not on the light image
+    from transformers import AutoModelForCausalLM, GenerationConfig  # transformers: not on the light image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,8 +255,9 @@ def _load_hub(repo: str, revision: str | None, cache: Path, field: str) -> Path:
     private repos. Online, huggingface_hub falls back to the cache when the
     Hub cannot be reached.
     """
+    # huggingface_hub: `dcgrpo submit` runs without it
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError  # as above
 
     spec = f"{repo}@{revision}" if revision else repo
     offline = hub_offline()
@@ -298,7 +298,7 @@ def check_safetensors(path: str | Path, name: str | None = None) -> None:
     a truncated copy fails here too. Raises ``ModelFileError`` naming ``name``
     (default: the path) instead of safetensors' message, which names no file.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # safetensors: `dcgrpo submit` runs without it
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -309,8 +309,8 @@ def check_safetensors(path: str | Path, name: str | None = None) -> None:
 
 def load_safetensors(path: str | Path, name: str | None = None) -> dict:
     """``safetensors.torch.load_file``, with a corrupt file reported as ``ModelFileError`` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # safetensors: `dcgrpo submit` runs without it
+    from safetensors.torch import load_file  # torch (through safetensors.torch): not on the light image
 
     try:
         return load_file(str(path))
@@ -358,7 +358,7 @@ def run_tokenizer(cfg, model_uri: str = "", cache_dir: str | Path | None = None)
     """The tokenizer of the model a run trains: ``model_uri`` (else ``model.path``) loaded as ``load_model_dir``
     loads it (cached), else the tiny model's (built from ``model.vocab_size`` and ``model.seed``, as
     ``build_tiny_model`` builds it). Preparation counts prompt tokens with it."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: not on the light image
 
     uri = model_uri or cfg.model.path
     if not uri:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dcgrpo.algorithm.methods import METHODS
+
 
 def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the entries that measured ``key``: a step without it is left out, never drawn as 0."""
@@ -21,8 +23,6 @@ def curve_panels(history: list[dict[str, float]], budget: float | None, method: 
     """(the panels ``plot_curves`` draws, whether it draws the budget line eps) for this method and data."""
     show_lambda, show_budget = bool(_series(history, "dc/lambda")[0]), budget is not None
     if method is not None:
-        from dcgrpo.algorithm.methods import METHODS
-
         entry = METHODS.get(method)
         if entry is not None:
             show_lambda, show_budget = entry.penalised, show_budget and entry.dual_ascent
@@ -38,10 +38,10 @@ def plot_curves(
     something: lambda for a method that applies the penalty (``Method.penalised``), eps for one whose lambda moves
     by dual ascent (``Method.dual_ascent``). Without ``method`` both follow the data (lambda if logged, eps if given).
     """
-    import matplotlib
+    import matplotlib  # matplotlib: `dcgrpo submit` runs without it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: `dcgrpo submit` runs without it
 
     panels, show_budget = curve_panels(history, budget, method)
     show_lambda = "lambda" in panels

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from dcgrpo import storage
 from dcgrpo.errors import ServiceUnavailable
+from dcgrpo.models import parse_hf_id
 from dcgrpo.storage import StorageError
+from dcgrpo.tracking import tracking_uri as resolve_uri
 
 TIMEOUT_S = 3.0
 """Per request: a healthy server answers in milliseconds; a wrong host should not cost minutes."""
@@ -49,8 +51,6 @@ def check_run_environment(cfg, *, tracking_uri: str | None = None, need_storage:
             if uri and not (field == "model.path" and _is_hub_id(uri)):
                 check_exists(uri, field, endpoint)
     if tracking_uri is None:
-        from dcgrpo.tracking import tracking_uri as resolve_uri
-
         tracking_uri = resolve_uri(cfg)
     field = "tracking.mlflow_uri" if cfg.tracking.mlflow_uri else "$MLFLOW_TRACKING_URI"
     check_mlflow(tracking_uri, field)
@@ -59,7 +59,6 @@ def check_run_environment(cfg, *, tracking_uri: str | None = None, need_storage:
 def _is_hub_id(spec: str) -> bool:
     """``model.path`` names a Hugging Face id, not a local path: the Hub is asked when the model is loaded
     (``dcgrpo.models.load_model_dir``, still before any run starts)."""
-    from dcgrpo.models import parse_hf_id
 
     return not storage.is_s3(spec) and not Path(spec).exists() and parse_hf_id(spec) is not None
 
@@ -70,6 +69,7 @@ def _client(endpoint: str | None):
 
 def _s3_reason(exc: Exception, endpoint: str | None) -> str:
     """What a botocore failure means for the user (which of bucket, credentials or endpoint to fix)."""
+    # botocore: `dcgrpo submit` runs without it
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     where = f"endpoint {storage.resolve_endpoint(endpoint) or 'AWS default'}"
@@ -91,7 +91,7 @@ def check_writable(root: str, field: str, endpoint: str | None = None, keep_crea
     """Write and delete a probe under ``root`` (a local directory, made if missing, or s3://bucket/prefix).
     ``keep_created=False``: folders made for the probe are removed again (an output folder appears only with
     its outputs)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # botocore: `dcgrpo submit` runs without it
 
     probe = f".dcgrpo-preflight-{uuid.uuid4().hex[:12]}"
     if not storage.is_s3(root):
@@ -120,7 +120,7 @@ def check_writable(root: str, field: str, endpoint: str | None = None, keep_crea
 
 def check_exists(uri: str, field: str, endpoint: str | None = None) -> None:
     """``uri`` (a file, or a directory / S3 prefix) exists: one HEAD, plus one LIST for a prefix."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # botocore: `dcgrpo submit` runs without it
 
     if not storage.is_s3(uri):
         if not Path(uri).exists():

@@ -124,7 +124,7 @@ def verify_answer(answer: str, ground_truth: str) -> float:
 
     Runs inside a verifier worker process; call it directly only on trusted input.
     """
-    from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify import LatexExtractionConfig, parse, verify  # math_verify: `dcgrpo submit` runs without it
 
     cfg = [LatexExtractionConfig(boxed_match_priority=0)]
     # "$\\boxed{..}$": a bare \\boxed{} lets math-verify fall back to a partial match

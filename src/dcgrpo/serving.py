@@ -2,7 +2,9 @@
 
 ``registry.promote(..., serve=server(cfg, name))`` applies the promoted
 version's InferenceService before it moves the ``champion`` alias (why that
-order: ``registry._commit``). The object is applied by server-side apply as
+order: ``registry.promotion._commit``); ``dcgrpo.stages.registration`` passes
+it. Serving sits above the registry: it imports the registry, never the
+reverse. The object is applied by server-side apply as
 field manager ``dcgrpo``: applying the same version twice changes nothing,
 applying another version re-points the one InferenceService of the model.
 
@@ -14,14 +16,18 @@ The storage URI is what KServe's storage initializer fetches: a version's
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
-from dcgrpo import registry, storage
+import yaml
+
+from dcgrpo import storage
 from dcgrpo.config import RegistryConfig
 from dcgrpo.errors import DcgrpoError, ServiceUnavailable
+from dcgrpo.registry import TAG_QUANTIZATION, TAG_STORAGE_URI, RegistryError, alias_version
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +44,12 @@ class ServingError(DcgrpoError, RuntimeError):
 def storage_uri(mv, cfg: RegistryConfig) -> str:
     """Where a serving runtime fetches a version from: its ``storage_uri`` tag, else its source mapped
     from ``mlflow-artifacts:/`` onto the server's artifacts destination."""
-    if mv.tags.get(registry.TAG_STORAGE_URI):
-        return mv.tags[registry.TAG_STORAGE_URI]
+    if mv.tags.get(TAG_STORAGE_URI):
+        return mv.tags[TAG_STORAGE_URI]
     source = mv.source
     if source.startswith("mlflow-artifacts:"):
         if not cfg.artifacts_destination:
-            raise registry.RegistryError(
+            raise RegistryError(
                 f"version {mv.version}: source {source} is served by MLflow; set registry.artifacts_destination "
                 "to the server's --artifacts-destination to serve it"
             )
@@ -94,7 +100,6 @@ def render_inference_service(
     revision and keeps the old one serving until the new one is ready.
     """
     name = _k8s_name(model_name)
-    gpu = {"nvidia.com/gpu": str(cfg.serving_gpus)}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
@@ -111,13 +116,50 @@ def render_inference_service(
                     "modelFormat": {"name": "huggingface"},
                     "storageUri": uri,
                     "args": ["--backend=vllm", f"--model_name={name}", *vllm_args(cfg, name, quantization)[1:]],
-                    "resources": {
-                        "requests": {"cpu": "4", "memory": "32Gi", **gpu},
-                        "limits": {"cpu": "8", "memory": "64Gi", **gpu},
-                    },
+                    "resources": _resources(cfg),
                 },
             }
         },
+    }
+
+
+def _resources(cfg: RegistryConfig) -> dict[str, Any]:
+    gpu = {"nvidia.com/gpu": str(cfg.serving_gpus)}
+    return {"requests": {"cpu": "4", "memory": "32Gi", **gpu}, "limits": {"cpu": "8", "memory": "64Gi", **gpu}}
+
+
+def _vllm_pod_spec(name: str, uri: str, cfg: RegistryConfig, quantization: str) -> dict[str, Any]:
+    """The pod of the plain Deployment: an init container fetches ``uri`` into /mnt/models, `vllm serve` reads it."""
+    models = {"name": "models", "mountPath": "/mnt/models"}
+    return {
+        "serviceAccountName": cfg.serving_service_account,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+        "initContainers": [
+            {
+                "name": "fetch-model",
+                "image": cfg.storage_initializer_image,
+                "args": [uri, "/mnt/models"],
+                "envFrom": [{"secretRef": {"name": "dcgrpo-s3"}}],
+                "volumeMounts": [models],
+            }
+        ],
+        "containers": [
+            {
+                "name": "vllm",
+                "image": cfg.vllm_image,
+                "command": ["vllm", "serve", "/mnt/models"],
+                "args": [*vllm_args(cfg, name, quantization), "--port=8000"],
+                "env": [{"name": "HOME", "value": "/tmp"}],
+                "ports": [{"name": "http", "containerPort": 8000}],
+                "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+                "resources": _resources(cfg),
+                "volumeMounts": [models, {"name": "shm", "mountPath": "/dev/shm"}],
+            }
+        ],
+        "volumes": [
+            {"name": "models", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        ],
     }
 
 
@@ -128,57 +170,24 @@ def render_vllm_deployment(
     name = _k8s_name(model_name)
     labels = _labels(model_name, version)
     selector = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "vllm"}
-    gpu = {"nvidia.com/gpu": str(cfg.serving_gpus)}
-    models = {"name": "models", "mountPath": "/mnt/models"}
+    metadata = {"name": f"{name}-vllm", "namespace": cfg.serving_namespace, "labels": labels}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": f"{name}-vllm", "namespace": cfg.serving_namespace, "labels": labels},
+        "metadata": metadata,
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {"labels": {**labels, **selector}},
-                "spec": {
-                    "serviceAccountName": cfg.serving_service_account,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-                    "initContainers": [
-                        {
-                            "name": "fetch-model",
-                            "image": cfg.storage_initializer_image,
-                            "args": [uri, "/mnt/models"],
-                            "envFrom": [{"secretRef": {"name": "dcgrpo-s3"}}],
-                            "volumeMounts": [models],
-                        }
-                    ],
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "image": cfg.vllm_image,
-                            "command": ["vllm", "serve", "/mnt/models"],
-                            "args": [*vllm_args(cfg, name, quantization), "--port=8000"],
-                            "env": [{"name": "HOME", "value": "/tmp"}],
-                            "ports": [{"name": "http", "containerPort": 8000}],
-                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
-                            "resources": {
-                                "requests": {"cpu": "4", "memory": "32Gi", **gpu},
-                                "limits": {"cpu": "8", "memory": "64Gi", **gpu},
-                            },
-                            "volumeMounts": [models, {"name": "shm", "mountPath": "/dev/shm"}],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "models", "emptyDir": {}},
-                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-                    ],
-                },
+                "spec": _vllm_pod_spec(name, uri, cfg, quantization),
             },
         },
     }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": f"{name}-vllm", "namespace": cfg.serving_namespace, "labels": labels},
+        "metadata": dict(metadata),
         "spec": {"selector": selector, "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
     }
     return [deployment, service]
@@ -189,13 +198,11 @@ def render_champion_manifests(mlflow_client, cfg: RegistryConfig, out_dir: str |
 
     Returns ``{filename: yaml text}``.
     """
-    import yaml
-
-    mv = registry._alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
+    mv = alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
     if mv is None:
-        raise registry.RegistryError(f"{cfg.model_name}: no version has alias {cfg.champion_alias!r}; nothing to serve")
+        raise RegistryError(f"{cfg.model_name}: no version has alias {cfg.champion_alias!r}; nothing to serve")
     uri = storage_uri(mv, cfg)
-    quantization = mv.tags.get(registry.TAG_QUANTIZATION, "fp8")
+    quantization = mv.tags.get(TAG_QUANTIZATION, "fp8")
     docs = {
         "inferenceservice.yaml": yaml.safe_dump(
             render_inference_service(cfg.model_name, mv.version, uri, cfg, quantization), sort_keys=False
@@ -219,7 +226,7 @@ def kube_api_client():
     Loaded into its own Configuration (not the client's global default), so
     a test's or a caller's client is never overwritten.
     """
-    from kubernetes import client, config
+    from kubernetes import client, config  # kubernetes: 0.9 s to load; only applying manifests needs it
 
     conf = client.Configuration()
     try:
@@ -242,8 +249,6 @@ def _isvc_path(obj: dict[str, Any]) -> str:
 
 def _api_reason(exc) -> str:
     """The API server's own message (a Status object's ``message``), else the HTTP reason."""
-    import json
-
     try:
         return json.loads(exc.body).get("message") or exc.reason
     except (TypeError, ValueError, AttributeError):
@@ -258,8 +263,8 @@ def apply_inference_service(obj: dict[str, Any], *, api_client=None) -> dict[str
     Conflicts are forced because promotion owns these fields (a hand edit of
     storageUri must not keep an old model served).
     """
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+    from kubernetes.client.exceptions import ApiException  # kubernetes: 0.9 s to load; only applying manifests needs it
+    from urllib3.exceptions import HTTPError  # urllib3: only applying manifests needs it
 
     api_client = api_client or kube_api_client()
     where = f"InferenceService {obj['metadata']['namespace']}/{obj['metadata']['name']}"
@@ -284,11 +289,11 @@ def inference_service_for(mv, cfg: RegistryConfig, model_name: str) -> dict[str,
     """
     uri = storage_uri(mv, cfg)
     if not uri.startswith(FETCHABLE):
-        raise registry.RegistryError(
+        raise RegistryError(
             f"{model_name} v{mv.version}: storage URI {uri!r} is not one KServe can fetch ({', '.join(FETCHABLE)}); "
             "register an s3:// export or use an MLflow server with S3 artifacts"
         )
-    quantization = mv.tags.get(registry.TAG_QUANTIZATION, "fp8")
+    quantization = mv.tags.get(TAG_QUANTIZATION, "fp8")
     return render_inference_service(model_name, str(mv.version), uri, cfg, quantization)
 
 

@@ -85,8 +85,8 @@ def s3_client(endpoint_url: str | None = None, *, connect_timeout: float = 5, re
     """A boto3 S3 client on the resolved endpoint. Short connect timeout: an unreachable endpoint
     fails in seconds, not minutes (preflight uses even shorter ones). ``fresh``: a new session, which
     resolves the credentials again (the default session caches the first ones it found)."""
-    import boto3
-    from botocore.config import Config
+    import boto3  # boto3: `dcgrpo submit` runs without it
+    from botocore.config import Config  # botocore: `dcgrpo submit` runs without it
 
     config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                     retries={"max_attempts": max_attempts, "mode": "standard"})  # fmt: skip
@@ -95,7 +95,7 @@ def s3_client(endpoint_url: str | None = None, *, connect_timeout: float = 5, re
 
 
 def _s3_call(uri: str, fn, *args, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # botocore: `dcgrpo submit` runs without it
 
     try:
         return fn(*args, **kwargs)

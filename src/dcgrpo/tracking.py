@@ -28,7 +28,7 @@ Crashes (kill -9, OOM, a lost node) get no chance to mark their run, so:
   config) marks FAILED the RUNNING runs of that config whose process is gone
   from this host. Runs of another host are left alone (a pod cannot see
   another pod's processes): the pipeline's exit handler
-  (``dcgrpo.steps.mark_failed_step``) closes those.
+  (``dcgrpo.stages.publish.mark_failed_step``) closes those.
 - a resumed run recomputes the steps after its checkpoint, some of which the
   crashed process had already sent: ``Run.skip_logged_after`` reads what the
   server holds past the checkpoint once, and those (key, step) points are not
@@ -58,6 +58,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,8 +67,22 @@ from typing import Any
 from dcgrpo.config import ConfigError
 from dcgrpo.errors import ServiceUnavailable
 from dcgrpo.shutdown import Terminated
+from dcgrpo.storage import local_root
 
 log = logging.getLogger(__name__)
+
+# The names of the quantities the demo table, MLflow, the KFP report and the registry's tags all show.
+ROUND_DISCREPANCY = "dc/discrepancy_round_mean"
+"""The mean over a round's steps of the batch-mean discrepancy ``dc/discrepancy_mean``: what method selection and
+the promotion gate compare (the registry's ``dc/discrepancy_final`` of a version is its last round's), logged at
+each round's last step."""
+LAMBDA_KEY = "dc/lambda_next"
+"""Lambda after a step's dual update (Eq. 11): the one a checkpoint keeps and the next round starts from. A run's
+final lambda (the registry's ``dc/lambda_final``, the demo table, the report) is its last step's value of it."""
+KFP_RUN_TAG = "kfp_run_id"
+"""On every MLflow run a pipeline run creates, so the exit handler can find and fail them."""
+EVAL_METRICS_TAG = "dcgrpo.eval_metrics"
+EVAL_ENGINE_TAG = "dcgrpo.eval_engine"
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
 ERROR_TAG = "dcgrpo.error"
@@ -91,7 +106,7 @@ def mlflow_client(uri: str, registry_uri: str | None = None):
     MLflow retries every method (POST included) on 429/500/502/503/504 and on
     refused or reset connections; it reads these variables at each request.
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # mlflow: `dcgrpo submit` runs without it
 
     for key, value in HTTP_RETRY_ENV.items():
         os.environ.setdefault(key, value)
@@ -140,7 +155,6 @@ def tracking_uri(cfg, override: str | None = None) -> str:
 
 def _local_root(storage_root: str) -> Path:
     # An s3:// storage root cannot hold a sqlite file: keep the local store in ./outputs.
-    from dcgrpo.storage import local_root
 
     root = local_root(storage_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -173,7 +187,7 @@ class Run:
             self.flush()
 
     def _send(self) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: `dcgrpo submit` runs without it
 
         while self._buffer:
             chunk = self._buffer[:MAX_BATCH]
@@ -241,14 +255,14 @@ class Run:
 
     # -- params, tags, artifacts -----------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow: `dcgrpo submit` runs without it
 
         items = [Param(k, _param_str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's per-request param limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # mlflow: `dcgrpo submit` runs without it
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -265,10 +279,11 @@ class Run:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
 
-def run_name(method: str, pipeline_run_id: str = "") -> str:
-    """A method's MLflow run name in a pipeline run: ``<method>-<first 8 characters of the pipeline run id>``, so
-    runs of different pipeline runs never share a name (precision is in the run's tags, not its name)."""
-    return f"{method}-{pipeline_run_id[:8]}" if pipeline_run_id else method
+def run_name(method: str, key: str = "") -> str:
+    """The one MLflow run-naming rule: ``<method>-<first 8 characters of key>``. ``key`` is the pipeline run id (a
+    pipeline's training runs) or the config hash (``dcgrpo train``), so runs of different pipeline runs or configs
+    never share a name; precision and backend are in the run's tags, not its name."""
+    return f"{method}-{key[:8]}" if key else method
 
 
 def run_params(cfg) -> dict[str, Any]:
@@ -341,21 +356,26 @@ def start_run(
         status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        try:
-            if status != "FINISHED":
-                run.flush()
-                if run._buffer:
-                    run._spill()
-            if error:  # what a person opening the failed run in MLflow reads first
-                client.set_tag(run_id, ERROR_TAG, error[:5000])
-            client.set_terminated(run_id, status)
-        except Exception as exc:  # the server may be what failed
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+        _close(run, status, error)
+
+
+def _close(run: Run, status: str, error: str) -> None:
+    """End ``run`` as ``status``: what is unsent is sent (or spilled to disk), a failure's error goes to a tag."""
+    try:
+        if status != "FINISHED":
+            run.flush()
+            if run._buffer:
+                run._spill()
+        if error:  # what a person opening the failed run in MLflow reads first
+            run.client.set_tag(run.run_id, ERROR_TAG, error[:5000])
+        run.client.set_terminated(run.run_id, status)
+    except Exception as exc:  # the server may be what failed
+        log.warning("could not mark MLflow run %s %s: %s", run.run_id, status, exc)
 
 
 def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:
     """The experiment's id, created if missing (a create retried after it went through finds it taken)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: `dcgrpo submit` runs without it
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -372,7 +392,6 @@ def _experiment_id(client, name: str, uri: str, storage_root: str) -> str:
 def _create_run_once(client, exp_id: str, tags: dict[str, str], run_name: str | None) -> str:
     """``create_run``, idempotent under retries: a POST retried after the server had created the run leaves a
     second run with the same token; the oldest is kept and the others deleted."""
-    import uuid
 
     token = uuid.uuid4().hex
     run_id = client.create_run(exp_id, tags={**tags, CREATE_TOKEN_TAG: token}, run_name=run_name).info.run_id

@@ -87,7 +87,7 @@ def _grpo(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> Shaped
 
 
 def _penalised(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
-    from dcgrpo.algorithm.advantage import dc_penalized_advantage
+    from dcgrpo.algorithm.advantage import dc_penalized_advantage  # torch: not on the light image
 
     adv = dc_penalized_advantage(seq_adv, d, mask, hp.lam, hp.margin)  # Eq. 8-10
     return ShapedBatch(adv, mask, None)
@@ -99,7 +99,7 @@ register_method("dc-grpo", penalised=True, dual_ascent=True)(_penalised)
 
 @register_method("tis")
 def _tis(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
-    from dcgrpo.algorithm.advantage import tis_weights
+    from dcgrpo.algorithm.advantage import tis_weights  # torch: not on the light image
 
     w = tis_weights(logp_train, logp_infer, mask, hp.tis_threshold)
     return ShapedBatch(_broadcast(seq_adv, mask), mask, w)
@@ -107,7 +107,7 @@ def _tis(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedB
 
 @register_method("mis")
 def _mis(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
-    from dcgrpo.algorithm.advantage import mis_weights_and_mask
+    from dcgrpo.algorithm.advantage import mis_weights_and_mask  # torch: not on the light image
 
     w, kept = mis_weights_and_mask(logp_train, logp_infer, mask, hp.mis_threshold, hp.mis_low, hp.mis_high)
     return ShapedBatch(_broadcast(seq_adv, kept), kept, w)
@@ -115,7 +115,7 @@ def _mis(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedB
 
 @register_method("icepop")
 def _icepop(seq_adv, d, logp_train, logp_infer, mask, hp: MethodHParams) -> ShapedBatch:
-    from dcgrpo.algorithm.advantage import icepop_weights
+    from dcgrpo.algorithm.advantage import icepop_weights  # torch: not on the light image
 
     w = icepop_weights(logp_train, logp_infer, mask, hp.icepop_low, hp.icepop_high)
     return ShapedBatch(_broadcast(seq_adv, mask), mask, w)

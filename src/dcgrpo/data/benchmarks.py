@@ -17,53 +17,25 @@ Bad files fail with ``BenchmarkError`` naming the file, line and field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dcgrpo import storage
+from dcgrpo.config import DataConfig
 from dcgrpo.data import hub
-from dcgrpo.errors import DataError
+from dcgrpo.data.benchmark_names import (  # their home: below config
+    BENCHMARKS,
+    SYNTHETIC,
+    BenchmarkError,
+    canonical_name,
+)
+from dcgrpo.data.synthetic import synthetic_val_rows
 
-
-class BenchmarkError(DataError):
-    """A benchmark cannot be found or a row is malformed (names file, line, field)."""
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    file: str
-    """JSONL file name inside the benchmark directory."""
-    hub_id: str
-    """Public Hugging Face dataset id (source ``hub``)."""
-    hub_split: str
-    hub_fields: tuple[str, str]
-    """(problem field, answer field) in the hub dataset."""
-
-
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "aime24": BenchmarkSpec("aime24.jsonl", "HuggingFaceH4/aime_2024", "train", ("problem", "answer")),
-    "aime25": BenchmarkSpec("aime25.jsonl", "yentinglin/aime_2025", "train", ("problem", "answer")),
-    "amc23": BenchmarkSpec("amc23.jsonl", "math-ai/amc23", "test", ("question", "answer")),
-    "math500": BenchmarkSpec("math500.jsonl", "HuggingFaceH4/MATH-500", "test", ("problem", "answer")),
-    "minerva_math": BenchmarkSpec("minerva_math.jsonl", "math-ai/minervamath", "test", ("question", "answer")),
-    "olympiadbench": BenchmarkSpec("olympiadbench.jsonl", "math-ai/olympiadbench", "test", ("question", "answer")),
-}
-ALIASES = {"minerva": "minerva_math", "math-500": "math500", "olympiad": "olympiadbench", "amc": "amc23"}
-SYNTHETIC = "synthetic"
 SAMPLES = "samples"
 """Source name of the samples shipped in the package."""
 HUB = "hub"
 """Source name of the Hugging Face Hub."""
-
-
-def canonical_name(name: str) -> str:
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key != SYNTHETIC and key not in BENCHMARKS:
-        raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join([*BENCHMARKS, SYNTHETIC])}")
-    return key
 
 
 def samples_dir() -> Path:
@@ -156,7 +128,6 @@ def _load_hub(name: str) -> list[dict[str, Any]]:
 
 def load_synthetic(data_cfg) -> list[dict[str, Any]]:
     """The held-out synthetic split, the same rows ``write_synthetic_splits`` writes to val.parquet."""
-    from dcgrpo.data.synthetic import synthetic_val_rows
 
     rows = synthetic_val_rows(data_cfg)
     return [
@@ -178,8 +149,6 @@ def load_benchmark(name: str, source: str | Path | None = SAMPLES, data_cfg=None
     name = canonical_name(name)
     if name == SYNTHETIC:
         if data_cfg is None:
-            from dcgrpo.config import DataConfig  # config imports this module (issue 24: the circle)
-
             data_cfg = DataConfig()
         return load_synthetic(data_cfg)
     if source is None or str(source) == HUB:

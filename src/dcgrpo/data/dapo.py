@@ -34,7 +34,7 @@ from typing import Any
 
 from dcgrpo import storage
 from dcgrpo.data import hub
-from dcgrpo.data.schema import row_problem, text_problem
+from dcgrpo.data.schema import prompt_lengths, row_problem, text_problem
 from dcgrpo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,6 @@ class PrepSummary:
 
 def _drop_too_long(name: str, kept: list, template: str, tokenizer, limit: int, summary: PrepSummary) -> list:
     """The rows whose chat-formatted prompt fits ``limit`` tokens; the others counted in ``summary.too_long``."""
-    from dcgrpo.data.schema import prompt_lengths
 
     lengths = prompt_lengths([to_verl_row(r, template, "train", 0) for r in kept], tokenizer)
     fits = [r for r, n in zip(kept, lengths, strict=True) if n <= limit]
@@ -160,9 +159,9 @@ def _read_input(source: str) -> tuple[str, bytes]:
 
 def _parquet_rows(name: str, data: bytes, bad: list[tuple[int, str]]) -> tuple[list[_Row | None], str]:
     """Rows from a verl/DAPO parquet, via column-level arrow ops (1.8M rows of the published file)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # pyarrow: `dcgrpo submit` runs without it
+    import pyarrow.compute as pc  # pyarrow: `dcgrpo submit` runs without it
+    import pyarrow.parquet as pq  # pyarrow: `dcgrpo submit` runs without it
 
     try:
         table = pq.read_table(io.BytesIO(data))
@@ -275,6 +274,32 @@ def clean(rows: list[_Row], summary: PrepSummary) -> list[_Row]:
     return kept
 
 
+def _split_and_write(kept: list[dict], template: str, val_fraction: float, seed: int, out_dir: str,
+                     summary: PrepSummary) -> None:  # fmt: skip
+    """A deterministic train/val split (a seeded shuffle of positions: problems are unique after cleaning), written
+    as parquet; everything is serialised first, then each file written atomically, the summary last."""
+    import pyarrow as pa  # pyarrow: `dcgrpo submit` runs without it
+    import pyarrow.parquet as pq  # pyarrow: `dcgrpo submit` runs without it
+
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(kept) * val_fraction))
+    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    train = [to_verl_row(kept[j], template, "train", k) for k, j in enumerate(train_idx)]
+    val = [to_verl_row(kept[j], template, "val", k) for k, j in enumerate(val_idx)]
+    summary.train_rows, summary.val_rows = len(train), len(val)
+    blobs = {}
+    for split, rows in (("train", train), ("val", val)):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        blobs[f"{split}.parquet"] = buf.getvalue()
+    summary.train_path = storage.join(out_dir, "train.parquet")
+    summary.val_path = storage.join(out_dir, "val.parquet")
+    for fname, blob in blobs.items():
+        storage.write_bytes(storage.join(out_dir, fname), blob)
+    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+
+
 def prepare_dapo(
     source: str,
     out_dir: str,
@@ -294,9 +319,6 @@ def prepare_dapo(
     longer than that many tokens are dropped and counted (``too_long``); if none is short enough, an error says
     how long the shortest is.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"template must be one of {sorted(PROMPT_TEMPLATES)}, got {template!r}")
     if not 0 < val_fraction < 1:
@@ -324,25 +346,5 @@ def prepare_dapo(
     if tokenizer is not None and max_prompt_length:
         kept = _drop_too_long(name, kept, template, tokenizer, max_prompt_length, summary)
     summary.rows_out = len(kept)
-
-    # Deterministic split: a seeded shuffle of positions (problems are unique after cleaning).
-    order = list(range(len(kept)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(kept) * val_fraction))
-    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
-    train = [to_verl_row(kept[j], template, "train", k) for k, j in enumerate(train_idx)]
-    val = [to_verl_row(kept[j], template, "val", k) for k, j in enumerate(val_idx)]
-    summary.train_rows, summary.val_rows = len(train), len(val)
-
-    # Serialise everything first, then write (each file atomically; summary last).
-    blobs = {}
-    for split, rows in (("train", train), ("val", val)):
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buf)
-        blobs[f"{split}.parquet"] = buf.getvalue()
-    summary.train_path = storage.join(out_dir, "train.parquet")
-    summary.val_path = storage.join(out_dir, "val.parquet")
-    for fname, blob in blobs.items():
-        storage.write_bytes(storage.join(out_dir, fname), blob)
-    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(asdict(summary), indent=2))
+    _split_and_write(kept, template, val_fraction, seed, out_dir, summary)
     return summary

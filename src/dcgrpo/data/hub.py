@@ -12,6 +12,7 @@ an unreachable hub, a repository without a file for the split.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def offline() -> bool:
 
 def _fetch(repo_id: str, revision: str | None, filename: str | None) -> Path:
     """A file (``filename``) or the data files of the repository's snapshot, local paths in the cache."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download  # huggingface_hub: `dcgrpo submit` runs without it
 
     kw = dict(repo_type="dataset", revision=revision, cache_dir=cache_dir(), local_files_only=offline())
     where = f"{repo_id}/{filename}" if filename else repo_id
@@ -89,11 +90,10 @@ def split_files(repo_id: str, split: str, revision: str | None = None) -> list[P
 
 def read_records(path: Path) -> list[dict]:
     """Rows of a parquet, JSONL or JSON (a list of objects) file; a bad file or line is named."""
-    import json
 
     try:
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # pyarrow: `dcgrpo submit` runs without it
 
             return pq.read_table(path).to_pylist()
         text = path.read_text(encoding="utf-8")

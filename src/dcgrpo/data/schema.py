@@ -93,8 +93,8 @@ def read_verl_parquet(data: bytes, source: str) -> list[dict[str, Any]]:
     Anything that is not a readable parquet (a CSV, random bytes, an empty
     file) is a ``DataError`` naming ``source``, not a raw pyarrow error.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # pyarrow: `dcgrpo submit` runs without it
+    import pyarrow.parquet as pq  # pyarrow: `dcgrpo submit` runs without it
 
     if not data:
         raise DataError(f"{source}: empty file (0 bytes), expected a parquet file")

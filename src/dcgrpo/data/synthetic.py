@@ -29,6 +29,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from dcgrpo import storage
+from dcgrpo.data.schema import read_verl_parquet
+
 ABILITY = "math"
 
 # How the answer is asked for; the reward (math-verify) parses either form.
@@ -144,7 +147,7 @@ def write_synthetic_splits(data_cfg, out_dir: str | Path) -> tuple[Path, Path]:
     The validation split is drawn first (seed + 1) and its questions are
     excluded from training, so held-out accuracy is measured on unseen problems.
     """
-    import pandas as pd
+    import pandas as pd  # pandas: `dcgrpo submit` runs without it
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +177,5 @@ def read_rows(path: str | Path, endpoint_url: str | None = None) -> list[dict[st
     engine starts, with ``DataError`` naming the file, row and field
     (``dcgrpo.data.schema``: the rules ``dcgrpo prepare`` applies).
     """
-    from dcgrpo import storage
-    from dcgrpo.data.schema import read_verl_parquet
 
     return read_verl_parquet(storage.read_bytes(path, endpoint_url), str(path))

@@ -25,7 +25,7 @@ Schemes
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -146,3 +146,18 @@ def is_quantisable(name: str, tensor: Tensor, keep_high_precision: Iterable[str]
         return False
     module = name.removesuffix(".weight")
     return not matches_any(module, keep_high_precision) and "norm" not in module.rsplit(".", 1)[-1]
+
+
+def check_checkpoint_layout(state_dict: Mapping[str, Tensor], where: str = "state dict") -> None:
+    """Refuse weights in transformers 5's fused in-memory MoE layout (3-D ``mlp.experts.gate_up_proj``
+    (E, 2I, H), ``down_proj`` (E, H, I)): a grid or an export would skip them silently, leaving the
+    experts, most of an MoE's weights, in high precision. The checkpoint layout (what ``save_pretrained``
+    writes and vLLM loads; ``VLLMEngine.checkpoint_layout``) holds each expert's projection as its own
+    2-D Linear weight, which is what is quantised, one expert at a time."""
+    fused = [n for n, t in state_dict.items() if t.ndim == 3 and t.is_floating_point() and "experts" in n]
+    if fused:
+        raise ValueError(
+            f"{where}: {fused[0]} has shape {tuple(state_dict[fused[0]].shape)}: fused MoE experts "
+            f"({len(fused)} tensors) as transformers holds them in memory; pass the checkpoint layout "
+            "(per-expert 2-D weights, as save_pretrained writes them)"
+        )

@@ -75,7 +75,7 @@ class HFEngine:
     """A causal LM from an HF directory, in the training dtype."""
 
     def __init__(self, model_path: str, precision: str = "fp32", device: str | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: only a built engine needs it
 
         if precision not in TORCH_DTYPES:
             raise ValueError(f"train precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}")

@@ -93,9 +93,13 @@ def round_state_dict(
 
     Only tensors ``fp8.is_quantisable`` accepts change; ``lm_head``, router
     gates, embeddings, norms and biases pass through as the same objects.
+    MoE experts are rounded one expert's projection at a time, as a
+    per-expert checkpoint stores them; fused 3-D experts (transformers'
+    in-memory layout) are refused (``fp8.check_checkpoint_layout``).
     """
     if grid not in GRIDS:  # fail even when nothing in the state dict is quantisable
         raise ValueError(f"unknown weight grid {grid!r}; choose from {', '.join(GRIDS)}")
+    fp8.check_checkpoint_layout(state_dict)
     return {
         name: round_to_grid(t, grid, block_size) if fp8.is_quantisable(name, t, keep_high_precision) else t
         for name, t in state_dict.items()

@@ -23,12 +23,16 @@ and rewriting ``latest`` leaves the pointer one behind.
 
 from __future__ import annotations
 
+import ast
 import base64
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -77,7 +81,7 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    import torch
+    import torch  # torch: not on the light image
 
     return {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -86,10 +90,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
 
-    import numpy as np
-    import torch
+    import numpy as np  # numpy: `dcgrpo submit` runs without it
+    import torch  # torch: not on the light image
 
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
     random.setstate(ast.literal_eval(state["python"]))
@@ -97,7 +100,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state dict into tensors (safetensors) and JSON scalars."""
-    import torch
+    import torch  # torch: not on the light image
 
     sd = opt.state_dict()
     tensors, scalars = {}, {}
@@ -132,7 +135,7 @@ def save_checkpoint(
 ) -> str:
     """Write a checkpoint atomically to ``uri`` (local or s3://); returns ``uri``. ``keep``: then prune the
     folder to the newest ``keep`` checkpoints (``prune_checkpoints``)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # torch (through safetensors.torch): not on the light image
 
     with tempfile.TemporaryDirectory(prefix="dcgrpo-ckpt-") as tmp:
         d = Path(tmp)
@@ -205,7 +208,7 @@ def verify_dir(local_dir: Path, uri: str) -> dict[str, Any]:
 
 def load_checkpoint(uri: str, cache_dir: str | Path, endpoint_url: str | None = None) -> LoadedCheckpoint:
     """Fetch (if remote), verify checksums, and read a checkpoint's state."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch (through safetensors.torch): not on the light image
 
     uri = resolve_checkpoint(str(uri), endpoint_url)
     if storage.is_s3(uri):
@@ -236,9 +239,6 @@ def hold_out_dir(out_dir: str) -> Iterator[None]:
     if storage.is_s3(out_dir):
         yield
         return
-    import fcntl
-    import os
-    import socket
 
     path = Path(out_dir) / ".dcgrpo-train.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import VLLMEngine, apply_chat_template, engine_from_config
 from dcgrpo.plots import plot_curves
 from dcgrpo.reward import score_batch
-from dcgrpo.tracking import scalarize
+from dcgrpo.tracking import ROUND_DISCREPANCY, scalarize
 from dcgrpo.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def train(
     engine = make_engine(cfg, st.weights_dir) if own_engine else engine
     if not own_engine:
         engine.sync_weights(st.policy.state_dict())
-    policy, lam, P = st.policy, st.lam, tc.prompts_per_batch
+    lam = st.lam
     new_history: list[dict[str, float]] = []
     if val_rows and st.step == 0:
         _log_heldout(cfg, engine, val_rows, run, new_history, step=0)
@@ -149,55 +149,71 @@ def train(
     shutdown.defer_sigterm()  # SIGTERM now stops at the next step boundary, with a checkpoint (dcgrpo.shutdown)
     try:
         while st.step < end_step:
-            st.step += 1
-            step, t_step = st.step, time.perf_counter()
-            torch.manual_seed(cfg.rollout.seed * 1_000_003 + step)  # rollouts depend on (seed, step) only
-
-            # ---- 1-3. rollout (deploy engine, log p_inf), reward (math-verify), recompute (log p_train) ----
-            ro = _rollout(cfg, engine, policy, [rows[i] for i in st.sampler.next(P)])
-
-            # ---- 4-6. d_t (Eq. 5-7), GRPO advantage, the method's shaping (DC-GRPO: A - lam * d): the kernel ----
-            step_out = shape_step(ro.rewards, ro.group_ids, ro.logp_old, ro.logp_infer,
-                                  ro.batch.response_mask.to(policy.device), mc, lam.value, tc.norm_adv_by_std)  # fmt: skip
-
-            # ---- 7. PPO-clip updates over prompt-group mini-batches; 8. new weights into the deploy engine ----
-            t0 = time.perf_counter()
-            upd = _ppo_update(cfg, st, ro.batch, ro.logp_old, step_out.shaped)
-            t1 = time.perf_counter()
-            engine.sync_weights(policy.state_dict())  # in place
-            update_s, sync_s = t1 - t0, time.perf_counter() - t1
-
-            # ---- 9. dual ascent on lambda (Eq. 11): up when over budget, down to 0 when under ----
-            d_mean = float(step_out.discrepancy_mean)  # host sync
-            dual = dual_step(lam, mc.name, d_mean)
-
-            # ---- 10. log: tensors become floats here, once per step ----
-            timings = {**ro.timings, "update_s": update_s, "sync_s": sync_s, "step_s": time.perf_counter() - t_step}
-            metrics = scalarize({**step_out.metrics, **dual, **upd, **ro.metrics()}
-                                | {f"timing/{k}": v for k, v in timings.items()})  # fmt: skip
-            if run is not None and (step % cfg.tracking.log_every == 0 or step % tc.steps_per_round == 0):
-                run.log_metrics(metrics, step=step)  # every log_every steps and every round's last
-            new_history.append({"step": step, **metrics})
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", lam=f"{lam.value:.3g}", d=f"{d_mean:.2e}",
-                            refresh=False)  # fmt: skip
+            metrics = _one_step(cfg, st, engine, rows, run)
+            new_history.append({"step": st.step, **metrics})
+            bar.set_description(f"{mc.name} round {(st.step - 1) // tc.steps_per_round + 1}/{tc.rounds}", refresh=False)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", lam=f"{lam.value:.3g}",
+                            d=f"{metrics['dc/discrepancy_mean']:.2e}", refresh=False)  # fmt: skip
             bar.update(1)  # one line per step where the output is a log, not a terminal
-
-            # ---- 11. round end: held-out accuracy, checkpoint, plot, strict metric flush ----
-            if step % tc.steps_per_round == 0:
-                if val_rows:
-                    _log_heldout(cfg, engine, val_rows, run, new_history, step=step)
-                last_uri, plot_uri = _end_round(cfg, st, out_dir, new_history, run)
-            if shutdown.requested():  # eviction: this step's checkpoint (mid-round too), then stop
-                if step % tc.steps_per_round:
-                    last_uri, plot_uri = _end_round(cfg, st, out_dir, new_history, run)
-                raise shutdown.Terminated(f"SIGTERM after step {step}: checkpoint {last_uri} written "
-                                          "(resume: dcgrpo train --resume auto with the same config and --out)")  # fmt: skip
+            written = _after_step(cfg, st, engine, val_rows, out_dir, new_history, run)
+            last_uri, plot_uri = written or (last_uri, plot_uri)
     finally:
         shutdown.undefer_sigterm()
         bar.close()
         if own_engine:
             engine.close()
     return TrainResult(last_uri, st.step, lam.value, new_history, run.run_id if run is not None else None, plot_uri)
+
+
+def _after_step(cfg, st, engine, val_rows, out_dir: str, new_history: list[dict], run) -> tuple[str, str] | None:
+    """Step 11 at a round's end: held-out accuracy, checkpoint, plot, strict metric flush; returns (checkpoint,
+    plot) when one was written. On SIGTERM (an eviction): this step's checkpoint (mid-round too), then stop."""
+    step, spr = st.step, cfg.train.steps_per_round
+    written = None
+    if step % spr == 0:
+        _log_round_discrepancy(cfg.train, st.history + new_history, run, step)
+        if val_rows:
+            _log_heldout(cfg, engine, val_rows, run, new_history, step=step)
+        written = _end_round(cfg, st, out_dir, new_history, run)
+    if shutdown.requested():
+        if step % spr:
+            written = _end_round(cfg, st, out_dir, new_history, run)
+        raise shutdown.Terminated(f"SIGTERM after step {step}: checkpoint {written[0]} written "
+                                  "(resume: dcgrpo train --resume auto with the same config and --out)")  # fmt: skip
+    return written
+
+
+def _one_step(cfg, st, engine: VLLMEngine, rows: list[dict], run) -> dict[str, float]:
+    """Steps 1-10 of one training step (DESIGN.md's data flow); returns its metrics as floats."""
+    tc, mc, policy, lam = cfg.train, cfg.method, st.policy, st.lam
+    st.step += 1
+    step, t_step = st.step, time.perf_counter()
+    torch.manual_seed(cfg.rollout.seed * 1_000_003 + step)  # rollouts depend on (seed, step) only
+
+    # ---- 1-3. rollout (deploy engine, log p_inf), reward (math-verify), recompute (log p_train) ----
+    ro = _rollout(cfg, engine, policy, [rows[i] for i in st.sampler.next(tc.prompts_per_batch)])
+
+    # ---- 4-6. d_t (Eq. 5-7), GRPO advantage, the method's shaping (DC-GRPO: A - lam * d): the kernel ----
+    step_out = shape_step(ro.rewards, ro.group_ids, ro.logp_old, ro.logp_infer,
+                          ro.batch.response_mask.to(policy.device), mc, lam.value, tc.norm_adv_by_std)  # fmt: skip
+
+    # ---- 7. PPO-clip updates over prompt-group mini-batches; 8. new weights into the deploy engine ----
+    t0 = time.perf_counter()
+    upd = _ppo_update(cfg, st, ro.batch, ro.logp_old, step_out.shaped)
+    t1 = time.perf_counter()
+    engine.sync_weights(policy.state_dict())  # in place
+    update_s, sync_s = t1 - t0, time.perf_counter() - t1
+
+    # ---- 9. dual ascent on lambda (Eq. 11): up when over budget, down to 0 when under ----
+    dual = dual_step(lam, mc.name, float(step_out.discrepancy_mean))  # host sync
+
+    # ---- 10. log: tensors become floats here, once per step ----
+    timings = {**ro.timings, "update_s": update_s, "sync_s": sync_s, "step_s": time.perf_counter() - t_step}
+    metrics = scalarize({**step_out.metrics, **dual, **upd, **ro.metrics()}
+                        | {f"timing/{k}": v for k, v in timings.items()})  # fmt: skip
+    if run is not None and (step % cfg.tracking.log_every == 0 or step % tc.steps_per_round == 0):
+        run.log_metrics(metrics, step=step)  # every log_every steps and every round's last
+    return metrics
 
 
 @dataclass
@@ -329,6 +345,17 @@ def _log_heldout(cfg, engine, val_rows, run, new_history: list[dict], step: int)
         new_history[-1]["val/accuracy"] = acc
     if run is not None:
         run.log_metrics({"val/accuracy": acc}, step=step)
+
+
+def _log_round_discrepancy(tc, history: list[dict], run, step: int) -> None:
+    """``ROUND_DISCREPANCY`` of the round ending at ``step``: the mean of its steps' ``dc/discrepancy_mean`` (what
+    method selection and the promotion gate compare), into the step's history row and MLflow."""
+    first = step - tc.steps_per_round
+    d = [h["dc/discrepancy_mean"] for h in history if first < h.get("step", -1) <= step and "dc/discrepancy_mean" in h]
+    value = sum(d) / len(d) if d else float("nan")
+    history[-1][ROUND_DISCREPANCY] = value
+    if run is not None:
+        run.log_metrics({ROUND_DISCREPANCY: value}, step=step)
 
 
 def _end_round(cfg, st: _LoopState, out_dir: str, new_history: list[dict], run) -> tuple[str, str]:

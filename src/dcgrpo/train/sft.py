@@ -12,6 +12,7 @@ import logging
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,10 +21,20 @@ from tqdm.auto import tqdm
 from dcgrpo.data.synthetic import read_rows
 from dcgrpo.engines.hf_engine import HFEngine
 from dcgrpo.engines.vllm_engine import apply_chat_template, encode_prompt
+from dcgrpo.models import build_tiny_model
 
 log = logging.getLogger(__name__)
 
 SFT_BATCH_SIZE = 32
+
+
+def _examples(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, reference solution tokens + EOS) of each row."""
+    return [
+        (encode_prompt(tok, apply_chat_template(tok, r["prompt"])),
+         encode_prompt(tok, r["extra_info"]["solution"]) + [tok.eos_token_id])
+        for r in rows
+    ]  # fmt: skip
 
 
 def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str | Path) -> Path:
@@ -52,12 +63,7 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
     rng = random.Random(cfg.model.seed)
     engine = HFEngine(str(model_dir), cfg.train.train_precision)
     tok = engine.tokenizer
-    examples = []
-    for r in rows:
-        prompt = encode_prompt(tok, apply_chat_template(tok, r["prompt"]))
-        response = encode_prompt(tok, r["extra_info"]["solution"]) + [tok.eos_token_id]
-        examples.append((prompt, response))
-
+    examples = _examples(tok, rows)
     model = engine.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.model.sft_lr, weight_decay=0.0)
@@ -92,9 +98,6 @@ def warm_start(cfg, model_dir: str | Path, train_path: str | Path, out_dir: str 
 def tiny_policy(cfg, train_path: str | Path, out_dir: str | Path) -> Path:
     """The policy when no base model is given (``dcgrpo train`` and the pipeline's warm start alike): the tiny
     model of ``cfg.model`` built in a temporary directory and warm-started into ``out_dir``."""
-    import tempfile
-
-    from dcgrpo.models import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="dcgrpo-base-") as tmp:
         return warm_start(cfg, build_tiny_model(cfg.model, tmp), train_path, out_dir)

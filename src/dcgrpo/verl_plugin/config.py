@@ -118,21 +118,50 @@ def render_overrides(
     experiment_name: str | None = None,
     local_dir: str | None = None,
 ) -> list[str]:
-    """verl Hydra overrides for one training run (every pipeline round of it renders the same ones).
+    """verl Hydra overrides for one training run (all its rounds: one launch, or a retried one, renders the same).
 
     Args:
         cfg: the run config.
         train_files / val_files: prepared parquet (verl schema) from the prep step.
         model_path: HF model directory; default ``cfg.model.path``.
         total_steps: verl's ``trainer.total_training_steps`` (the LR schedule's
-            horizon); default the whole run, rounds x steps_per_round. A round
-            does not change it: the launcher's ``--stop-at-step`` ends the round.
+            horizon); default the whole run, rounds x steps_per_round (the
+            launcher's ``--stop-at-step`` ends the launch there).
         experiment_name: verl's experiment (the MLflow run name when no run id
             is attached); default ``tracking.run_name`` or the config hash.
-        local_dir: verl's checkpoint directory for this run (every round of a
-            pipeline run shares it); default ``verl.checkpoint_dir``.
+        local_dir: verl's checkpoint directory for this run (its rounds and
+            retried launches share it); default ``verl.checkpoint_dir``.
     """
     model = model_path or cfg.model.path
+    _check_render_inputs(cfg, model, train_files, val_files)
+    steps = total_steps or cfg.train.rounds * cfg.train.steps_per_round
+    o: dict[str, Any] = {
+        **_trainer_overrides(cfg, steps, experiment_name, local_dir),
+        **_data_overrides(cfg, train_files, val_files),
+        "actor_rollout_ref.model.path": model,
+        **_actor_overrides(cfg),
+        **_rollout_overrides(cfg),
+        # algorithm: GRPO outcome advantage; the method itself is ours, below
+        "algorithm.adv_estimator": "grpo",
+        "algorithm.norm_adv_by_std_in_grpo": cfg.train.norm_adv_by_std,
+        "algorithm.use_kl_in_reward": False,
+        # reward: our math-verify scorer (same as the single-machine loop), for every data_source
+        "reward.custom_reward_function.path": REWARD_MODULE,
+        "reward.custom_reward_function.name": REWARD_FUNCTION,
+        **{f"+reward.custom_reward_function.reward_kwargs.{k}": val for k, val in cfg.reward.model_dump().items()},
+    }
+    o.update(_megatron_overrides(cfg))
+    out = [f"{k}={hydra_value(val)}" for k, val in o.items()]
+    v, m = cfg.verl, cfg.method
+    if v.trainer_mode == TRAINER_NAME:
+        # new keys need '+': every MethodConfig field, so the trainer validates them with our own model
+        out += [f"+algorithm.{CONFIG_KEY}.{k}={hydra_value(val)}" for k, val in m.model_dump(mode="json").items()]
+    elif m.name != "grpo":
+        raise ConfigError(f"verl.trainer_mode=sync runs plain GRPO only; method.name={m.name!r} needs dc_grpo")
+    return out + list(v.extra_overrides)
+
+
+def _check_render_inputs(cfg: RunConfig, model: str | None, train_files: str, val_files: str | None) -> None:
     if not model:
         raise ConfigError("model.path: verl trains an existing HF model directory; build or export one first")
     _check_batches(cfg)
@@ -142,12 +171,12 @@ def render_overrides(
                 f"{what} {path}: verl reads local paths (or hdfs://) on every node, not s3://; put it on the "
                 "checkpoint volume (the pipeline's verl backend stages the dataset and model there itself)"
             )
-    t, r, v, m = cfg.train, cfg.rollout, cfg.verl, cfg.method
-    steps = total_steps or t.rounds * t.steps_per_round
-    actor = "actor_rollout_ref.actor"
-    rollout = "actor_rollout_ref.rollout"
-    o: dict[str, Any] = {
-        # trainer: verl v1, our registered trainer (or verl's sync for a plain-GRPO reference run)
+
+
+def _trainer_overrides(cfg: RunConfig, steps: int, experiment_name: str | None, local_dir: str | None) -> dict:
+    """verl v1 with our registered trainer (or verl's sync for a plain-GRPO reference run); checkpoints each round."""
+    t, v = cfg.train, cfg.verl
+    return {
         "trainer.use_v1": True,
         "trainer.v1.trainer_mode": v.trainer_mode,
         "trainer.nnodes": v.nnodes,
@@ -162,18 +191,27 @@ def render_overrides(
         "trainer.logger": ["console", "mlflow"],
         "trainer.project_name": cfg.tracking.experiment,  # MLflow experiment
         "trainer.experiment_name": experiment_name or cfg.tracking.run_name or f"verl-{cfg.config_hash()}",
-        # data: the prep step's parquet, batch in prompts
+    }
+
+
+def _data_overrides(cfg: RunConfig, train_files: str, val_files: str | None) -> dict:
+    """The prep step's parquet; the batch counts prompts."""
+    return {
         "data.train_files": train_files,
         "data.val_files": val_files or train_files,
-        "data.train_batch_size": t.prompts_per_batch,
+        "data.train_batch_size": cfg.train.prompts_per_batch,
         "data.max_prompt_length": cfg.data.max_prompt_length,
-        "data.max_response_length": r.max_response_length,
+        "data.max_response_length": cfg.rollout.max_response_length,
         "data.filter_overlong_prompts": True,
         "data.truncation": "error",
         "data.seed": cfg.data.seed,
-        # model
-        "actor_rollout_ref.model.path": model,
-        # actor (training engine); ppo_mini_batch_size counts prompts
+    }
+
+
+def _actor_overrides(cfg: RunConfig) -> dict:
+    """The actor (training engine); ``ppo_mini_batch_size`` counts prompts."""
+    t, v, actor = cfg.train, cfg.verl, "actor_rollout_ref.actor"
+    return {
         f"{actor}.strategy": v.strategy,
         f"{actor}.optim.lr": t.lr,
         f"{actor}.optim.weight_decay": t.weight_decay,
@@ -194,9 +232,15 @@ def render_overrides(
         f"{actor}.checkpoint.save_contents": ["model", "optimizer", "extra", "hf_model"],
         f"{actor}.checkpoint.load_contents": ["model", "optimizer", "extra"],
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": v.micro_batch_per_gpu,
-        # rollout (inference engine): log-probs at sampling time are half of d
+    }
+
+
+def _rollout_overrides(cfg: RunConfig) -> dict:
+    """The rollout (inference engine): its log-probs at sampling time are half of d."""
+    r, v, rollout = cfg.rollout, cfg.verl, "actor_rollout_ref.rollout"
+    return {
         f"{rollout}.name": r.engine,
-        f"{rollout}.n": t.group_size,
+        f"{rollout}.n": cfg.train.group_size,
         f"{rollout}.temperature": r.temperature,
         f"{rollout}.top_p": r.top_p,
         f"{rollout}.dtype": ROLLOUT_DTYPE[r.precision],
@@ -206,23 +250,7 @@ def render_overrides(
         f"{rollout}.tensor_model_parallel_size": v.rollout_tp,
         f"{rollout}.log_prob_micro_batch_size_per_gpu": v.micro_batch_per_gpu,
         f"{rollout}.seed": r.seed,
-        # algorithm: GRPO outcome advantage; the method itself is ours, below
-        "algorithm.adv_estimator": "grpo",
-        "algorithm.norm_adv_by_std_in_grpo": t.norm_adv_by_std,
-        "algorithm.use_kl_in_reward": False,
-        # reward: our math-verify scorer (same as the single-machine loop), for every data_source
-        "reward.custom_reward_function.path": REWARD_MODULE,
-        "reward.custom_reward_function.name": REWARD_FUNCTION,
-        **{f"+reward.custom_reward_function.reward_kwargs.{k}": val for k, val in cfg.reward.model_dump().items()},
     }
-    o.update(_megatron_overrides(cfg))
-    out = [f"{k}={hydra_value(val)}" for k, val in o.items()]
-    if v.trainer_mode == TRAINER_NAME:
-        # new keys need '+': every MethodConfig field, so the trainer validates them with our own model
-        out += [f"+algorithm.{CONFIG_KEY}.{k}={hydra_value(val)}" for k, val in m.model_dump(mode="json").items()]
-    elif m.name != "grpo":
-        raise ConfigError(f"verl.trainer_mode=sync runs plain GRPO only; method.name={m.name!r} needs dc_grpo")
-    return out + list(v.extra_overrides)
 
 
 def render_env(cfg: RunConfig, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict[str, str]:

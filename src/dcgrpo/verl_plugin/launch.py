@@ -15,8 +15,10 @@ import json
 import os
 import runpy
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from dcgrpo.engines import engine_version
 from dcgrpo.verl_plugin import ROUND_FILE
 
 TRAIN_MAIN = "verl.trainer.main_ppo"
@@ -50,10 +52,6 @@ ENGINE_FILE = "rollout_engine.json"
 
 def write_engine_file(local_dir: str | Path) -> Path:
     """``{"rollout_engine": "vllm <version>", "verl": <version>}`` of this image, in the run's checkpoint dir."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from dcgrpo.engines import engine_version
-
     try:
         verl = version("verl")
     except PackageNotFoundError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -175,6 +176,7 @@ def submit_rayjob(api: Any, body: dict[str, Any], max_attempts: int = 5) -> str:
     failed one the job is submitted again as ``<name>-a2``, ``-a3``, ... (verl
     resumes from its checkpoint), so no delete permission is needed.
     """
+    # kubernetes: 0.9 s to load; only a RayJob's API calls need it
     from kubernetes.client.exceptions import ApiException
 
     ns, base = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -252,7 +254,7 @@ def follow_rayjob(
 
 def kube_custom_objects_api() -> Any:
     """A CustomObjectsApi from the in-cluster service account, else ~/.kube/config."""
-    from kubernetes import client, config
+    from kubernetes import client, config  # kubernetes: 0.9 s to load; only a RayJob's API calls need it
 
     try:
         config.load_incluster_config()
@@ -292,8 +294,6 @@ def run_single_node(
 
     Raises ``RayJobFailed`` with the last lines of verl's output on a non-zero exit.
     """
-    import os
-
     argv = train_command(overrides, python=python, stop_at_step=stop_at_step)
     log.info(
         "verl single-node: %s", shlex.join(argv[: len(argv) - len(overrides)]) + f" ... ({len(overrides)} overrides)"

@@ -1,22 +1,24 @@
-"""One pipeline round on verl (``train.backend=verl``): what the train step does.
+"""A pipeline's training on verl (``train.backend=verl``): what the train task does.
 
-Every round of one method in one pipeline run shares a directory on the
+All rounds of one method in one pipeline run share a directory on the
 checkpoint volume (``verl.checkpoint_dir``, a PVC mounted in the step's pod
 and on every Ray node):
 
     <checkpoint_dir>/<method>-<pipeline run id>/
-        inputs/data/{train,val}.parquet   staged once by the first round
+        inputs/data/{train,val}.parquet   staged once by the first launch
         inputs/model/                     the warm-start model (HF)
         dcgrpo_round.json                 where the current launch stops
+        mlflow_run.json                   the method's MLflow run (a retried task re-attaches)
         rollout_engine.json               the launch's vLLM and verl versions
         dc_metrics.jsonl                  each step's dc/* metrics, one JSON line a step
         global_step_N/actor/huggingface/  verl's checkpoint, HF weights included
         global_step_N/dc_grpo.json        lambda
         latest_checkpointed_iteration.txt verl's tracker
 
-Round r (1-based) launches verl (RayJob or in-pod) to stop after step
-r x steps_per_round; verl resumes from the latest checkpoint by itself. A
-retried round whose checkpoint is already there is not launched again.
+One launch (RayJob or in-pod) trains all rounds and stops after step
+rounds x steps_per_round; verl checkpoints each round and resumes from the
+latest checkpoint by itself. A retried task whose checkpoint is already there
+launches nothing.
 Imports nothing from verl.
 """
 
@@ -31,6 +33,7 @@ from typing import Any
 
 from dcgrpo.config import ConfigError, RunConfig
 from dcgrpo.verl_plugin.config import ray_env_overrides, render_overrides
+from dcgrpo.verl_plugin.launch import DC_METRICS_FILE, ENGINE_FILE
 from dcgrpo.verl_plugin.rayjob import RayJobFailed, job_name, run_rayjob, run_single_node
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ def check_launch(cfg: RunConfig, mlflow_uri: str) -> None:
 
 def _check_local_gpus(wanted: int) -> None:
     try:
-        import torch
+        import torch  # torch: not on the light image
     except ImportError:  # verl's own error says it
         return
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -149,45 +152,44 @@ def _check_local_gpus(wanted: int) -> None:
         )
 
 
-def train_round(
+def train_rounds(
     cfg: RunConfig,
     *,
     directory: Path,
     inputs: StagedInputs,
-    round_number: int,
     method: str,
     pipeline_run_id: str,
     env: dict[str, str],
     api: Any = None,
 ) -> RoundCheckpoint:
-    """Train round ``round_number`` (1-based) on verl and return its checkpoint."""
-    stop = round_number * cfg.train.steps_per_round
+    """Train every round of ``cfg.train.rounds`` on verl in one launch (one RayJob) and return its last checkpoint.
+
+    verl checkpoints each round and resumes from its newest checkpoint by itself; a retried task whose checkpoint
+    is complete launches nothing, and a retried launcher re-attaches to the RayJob of the same name
+    (``rayjob.submit_rayjob``).
+    """
+    stop = cfg.train.rounds * cfg.train.steps_per_round
     done = latest_step(directory)
     if done >= stop:
-        log.info("verl round %d: %s already has step %d (a retried round): not launched again", round_number,
-                 directory, done)  # fmt: skip
+        log.info("verl: %s already has step %d of %d (a retried task): not launched again", directory, done, stop)
     else:
         overrides = render_overrides(
             cfg, train_files=inputs.train, val_files=inputs.val, model_path=inputs.model,
             experiment_name=directory.name, local_dir=str(directory),
         )  # fmt: skip
-        log.info("verl round %d: steps %d..%d of %d (%s)", round_number, done + 1, stop,
-                 cfg.train.rounds * cfg.train.steps_per_round, cfg.verl.launch)  # fmt: skip
+        log.info("verl: steps %d..%d, %d rounds (%s)", done + 1, stop, cfg.train.rounds, cfg.verl.launch)
         if cfg.verl.launch == "single-node":
             run_single_node(overrides + ray_env_overrides(env), env=env, stop_at_step=stop)
         else:
-            name = f"r{round_number}-{method}-{pipeline_run_id}"
-            run_rayjob(cfg, overrides, name=name, env=env, api=api, stop_at_step=stop)
+            run_rayjob(cfg, overrides, name=f"{method}-{pipeline_run_id}", env=env, api=api, stop_at_step=stop)
     result = read_checkpoint(directory)
     if result.step < stop:
-        raise RayJobFailed(f"verl round {round_number} ended at step {result.step}, before step {stop}")
+        raise RayJobFailed(f"verl ended at step {result.step}, before step {stop}")
     return result
 
 
 def rollout_engine(directory: Path) -> str | None:
     """The rollout engine the round's launch recorded in ``directory`` (``launch.write_engine_file``), or None."""
-    from dcgrpo.verl_plugin.launch import ENGINE_FILE
-
     path = Path(directory) / ENGINE_FILE
     return json.loads(path.read_text())["rollout_engine"] if path.is_file() else None
 
@@ -199,8 +201,6 @@ def read_dc_metrics(directory: Path, first_step: int, last_step: int) -> dict[in
     A step recorded twice (a retried launch resumed before it and redid it) keeps its last line; a line a crash cut
     short is skipped with a warning.
     """
-    from dcgrpo.verl_plugin.launch import DC_METRICS_FILE
-
     path = Path(directory) / DC_METRICS_FILE
     if not path.is_file():
         return {}
