@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from statistics import mean
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_toy import interval  # noqa: E402
+from harness import (
+    EnginePool,
+    RowCache,
+    Stopwatch,
+    add_worker_args,
+    emit_row,
+    fill_cache,
+    interval,
+    quiet_worker,
+    step_curves,
+    val_accuracies,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = [("grpo", 0.0), ("dual-grpo", 10.0), ("dual-grpo", 300.0), ("noise-baseline", 10.0),
@@ -62,15 +68,15 @@ def sequence_shaping(seq_adv, d, logp_train, logp_infer, mask, hp):
     return ShapedBatch((seq_adv.unsqueeze(-1) - hp.lam * sequence_penalty(d, mask)) * mask, mask, None)
 
 
-def worker(args) -> None:
-    import logging
+def run_key(run: dict) -> str:
+    return key(run["method"], run["lam"])
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.disable(logging.WARNING)
+
+def worker(args) -> None:
+    quiet_worker()
     from dcgrpo.algorithm.methods import METHODS, register_method
     from dcgrpo.config import load_config
     from dcgrpo.train import rl
-    from dcgrpo.train.jobs import prepare_inputs
 
     for name, fn in (("noise-baseline", baseline_shaping), ("noise-sequence", sequence_shaping)):
         if name not in METHODS:
@@ -84,25 +90,16 @@ def worker(args) -> None:
     rl.shape_step = stashing_shape_step
     base = ["rollout.precision=fp8", f"train.seed={args.seed}", f"rollout.seed={args.seed}", "train.rounds=1",
             f"train.steps_per_round={args.steps}", f"train.lr={args.lr}"]  # fmt: skip
-    cfg = load_config(overrides=base)
-    model_dir, train_path, val_path = prepare_inputs(cfg, Path(args.work))
-    engine = rl.make_engine(cfg, str(model_dir))
-    try:
-        for method, lam in json.loads(args.settings):
+    with EnginePool(args.work) as pool:
+        for r in json.loads(args.runs):
+            method, lam = r["method"], r["lam"]
             over = [f"method.name={method}", f"method.lambda_init={lam}", f"method.lambda_max={max(lam, 10.0)}"]
-            mcfg = load_config(overrides=base + over)
-            t0 = time.perf_counter()
-            res = rl.train(mcfg, model_dir=model_dir, train_path=train_path, val_path=val_path,
-                           out_dir=Path(args.work) / "runs" / f"{key(method, lam).replace(' ', '-')}-{args.seed}",
-                           engine=engine, progress=False)  # fmt: skip
-            steps = [h for h in res.history if "dc/lambda" in h]
-            vals = [h["val/accuracy"] for h in res.history if "val/accuracy" in h]
-            row = {"key": key(method, lam), "method": method, "lam": lam, "seed": args.seed, "steps": args.steps,
-                   "wall_s": time.perf_counter() - t0, "acc_start": vals[0], "acc": vals[-1],
-                   "curve": {k: [h[k] for h in steps] for k in CURVES}}  # fmt: skip
-            print("ROW " + json.dumps(row), flush=True)
-    finally:
-        engine.close()
+            name = f"{run_key(r).replace(' ', '-')}-{args.seed}"
+            res, wall_s = pool.train(load_config(overrides=base + over), name)
+            vals = val_accuracies(res.history)
+            emit_row({"key": run_key(r), "method": method, "lam": lam, "seed": args.seed, "steps": args.steps,
+                      "wall_s": wall_s, "acc_start": vals[0], "acc": vals[-1],
+                      "curve": step_curves(res.history, CURVES)})  # fmt: skip
 
 
 def _last(xs: list[float]) -> float:
@@ -191,39 +188,20 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="report from the cached rows only")
     ap.add_argument("--work", default="outputs/bench-noise")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--settings", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    cache = Path(args.work) / f"rows-{args.steps}-{args.lr:g}.jsonl"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
-    have = {(r["key"], r["seed"]) for r in done}
+    cache = RowCache(Path(args.work) / f"rows-{args.steps}-{args.lr:g}.jsonl", key=lambda r: (r["key"], r["seed"]))
     only = set(args.only.split(",")) if args.only else None
-    t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        todo = [s for s in SETTINGS if (key(*s), seed) not in have and (only is None or key(*s) in only)]
-        if todo and not args.no_train:
-            run_seed(args, seed, todo, cache, done, t0)
-    print(report([r for r in done if r["seed"] < args.seeds], args, Path(args.out)))
-
-
-def run_seed(args, seed: int, todo: list, cache: Path, done: list, t0: float) -> None:
-    cmd = [sys.executable, __file__, "--worker", f"--seed={seed}", f"--steps={args.steps}", f"--lr={args.lr}",
-           f"--work={args.work}", f"--settings={json.dumps(todo)}"]  # fmt: skip
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-        for line in proc.stdout:
-            if line.startswith("ROW "):
-                row = json.loads(line[4:])
-                with cache.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                done.append(row)
-                print(f"[{time.perf_counter() - t0:.0f} s] seed {seed} {row['key']}: acc {row['acc_start']:.3f} -> "
-                      f"{row['acc']:.3f} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"worker for seed {seed} failed (rc {proc.returncode}); rows so far are in {cache}")
+    runs = [{"method": m, "lam": lam} for m, lam in SETTINGS if only is None or key(m, lam) in only]
+    clock = Stopwatch()
+    argv = [f"--steps={args.steps}", f"--lr={args.lr}", f"--work={args.work}"]
+    for seed in range(args.seeds if not args.no_train else 0):
+        fill_cache(cache, __file__, seed, runs, run_key, argv,
+                   on_row=lambda r: clock.say(f"seed {r['seed']} {r['key']}: acc {r['acc_start']:.3f} -> {r['acc']:.3f}"
+                                              f" ({r['wall_s']:.0f} s)"))  # fmt: skip
+    print(report([r for r in cache.rows.values() if r["seed"] < args.seeds], args, Path(args.out)))
 
 
 if __name__ == "__main__":

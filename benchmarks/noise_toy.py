@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 
 import torch
+from harness import interval
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("grpo", "sampled", "expected", "noise", "baseline", "sequence")
@@ -259,15 +259,6 @@ def token_profile(model: Policy, toy: Toy) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ driver, report
-
-
-def interval(xs: list[float]) -> tuple[float, float]:
-    """Mean and 95% Student-t half-width (nan for one value)."""
-    from scipy.stats import t
-
-    if len(xs) < 2:
-        return mean(xs), float("nan")
-    return mean(xs), float(t.ppf(0.975, len(xs) - 1)) * stdev(xs) / math.sqrt(len(xs))
 
 
 def run_all(args, toy: Toy) -> dict:
